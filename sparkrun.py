@@ -1,0 +1,767 @@
+#!/usr/bin/env python3
+"""sparkrun: launch, watch and stop LLM inference servers on DGX Spark hosts over SSH.
+
+Pipeline, one way only:
+
+    CLI args -> recipe (load, validate, resolve runtime, render)
+             -> plan (hosts, per-host container specs and steps: pure data; --dry-run prints it)
+             -> execution (ssh + docker on each host, one SSH connection per host)
+             -> readiness, then logs.
+
+Sections, in data-flow order:
+    1. Errors and messages
+    2. Config and paths
+    3. Recipes: load, validate, resolve runtime, render
+    4. Catalog: bundled recipes, lookup
+    5. CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Runtime modules do `from sparkrun import ...`; let them find this module, not a second copy.
+    sys.modules.setdefault("sparkrun", sys.modules["__main__"])
+
+__version__ = "0.1.0"
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# 1. Errors and messages
+# ---------------------------------------------------------------------------
+
+class SparkrunError(Exception):
+    """A failure the user can act on: printed as one line, exit code `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(SparkrunError):
+    """Bad input: a malformed recipe, a bad value, an unknown name."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    def __init__(self, source: str, message: str):
+        super().__init__(f"{source}: {message}")
+
+
+def warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def use_color(stream=sys.stdout) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def bold(text: str) -> str:
+    return f"\033[1m{text}\033[0m" if use_color() else text
+
+
+# ---------------------------------------------------------------------------
+# 2. Config and paths
+# ---------------------------------------------------------------------------
+
+def config_dir() -> Path:
+    explicit = os.environ.get("SPARKRUN_CONFIG_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "sparkrun"
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("SPARKRUN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparkrun"
+
+
+def resource_dir(name: str) -> Path:
+    """`recipes` or `runtimes`: beside this file in a checkout, `sparkrun_<name>` when installed."""
+    checkout = HERE / name
+    return checkout if checkout.is_dir() else HERE / f"sparkrun_{name}"
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# 3. Recipes: load, validate, resolve runtime, render
+# ---------------------------------------------------------------------------
+
+RUNTIMES = ("vllm-distributed", "vllm-ray", "sglang", "llama-cpp", "eugr-vllm")
+RUNTIME_ALIASES = {"vllm": "vllm", "llama.cpp": "llama-cpp", "llamacpp": "llama-cpp"}
+
+# Field name -> accepted types. Fields not listed here are kept in runtime_config.
+RECIPE_FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "model_revision": (str,),
+    "runtime": (str,),
+    "recipe_version": (str, int, float),
+    "min_nodes": (int,),
+    "max_nodes": (int,),
+    "mode": (str,),
+    "solo_only": (bool,),
+    "cluster_only": (bool,),
+    "container": (str,),
+    "metadata": (dict,),
+    "defaults": (dict,),
+    "env": (dict,),
+    "command": (str,),
+    "runtime_config": (dict,),
+    "benchmark": (dict,),
+    "mods": (list,),
+    "build_args": (list,),
+    "pre_exec": (str, list),
+    "post_exec": (str, list),
+    # Present in version "1" (eugr) recipes.
+    "name": (str,),
+    "description": (str,),
+}
+MODES = ("auto", "solo", "cluster")
+PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+V1_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Characters that could end a shell word or start a substitution when a CLI value is
+# pasted into a recipe command.
+SHELL_UNSAFE = re.compile(r"[;&|$`<>\\\n\r]")
+
+TYPED_FLAGS = {  # CLI flag destination -> recipe default it overrides
+    "port": "port",
+    "tp": "tensor_parallel",
+    "gpu_mem": "gpu_memory_utilization",
+    "max_model_len": "max_model_len",
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    source: str  # "Local" for bundled or a file path, else the registry name
+    model: str = ""
+    model_revision: str | None = None
+    declared_runtime: str | None = None
+    recipe_version: str = "2"
+    min_nodes: int = 1
+    max_nodes: int | None = None
+    mode: str = "auto"
+    solo_only: bool = False
+    cluster_only: bool = False
+    container: str = ""
+    metadata: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    command: str = ""
+    runtime_config: dict = field(default_factory=dict)
+    benchmark: dict = field(default_factory=dict)
+    mods: list = field(default_factory=list)
+    build_args: list = field(default_factory=list)
+    pre_exec: list = field(default_factory=list)
+    post_exec: list = field(default_factory=list)
+    unknown_keys: tuple = ()
+    text: str = ""
+
+    @property
+    def runtime(self) -> str:
+        return resolve_runtime(self)
+
+    @property
+    def description(self) -> str:
+        return str(self.metadata.get("description", ""))
+
+    @property
+    def gguf_quant(self) -> str | None:
+        """`Q8_0` for a model written `repo:Q8_0`."""
+        return self.model.rpartition(":")[2] if ":" in self.model else None
+
+    @property
+    def model_repo(self) -> str:
+        return self.model.partition(":")[0]
+
+
+class ParsedRecipeCache:
+    """Parsed recipe mappings as JSON, keyed by path and checked by mtime and size, so that
+    a warm `list` or `show` imports no YAML parser."""
+
+    def __init__(self):
+        self.path = cache_dir() / "recipe-cache.json"
+        self.entries: dict | None = None
+        self.dirty = False
+
+    def _load(self) -> dict:
+        if self.entries is None:
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+        return self.entries
+
+    def get(self, path: Path, stamp: str):
+        entry = self._load().get(str(path))
+        return entry["data"] if entry and entry["stamp"] == stamp else None
+
+    def put(self, path: Path, stamp: str, data) -> None:
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError):
+            return  # YAML-only types (dates, sets): parse again next time
+        self._load()[str(path)] = {"stamp": stamp, "data": data}
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            try:
+                atomic_write(self.path, json.dumps(self.entries))
+            except OSError:
+                pass  # a read-only cache only costs speed
+            self.dirty = False
+
+
+RECIPE_CACHE = ParsedRecipeCache()
+
+
+def load_recipe(path: Path, source: str = "Local") -> Recipe:
+    """Read and validate one recipe file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+        stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
+        data = RECIPE_CACHE.get(path, stamp)
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(str(path), f"cannot read: {exc.strerror}") from None
+    if data is None:
+        data = parse_yaml(text, str(path))
+        RECIPE_CACHE.put(path, stamp, data)
+    return recipe_from_mapping(data, path, source, text)
+
+
+def parse_yaml(text: str, where: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(where, f"malformed YAML{line}: {problem}") from None
+
+
+def recipe_from_mapping(data, path: Path, source: str, text: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "a recipe must be a YAML mapping of fields")
+    recipe = Recipe(name=path.stem, path=path, source=source, text=text)
+    unknown = []
+    for key, value in data.items():
+        if key not in RECIPE_FIELDS:
+            unknown.append(str(key))
+            recipe.runtime_config[str(key)] = value
+            continue
+        if value is None:
+            continue
+        expected = RECIPE_FIELDS[key]
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            names = " or ".join(t.__name__.replace("str", "string").replace("int", "integer")
+                                for t in expected)
+            raise RecipeError(str(path), f"field '{key}' must be {names}, not {value!r}")
+        _set_field(recipe, key, value)
+    recipe.unknown_keys = tuple(unknown)
+    _check_recipe(recipe)
+    return recipe
+
+
+def _set_field(recipe: Recipe, key: str, value) -> None:
+    if key == "runtime":
+        recipe.declared_runtime = value.strip()
+    elif key == "recipe_version":
+        recipe.recipe_version = str(value).split(".")[0] if isinstance(value, float) else str(value)
+    elif key in ("pre_exec", "post_exec"):
+        setattr(recipe, key, [value] if isinstance(value, str) else list(value))
+    elif key == "description":
+        recipe.metadata.setdefault("description", value)
+    elif key == "name":
+        recipe.metadata.setdefault("display_name", value)
+    elif key == "runtime_config":
+        recipe.runtime_config.update(value)
+    else:
+        setattr(recipe, key, value)
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    where = str(recipe.path)
+    if not recipe.model:
+        raise RecipeError(where, "field 'model' is required")
+    if not recipe.command:
+        raise RecipeError(where, "field 'command' is required")
+    if recipe.recipe_version not in ("1", "2"):
+        raise RecipeError(where, f"field 'recipe_version' must be \"1\" or \"2\", not {recipe.recipe_version!r}")
+    if recipe.min_nodes < 1:
+        raise RecipeError(where, "field 'min_nodes' must be at least 1")
+    if recipe.max_nodes is not None and recipe.max_nodes < recipe.min_nodes:
+        raise RecipeError(where, f"field 'max_nodes' ({recipe.max_nodes}) is less than "
+                                 f"min_nodes ({recipe.min_nodes})")
+    if recipe.mode not in MODES:
+        raise RecipeError(where, f"field 'mode' must be one of {', '.join(MODES)}")
+    if recipe.solo_only and recipe.cluster_only:
+        raise RecipeError(where, "fields 'solo_only' and 'cluster_only' cannot both be true")
+    declared = recipe.declared_runtime
+    if declared is not None and RUNTIME_ALIASES.get(declared, declared) not in RUNTIMES + ("vllm",):
+        if not _plugin_runtime_names() or declared not in _plugin_runtime_names():
+            raise RecipeError(where, f"field 'runtime': unknown runtime '{declared}' "
+                                     f"(known: vllm, {', '.join(RUNTIMES)})")
+    for key in ("defaults", "env", "metadata"):
+        for name in getattr(recipe, key):
+            if not isinstance(name, str):
+                raise RecipeError(where, f"field '{key}': key {name!r} must be a string")
+
+
+def _plugin_runtime_names() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="sparkrun.runtimes")}
+
+
+def resolve_runtime(recipe: Recipe) -> str:
+    """The runtime that will launch this recipe (see the runtime rules in README)."""
+    declared = recipe.declared_runtime
+    declared = RUNTIME_ALIASES.get(declared, declared) if declared else None
+    if recipe.recipe_version == "1" or (declared in (None, "vllm") and recipe.build_args):
+        return "eugr-vllm"
+    if declared and declared != "vllm":
+        return declared
+    if declared is None:
+        detected = detect_runtime_from_command(recipe.command)
+        if detected != "vllm":
+            return detected
+    return "vllm-ray" if _hints_ray(recipe) else "vllm-distributed"
+
+
+def detect_runtime_from_command(command: str) -> str:
+    words = command.replace("\\\n", " ").split()
+    first = " ".join(words[:3])
+    if first.startswith("vllm serve") or first.startswith("python3 -m vllm") or first.startswith("python -m vllm"):
+        return "vllm"
+    if first.startswith("sglang serve") or "sglang.launch_server" in first:
+        return "sglang"
+    if words and words[0] in ("llama-server", "./llama-server"):
+        return "llama-cpp"
+    return "vllm"
+
+
+def _hints_ray(recipe: Recipe) -> bool:
+    if str(recipe.defaults.get("distributed_executor_backend", "")).lower() == "ray":
+        return True
+    return bool(re.search(r"--distributed-executor-backend[ =]+ray\b", recipe.command))
+
+
+BUILTIN_VALUES = {"host": "0.0.0.0", "port": 8000}
+
+
+def coerce_value(text: str):
+    """`-o key=value` values: true/false, integers and floats become typed."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UsageError(f"-o {pair!r}: expected key=value with a simple key name")
+        check_cli_value(f"-o {key}", value)
+        overrides[key] = coerce_value(value)
+    return overrides
+
+
+def check_cli_value(what: str, value: str) -> None:
+    if SHELL_UNSAFE.search(value):
+        raise UsageError(f"{what}: value {value!r} contains shell metacharacters; not accepted")
+
+
+def typed_overrides(args) -> dict:
+    """Overrides from the typed flags (--port, --tp, --gpu-mem, --max-model-len)."""
+    values = {}
+    for dest, key in TYPED_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[key] = value
+    gpu_mem = values.get("gpu_memory_utilization")
+    if gpu_mem is not None and not 0 < gpu_mem <= 1:
+        raise UsageError(f"--gpu-mem must be greater than 0 and at most 1 (a fraction of GPU memory), not {gpu_mem}")
+    return values
+
+
+def recipe_values(recipe: Recipe, overrides: dict | None = None) -> dict:
+    """Template values: CLI overrides > recipe defaults > built-ins."""
+    values = dict(BUILTIN_VALUES)
+    values["model"] = recipe.model
+    values.update(recipe.defaults)
+    values.update(overrides or {})
+    return values
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def command_placeholders(recipe: Recipe) -> list[str]:
+    pattern = V1_TOKEN if recipe.recipe_version == "1" else PLACEHOLDER
+    return [m.group(1) for m in pattern.finditer(recipe.command) if m.group(1)]
+
+
+def render_command(recipe: Recipe, values: dict) -> str:
+    """Fill `{key}` placeholders. Version "1" commands also unescape `{{` and `}}`;
+    version "2" commands keep every other brace (raw JSON) untouched."""
+    missing = sorted({k for k in command_placeholders(recipe) if k not in values})
+    if missing:
+        raise UsageError(f"recipe {recipe.name}: no value for {', '.join('{' + k + '}' for k in missing)}; "
+                         f"add it to defaults or pass -o {missing[0]}=...")
+
+    def fill(match: re.Match) -> str:
+        key = match.group(1)
+        if key is None:
+            return match.group(0)[0]
+        return format_value(values[key])
+
+    pattern = V1_TOKEN if recipe.recipe_version == "1" else PLACEHOLDER
+    return pattern.sub(fill, recipe.command)
+
+
+def one_line(command: str) -> str:
+    """The command as one line: backslash-newline continuations joined."""
+    return " ".join(re.sub(r"\\\s*\n", " ", command).split())
+
+
+def validate_recipe(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(errors, warnings) that do not stop a recipe from loading."""
+    errors, warnings = [], []
+    values = recipe_values(recipe)
+    missing = sorted({k for k in command_placeholders(recipe) if k not in values})
+    if missing:
+        errors.append(f"command uses {', '.join('{' + k + '}' for k in missing)} with no default value")
+    for key in recipe.unknown_keys:
+        warnings.append(f"unknown field '{key}' kept in runtime_config")
+    gpu_mem = recipe.defaults.get("gpu_memory_utilization")
+    if gpu_mem is not None and not (isinstance(gpu_mem, (int, float)) and 0 < gpu_mem <= 1):
+        warnings.append(f"defaults.gpu_memory_utilization is {gpu_mem!r}, not a fraction in (0, 1]; "
+                        "the VRAM estimate ignores it")
+    if recipe.runtime == "llama-cpp" and recipe.min_nodes > 1:
+        warnings.append("llama-cpp multi-node (rpc-server) is experimental")
+    return errors, warnings
+
+
+def node_count(recipe: Recipe, values: dict) -> int:
+    """Nodes a launch needs: one GPU per Spark, so tensor x pipeline parallel."""
+    def as_int(key):
+        try:
+            return max(1, int(values.get(key) or 1))
+        except (TypeError, ValueError):
+            raise UsageError(f"recipe {recipe.name}: '{key}' must be a whole number, not {values.get(key)!r}") from None
+
+    return max(recipe.min_nodes, as_int("tensor_parallel") * as_int("pipeline_parallel"))
+
+
+# ---------------------------------------------------------------------------
+# 4. Catalog: bundled recipes, lookup
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecipeRef:
+    """Where a recipe lives, before it is parsed."""
+    name: str
+    path: Path
+    source: str  # "Local" (bundled) or a registry name
+    visible: bool = True
+
+    @property
+    def qualified(self) -> str:
+        return self.name if self.source == "Local" else f"@{self.source}/{self.name}"
+
+
+def bundled_refs() -> list[RecipeRef]:
+    folder = resource_dir("recipes")
+    return [RecipeRef(p.stem, p, "Local") for p in sorted(folder.glob("*.yaml"))]
+
+
+def catalog(include_hidden: bool = False) -> list[RecipeRef]:
+    refs = bundled_refs()
+    return [r for r in refs if r.visible or include_hidden]
+
+
+def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None = None) -> Recipe:
+    """A path to a file, a bundled name, or `@registry/name`; suggestions on a miss."""
+    as_path = Path(os.path.expanduser(name))
+    if name.endswith((".yaml", ".yml")) or os.sep in name and not name.startswith("@"):
+        if as_path.is_file():
+            return load_recipe(as_path, source="Local")
+        if name.endswith((".yaml", ".yml")) or as_path.parent.is_dir():
+            raise UsageError(f"recipe file not found: {name}")
+    refs = catalog(include_hidden=include_hidden)
+    if name.startswith("@"):
+        source, _, short = name[1:].partition("/")
+        matches = [r for r in refs if r.source == source and r.name == short]
+    else:
+        matches = [r for r in refs if r.name == name]
+    if len(matches) > 1 and runtime:
+        parsed = [load_recipe(r.path, r.source) for r in matches]
+        chosen = [p for p in parsed if p.runtime.startswith(runtime)]
+        if len(chosen) == 1:
+            return chosen[0]
+    if len(matches) > 1:
+        names = ", ".join(r.qualified for r in matches)
+        raise UsageError(f"recipe name '{name}' is ambiguous: {names}; use one of these names")
+    if not matches:
+        wanted = name.lstrip("@").rpartition("/")[2]
+        known = sorted({r.name for r in refs})
+        close = [n for n in known if wanted in n][:3] or difflib.get_close_matches(wanted, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see 'sparkrun list'"
+        raise UsageError(f"no recipe named '{name}'{hint}")
+    ref = matches[0]
+    recipe = load_recipe(ref.path, ref.source)
+    RECIPE_CACHE.save()
+    return recipe
+
+
+@dataclass(frozen=True)
+class RecipeSummary:
+    """What `list` and `search` show."""
+    name: str
+    qualified: str
+    source: str
+    runtime: str
+    model: str
+    description: str
+    min_nodes: int
+    max_nodes: int | None
+    visible: bool
+    path: str
+
+
+def summarize(refs: list[RecipeRef]) -> list[RecipeSummary]:
+    summaries = []
+    for ref in refs:
+        try:
+            recipe = load_recipe(ref.path, ref.source)
+        except RecipeError as exc:
+            warn(str(exc))
+            continue
+        summaries.append(RecipeSummary(ref.name, ref.qualified, ref.source, recipe.runtime, recipe.model,
+                                       recipe.description, recipe.min_nodes, recipe.max_nodes,
+                                       ref.visible, str(ref.path)))
+    RECIPE_CACHE.save()
+    return summaries
+
+
+def search_summaries(summaries: list[RecipeSummary], query: str | None) -> list[RecipeSummary]:
+    if not query:
+        return summaries
+    words = query.lower().split()
+    return [s for s in summaries
+            if all(w in f"{s.qualified} {s.model} {s.description} {s.runtime}".lower() for w in words)]
+
+
+def nodes_text(min_nodes: int, max_nodes: int | None) -> str:
+    if max_nodes == min_nodes:
+        return str(min_nodes)
+    return f"{min_nodes} - {max_nodes if max_nodes is not None else 'unlimited'}"
+
+
+# ---------------------------------------------------------------------------
+# 5. CLI
+# ---------------------------------------------------------------------------
+
+def print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print(bold("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def cmd_list(args) -> int:
+    summaries = summarize(catalog(include_hidden=args.all))
+    if args.runtime:
+        summaries = [s for s in summaries if s.runtime.startswith(args.runtime)]
+    summaries = search_summaries(summaries, getattr(args, "query", None))
+    if args.json:
+        print(json.dumps([s.__dict__ for s in summaries], indent=2))
+        return 0
+    if not summaries:
+        print("No recipes match." if getattr(args, "query", None) else "No recipes found.")
+        return 0
+    rows = [[s.qualified, s.runtime, nodes_text(s.min_nodes, s.max_nodes), s.model, s.description]
+            for s in summaries]
+    print_table(rows, ["NAME", "RUNTIME", "NODES", "MODEL", "DESCRIPTION"])
+    return 0
+
+
+def recipe_as_dict(recipe: Recipe) -> dict:
+    return {
+        "name": recipe.name, "path": str(recipe.path), "repository": recipe.source,
+        "runtime": recipe.runtime, "model": recipe.model, "model_revision": recipe.model_revision,
+        "container": recipe.container, "recipe_version": recipe.recipe_version,
+        "min_nodes": recipe.min_nodes, "max_nodes": recipe.max_nodes, "mode": recipe.mode,
+        "solo_only": recipe.solo_only, "cluster_only": recipe.cluster_only,
+        "description": recipe.description, "metadata": recipe.metadata, "defaults": recipe.defaults,
+        "env": recipe.env, "command": recipe.command, "mods": recipe.mods,
+        "build_args": recipe.build_args, "runtime_config": recipe.runtime_config,
+    }
+
+
+def show_text(recipe: Recipe) -> str:
+    lines = [
+        f"Name:         {recipe.name}",
+        f"Description:  {recipe.description}",
+        f"Runtime:      {recipe.runtime.removesuffix('-distributed')}",
+        f"Model:        {recipe.model}",
+        f"Container:    {recipe.container}",
+        f"Nodes:        {nodes_text(recipe.min_nodes, 1 if recipe.solo_only else recipe.max_nodes)}",
+        f"Repository:   {recipe.source}",
+    ]
+    if recipe.defaults:
+        lines += ["", "Defaults:"]
+        lines += [f"  {k}: {format_value(v)}" for k, v in sorted(recipe.defaults.items())]
+    return "\n".join(lines)
+
+
+def cmd_show(args) -> int:
+    recipe = find_recipe(args.recipe, runtime=args.runtime)
+    if args.save:
+        Path(args.save).write_text(recipe.text)
+        print(f"Saved {recipe.name} to {args.save}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(recipe_as_dict(recipe), indent=2, default=str))
+        return 0
+    print(show_text(recipe))
+    return 0
+
+
+def cmd_recipe_validate(args) -> int:
+    worst = 0
+    for name in args.recipes:
+        try:
+            recipe = find_recipe(name)
+        except UsageError as exc:
+            print(f"ERROR    {exc}")
+            worst = 2
+            continue
+        errors, warnings = validate_recipe(recipe)
+        for message in errors:
+            print(f"ERROR    {recipe.name}: {message}")
+        for message in warnings:
+            print(f"WARNING  {recipe.name}: {message}")
+        if errors:
+            worst = 2
+        elif not warnings:
+            print(f"OK       {recipe.name} ({recipe.runtime})")
+    return worst
+
+
+def add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # Subcommands must not reset a count given before the command name.
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                        help="more output; -v shows tracebacks, -vv shows every remote command")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparkrun",
+        description="Launch, watch and stop LLM inference servers on DGX Spark hosts over SSH.")
+    parser.add_argument("--version", action="version", version=f"sparkrun {__version__}")
+    add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, func, help_text, parent=sub):
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        add_common(p)
+        p.set_defaults(func=func)
+        return p
+
+    def catalog_options(p, query=True):
+        if query:
+            p.add_argument("query", nargs="?", help="words that must all appear (name, model, description)")
+        p.add_argument("--all", "-a", action="store_true", help="include hidden registries' recipes")
+        p.add_argument("--runtime", help="only recipes of this runtime (vllm, sglang, llama-cpp, ...)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def show_options(p):
+        p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
+        p.add_argument("--save", metavar="PATH", help="also save the recipe's YAML to PATH")
+        p.add_argument("--no-vram", action="store_true", help="skip the VRAM estimate")
+        p.add_argument("--runtime", help="pick the recipe of this runtime when the name is shared")
+        p.add_argument("--all", "-a", action="store_true", help="also look in hidden registries")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    catalog_options(command("list", cmd_list, "List recipes (bundled and registries)."))
+    p = command("search", cmd_list, "Search recipes by name, model or description.")
+    catalog_options(p, query=False)
+    p.add_argument("query", help="words that must all appear")
+    show_options(command("show", cmd_show, "Show a recipe."))
+
+    recipe = sub.add_parser("recipe", help="Recipe tools: list, show, search, validate.",
+                            description="Recipe tools: list, show, search, validate.")
+    add_common(recipe)
+    rsub = recipe.add_subparsers(dest="recipe_command", metavar="SUBCOMMAND", required=True)
+    catalog_options(command("list", cmd_list, "List recipes.", rsub))
+    p = command("search", cmd_list, "Search recipes.", rsub)
+    catalog_options(p, query=False)
+    p.add_argument("query", help="words that must all appear")
+    show_options(command("show", cmd_show, "Show a recipe.", rsub))
+    p = command("validate", cmd_recipe_validate, "Check recipes: fields, placeholders, unknown keys.", rsub)
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="names or paths")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except SparkrunError as exc:
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The three ways to run: a checkout with only PyYAML, `pip install .`, and the shiv zipapp."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, isolated_env
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin") or sys.executable
+
+
+def run(argv, env, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def test_checkout_runs_with_only_pyyaml(tmp_path):
+    """`python sparkrun.py` on a bare host: no site-packages but PyYAML's pure-Python files."""
+    only_yaml = tmp_path / "only-yaml"
+    only_yaml.mkdir()
+    shutil.copytree(Path(yaml.__file__).parent, only_yaml / "yaml",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = isolated_env(tmp_path, {"PYTHONPATH": str(only_yaml)})
+    for args in (["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"]):
+        result = run([sys.executable, "-S", str(REPO / "sparkrun.py"), *args], env)
+        assert result.returncode == 0, result.stderr
+    assert "qwen3-1.7b-llama-cpp" in run([sys.executable, "-S", str(REPO / "sparkrun.py"), "list"], env).stdout
+
+
+def test_pip_install_has_console_script_and_no_generic_names(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    build = tmp_path / "src"
+    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(".git", "dist", "build", "*.egg-info", "__pycache__"))
+    result = run([str(venv / "bin" / "pip"), "install", "--quiet", str(build)],
+                 os.environ)
+    assert result.returncode == 0, result.stderr
+    site = next(venv.glob("lib/python3*/site-packages"))
+    top_level = {p.name for p in site.iterdir()}
+    assert {"sparkrun.py", "sparkrun_runtimes", "sparkrun_recipes"} <= top_level
+    assert not {"runtimes", "recipes", "tests"} & top_level
+    env = isolated_env(tmp_path)
+    result = run([str(venv / "bin" / "sparkrun"), "list"], env)
+    assert result.returncode == 0 and "nemotron3-nano-30b-nvfp4-vllm" in result.stdout, result.stderr
+    assert run([str(venv / "bin" / "sparkrun"), "--version"], env).stdout.startswith("sparkrun ")
+
+
+@pytest.fixture(scope="session")
+def zipapp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pyz") / "sparkrun.pyz"
+    result = run(["bash", str(REPO / "build_zipapp.sh"), str(out)], os.environ)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return out
+
+
+def test_zipapp_is_portable_and_runs_on_system_python(zipapp, tmp_path):
+    with zipfile.ZipFile(zipapp) as archive:
+        names = archive.namelist()
+    compiled = [n for n in names if n.endswith((".so", ".pyd")) or ".so." in n]
+    assert compiled == []
+    assert any(n.endswith("huggingface_hub/__init__.py") for n in names)
+    assert any(n.endswith("yaml/__init__.py") for n in names)
+    env = isolated_env(tmp_path, {"SHIV_ROOT": str(tmp_path / "shiv")})
+    result = run([SYSTEM_PYTHON, str(zipapp), "list"], env)
+    assert result.returncode == 0, result.stderr
+    assert "qwen3-1.7b-sglang" in result.stdout
+    result = run([SYSTEM_PYTHON, str(zipapp), "show", "nemotron3-nano-30b-nvfp4-vllm", "--no-vram"], env)
+    assert "Container:    scitrera/dgx-spark-vllm:0.16.0-t5" in result.stdout

@@ -1,0 +1,1 @@
+"""Stand-in for the docker CLI, used on simulated hosts (stdlib only)."""
