@@ -12,8 +12,13 @@ Sections, in data-flow order:
     1. Errors and messages
     2. Config and paths
     3. Recipes: load, validate, resolve runtime, render
-    4. Catalog: bundled recipes, lookup
-    5. CLI
+    4. Catalog: bundled recipes, registries, lookup
+    5. VRAM estimate
+    6. Hosts and SSH
+    7. Clusters
+    8. Launch plan
+    9. Execution: preflight, launch, readiness, stop, logs, status
+    10. CLI
 """
 
 from __future__ import annotations
@@ -200,12 +205,12 @@ class Recipe:
         return self.model.partition(":")[0]
 
 
-class ParsedRecipeCache:
-    """Parsed recipe mappings as JSON, keyed by path and checked by mtime and size, so that
-    a warm `list` or `show` imports no YAML parser."""
+class ParsedYamlCache:
+    """Parsed YAML files (recipes, registry manifests, config) kept as JSON, keyed by path and
+    checked by mtime and size, so that a warm `list` or `show` imports no YAML parser."""
 
     def __init__(self):
-        self.path = cache_dir() / "recipe-cache.json"
+        self.path = cache_dir() / "yaml-cache.json"
         self.entries: dict | None = None
         self.dirty = False
 
@@ -238,23 +243,30 @@ class ParsedRecipeCache:
             self.dirty = False
 
 
-RECIPE_CACHE = ParsedRecipeCache()
+YAML_CACHE = ParsedYamlCache()
 
 
-def load_recipe(path: Path, source: str = "Local") -> Recipe:
-    """Read and validate one recipe file; errors name the file and the field."""
+def read_yaml_file(path: Path) -> tuple[str, object]:
+    """(text, parsed data) of a YAML file, through the parsed-YAML cache. Call
+    YAML_CACHE.save() once a command has read what it needs."""
     path = Path(path)
     try:
         stat = path.stat()
         stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
-        data = RECIPE_CACHE.get(path, stamp)
+        data = YAML_CACHE.get(path, stamp)
         text = path.read_text()
     except OSError as exc:
         raise RecipeError(str(path), f"cannot read: {exc.strerror}") from None
     if data is None:
         data = parse_yaml(text, str(path))
-        RECIPE_CACHE.put(path, stamp, data)
-    return recipe_from_mapping(data, path, source, text)
+        YAML_CACHE.put(path, stamp, data)
+    return text, data
+
+
+def load_recipe(path: Path, source: str = "Local") -> Recipe:
+    """Read and validate one recipe file; errors name the file and the field."""
+    text, data = read_yaml_file(path)
+    return recipe_from_mapping(data, Path(path), source, text)
 
 
 def parse_yaml(text: str, where: str):
@@ -495,7 +507,7 @@ def node_count(recipe: Recipe, values: dict) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 4. Catalog: bundled recipes, lookup
+# 4. Catalog: bundled recipes, registries, lookup
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -551,7 +563,7 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
         raise UsageError(f"no recipe named '{name}'{hint}")
     ref = matches[0]
     recipe = load_recipe(ref.path, ref.source)
-    RECIPE_CACHE.save()
+    YAML_CACHE.save()
     return recipe
 
 
@@ -581,7 +593,7 @@ def summarize(refs: list[RecipeRef]) -> list[RecipeSummary]:
         summaries.append(RecipeSummary(ref.name, ref.qualified, ref.source, recipe.runtime, recipe.model,
                                        recipe.description, recipe.min_nodes, recipe.max_nodes,
                                        ref.visible, str(ref.path)))
-    RECIPE_CACHE.save()
+    YAML_CACHE.save()
     return summaries
 
 
@@ -600,7 +612,32 @@ def nodes_text(min_nodes: int, max_nodes: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 5. CLI
+# 5. VRAM estimate
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 6. Hosts and SSH
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 7. Clusters
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 8. Launch plan
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 9. Execution: preflight, launch, readiness, stop, logs, status
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 10. CLI
 # ---------------------------------------------------------------------------
 
 def print_table(rows: list[list[str]], headers: list[str]) -> None:
