@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -92,6 +93,12 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sparkrun"
+
+
+def hf_home(cache_dir_option: str | None = None) -> Path:
+    """The Hugging Face cache root (the folder holding `hub/`): --cache-dir > HF_HOME > default."""
+    chosen = cache_dir_option or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return Path(os.path.expanduser(chosen))
 
 
 def resource_dir(name: str) -> Path:
@@ -614,6 +621,443 @@ def nodes_text(min_nodes: int, max_nodes: int | None) -> str:
 # ---------------------------------------------------------------------------
 # 5. VRAM estimate
 # ---------------------------------------------------------------------------
+# Does a recipe's model plus its KV cache fit in a DGX Spark's GPU memory? Weights come from the
+# real on-disk size when the model is in the local Hugging Face cache, else parameters x bytes per
+# parameter. The KV cache counts only the layers that keep one (hybrid and sliding-window models
+# keep fewer; MLA keeps a compressed latent). "GB" is 2**30 bytes throughout.
+
+GIB = 2**30
+SPARK_GPU_GB = 121  # of the 128 GB unified memory, what the GPU can use
+YES, NO, UNKNOWN = "YES", "NO", "UNKNOWN"
+FROM_PARAMS, FROM_DISK = "params×dtype", "on-disk size"
+
+_BYTES_PER_PARAM = {
+    "fp32": 4, "float32": 4, "f32": 4,
+    "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "f16": 2, "half": 2,
+    "fp8": 1, "float8": 1, "int8": 1, "w8a8": 1,
+    "int4": 0.5, "awq": 0.5, "gptq": 0.5, "autoround": 0.5, "w4a16": 0.5,
+    "nvfp4": 0.7,  # effective: 4-bit weights plus scales and the layers kept in higher precision
+}
+# GGUF quants by real bits per weight (block scales included), as llama.cpp reports them.
+_GGUF_BITS_PER_WEIGHT = {
+    "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.69, "q5_k_s": 5.54, "q5_1": 6.0, "q5_0": 5.5,
+    "q4_k_m": 4.85, "q4_k_s": 4.58, "q4_1": 5.0, "q4_0": 4.5,
+    "q3_k_l": 4.27, "q3_k_m": 3.91, "q3_k_s": 3.5, "q2_k": 2.63,
+    "iq4_xs": 4.25, "iq4_nl": 4.5, "iq3_m": 3.66, "iq3_s": 3.44, "iq3_xs": 3.3, "iq3_xxs": 3.06,
+    "iq2_m": 2.7, "iq2_s": 2.5, "iq2_xs": 2.31, "iq2_xxs": 2.06, "iq1_m": 1.75, "iq1_s": 1.56,
+    "mxfp4": 4.25,  # also used for Hugging Face mxfp4 checkpoints: 4-bit values + one scale per 32
+}
+_GGUF_ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "q8_k": "q8_0"}
+_PARAM_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def _positive_int(value) -> int | None:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def parse_param_count(value) -> int | None:
+    """'30B', '1.7B', '235M', '1.2T', '30,000,000,000' or a number -> parameter count."""
+    if isinstance(value, float) and math.isfinite(value) and value > 0:
+        return round(value)
+    if not isinstance(value, str):
+        return _positive_int(value)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmbt]?)", re.sub(r"[,_\s]", "", value.lower()))
+    if match is None:
+        return None
+    return round(float(match[1]) * _PARAM_SCALE[match[2]]) or None
+
+
+def _known_bytes_per_param(name: str) -> float | None:
+    name = _GGUF_ALIASES.get(name, name)
+    if name in _GGUF_BITS_PER_WEIGHT:
+        return _GGUF_BITS_PER_WEIGHT[name] / 8
+    return _BYTES_PER_PARAM.get(name)
+
+
+def bytes_per_param(dtype: str) -> float | None:
+    """Case-insensitive: 'Q8_0', 'UD-Q4_K_XL', 'nvfp4', 'fp8_e4m3', 'int4-autoround', 'bfloat16'."""
+    if not isinstance(dtype, str):
+        return None
+    name = re.sub(r"[\s-]+", "_", dtype.strip().lower()).removeprefix("ud_")
+    name = name.removesuffix("_xl")  # unsloth's _XL mixes are sized as their base quant
+    found = _known_bytes_per_param(name)
+    # Compound names ('int4_autoround', 'fp8_e4m3', 'awq_marlin'): the first known part decides.
+    return found or next(filter(None, map(_known_bytes_per_param, name.split("_"))), None)
+
+
+def resolve_kv_dtype(*candidates: str | None) -> str:
+    """First explicit KV dtype in priority order; 'auto' or nothing means bfloat16."""
+    for value in candidates:
+        name = str(value).strip().lower() if value is not None else ""
+        if name and name != "auto":
+            return {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(name, name)
+    return "bfloat16"
+
+
+# -- model architecture
+
+@dataclass(frozen=True)
+class ModelArch:
+    num_layers: int | None = None
+    kv_layers: int | None = None  # layers keeping the whole context; None means all num_layers
+    sliding_layers: int = 0  # layers keeping only the last sliding_window tokens
+    sliding_window: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mla_dim: int | None = None  # kv_lora_rank + qk_rope_head_dim (DeepSeek-style MLA)
+    note: str = ""
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        needed = {"num_layers": self.num_layers}
+        if not self.mla_dim:
+            needed |= {"num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        return tuple(name for name, value in needed.items() if value is None)
+
+
+def _arch(num_layers, num_kv_heads, head_dim, kv_layers=None, sliding_layers=0, sliding_window=None,
+          mla_dim=None) -> ModelArch:
+    kv_layers = num_layers if kv_layers is None else kv_layers
+    if mla_dim:
+        note = f"MLA compressed KV: {mla_dim} dims"
+    elif sliding_layers:
+        note = f"{kv_layers} full + {sliding_layers} sliding window {sliding_window}"
+    elif num_layers and kv_layers < num_layers:
+        note = f"{kv_layers} keep KV: hybrid"
+    else:
+        note = ""
+    return ModelArch(num_layers, kv_layers, sliding_layers, sliding_window if sliding_layers else None,
+                     num_kv_heads, head_dim, mla_dim, note)
+
+
+_NO_KV_LAYER_TYPES = {"linear_attention", "mamba", "mamba2", "conv", "ssm", "recurrent"}
+
+
+def _layer_split(config: dict, num_layers: int | None) -> tuple:
+    """(num_layers, full-KV layers, sliding layers, window) from the config's layer layout."""
+    window = _positive_int(config.get("sliding_window"))
+    if config.get("use_sliding_window") is False:
+        window = None
+    types, pattern = config.get("layer_types"), config.get("hybrid_override_pattern")
+    if isinstance(types, list) and types:
+        types = types[:num_layers] if num_layers else types
+        sliding = types.count("sliding_attention") if window else 0
+        no_kv = sum(kind in _NO_KV_LAYER_TYPES for kind in types)
+        return len(types), len(types) - no_kv - sliding, sliding, window
+    if isinstance(pattern, str) and pattern:  # Nemotron-H: '*' attention, 'M' Mamba, '-' MLP, 'E' MoE
+        return num_layers or len(pattern), pattern.count("*"), 0, None
+    if num_layers is None:
+        return None, None, 0, None
+    if interval := _positive_int(config.get("full_attention_interval")):
+        return num_layers, num_layers // interval, 0, None
+    if not window:
+        return num_layers, num_layers, 0, None
+    every = _positive_int(config.get("sliding_window_pattern"))
+    if every is None and str(config.get("model_type", "")).startswith("gemma2"):
+        every = 2  # Gemma 2 alternates sliding and global layers without saying so
+    full_layers = config.get("max_window_layers")  # Qwen2 style: layers from this index on slide
+    if every:
+        full = num_layers // every
+    elif isinstance(full_layers, int) and not isinstance(full_layers, bool):
+        full = min(max(full_layers, 0), num_layers)
+    else:
+        full = 0  # Mistral style: every layer slides
+    return num_layers, full, num_layers - full, window
+
+
+def arch_from_config(config: dict) -> ModelArch | None:
+    """Architecture from a Hugging Face config.json; None if it names no relevant field."""
+    if not isinstance(config, dict):
+        return None
+    for key in ("text_config", "llm_config", "language_config"):
+        if isinstance(config.get(key), dict):
+            config = {**config, **config[key]}
+            break
+
+    def first(*keys):
+        return next(filter(None, (_positive_int(config.get(key)) for key in keys)), None)
+
+    heads = first("num_attention_heads", "n_head")
+    hidden = first("hidden_size", "n_embd")
+    kv_heads = first("num_key_value_heads", "num_kv_heads") or heads
+    head_dim = first("head_dim") or (hidden // heads if hidden and heads else None)
+    rank, rope = first("kv_lora_rank"), first("qk_rope_head_dim")
+    mla_dim = rank + rope if rank and rope else None
+    layers = first("num_hidden_layers", "num_layers", "n_layer")
+    num_layers, full, sliding, window = _layer_split(config, layers)
+    if num_layers is None and kv_heads is None and head_dim is None:
+        return None
+    return _arch(num_layers, kv_heads, head_dim, full, sliding, window, mla_dim)
+
+
+def arch_from_metadata(meta: dict, config_arch: ModelArch | None = None) -> ModelArch | None:
+    """Recipe metadata num_layers / num_kv_heads / head_dim, each winning over config_arch."""
+    layers, kv_heads, head_dim = (_positive_int((meta or {}).get(key))
+                                  for key in ("num_layers", "num_kv_heads", "head_dim"))
+    if config_arch is None:
+        return _arch(layers, kv_heads, head_dim) if layers or kv_heads or head_dim else None
+    if layers and layers != config_arch.num_layers:  # the config's layer layout no longer applies
+        config_arch = _arch(layers, config_arch.num_kv_heads, config_arch.head_dim,
+                            mla_dim=config_arch.mla_dim)
+    return replace(config_arch, num_kv_heads=kv_heads or config_arch.num_kv_heads,
+                   head_dim=head_dim or config_arch.head_dim)
+
+
+# -- KV cache and fit
+
+def _kv_rates(arch: ModelArch, dtype_bytes: float) -> tuple[float, float]:
+    """Bytes per token summed over the full-KV layers, and over the sliding-window layers."""
+    per_layer = dtype_bytes * (arch.mla_dim or 2 * arch.num_kv_heads * arch.head_dim)
+    full_layers = arch.num_layers if arch.kv_layers is None else arch.kv_layers
+    return per_layer * full_layers, per_layer * arch.sliding_layers
+
+
+def _kv_bytes(arch: ModelArch, dtype_bytes: float, context: int) -> float:
+    full_rate, sliding_rate = _kv_rates(arch, dtype_bytes)
+    return full_rate * context + sliding_rate * min(context, arch.sliding_window or context)
+
+
+def kv_bytes_per_token(arch: ModelArch, kv_dtype: str, context: int) -> float:
+    """Average KV bytes per token over `context` tokens; raises ValueError on missing inputs."""
+    dtype_bytes = bytes_per_param(resolve_kv_dtype(kv_dtype))
+    if arch is None or arch.missing or dtype_bytes is None or not _positive_int(context):
+        raise ValueError(f"cannot size the KV cache: {arch=}, {kv_dtype=}, {context=}")
+    return _kv_bytes(arch, dtype_bytes, context) / context
+
+
+def _max_context_tokens(arch: ModelArch, dtype_bytes: float, tp: int, available: float):
+    """Longest context whose KV fits in `available` bytes per GPU; None when KV stops growing."""
+    full_rate, sliding_rate = (rate / tp for rate in _kv_rates(arch, dtype_bytes))
+    growth, window = full_rate + sliding_rate, arch.sliding_window or math.inf
+    if available <= 0:
+        return 0
+    if growth and available <= growth * window:
+        return math.floor(available / growth)
+    # Past the window only the full-KV layers grow.
+    return math.floor((available - sliding_rate * window) / full_rate) if full_rate else None
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    model_dtype: str | None
+    params: int | None
+    kv_dtype: str
+    arch: ModelArch | None
+    weights_bytes: float | None
+    kv_bytes: float | None  # for max_model_len tokens, all GPUs together
+    max_model_len: int | None
+    tp: int
+    per_gpu_bytes: float | None
+    gpu_mem: float
+    usable_bytes: float
+    available_kv_bytes: float | None  # per GPU
+    max_context_tokens: int | None  # None with nothing missing: KV never outgrows the budget
+    multiplier: float | None
+    verdict: str
+    missing: tuple[str, ...]
+    weights_source: str | None
+
+
+def estimate_vram(*, params, model_dtype, kv_dtype, arch, max_model_len, tp=1, gpu_mem=0.9,
+                  weights_bytes=None) -> VramEstimate:
+    params, kv_dtype = parse_param_count(params), resolve_kv_dtype(kv_dtype)
+    max_model_len, tp, gpu_mem = _positive_int(max_model_len), _positive_int(tp) or 1, float(gpu_mem or 0.9)
+    missing = []
+    weights_source = FROM_DISK if weights_bytes else None
+    model_dtype_bytes = bytes_per_param(model_dtype)
+    if not weights_bytes and params and model_dtype_bytes:
+        weights_bytes, weights_source = params * model_dtype_bytes, FROM_PARAMS
+    elif not weights_bytes:
+        weights_bytes = None
+        missing += [name for name, known in (("model_params", params), ("model_dtype", model_dtype_bytes))
+                    if not known]
+    kv_dtype_bytes = bytes_per_param(kv_dtype)
+    if kv_dtype_bytes is None:
+        missing.append("kv_dtype")
+    missing += arch.missing if arch else ("num_layers", "num_kv_heads", "head_dim")
+    if max_model_len is None:
+        missing.append("max_model_len")
+    kv_rate_known = kv_dtype_bytes is not None and arch is not None and not arch.missing
+    kv_bytes = _kv_bytes(arch, kv_dtype_bytes, max_model_len) if kv_rate_known and max_model_len else None
+    usable = SPARK_GPU_GB * GIB * gpu_mem
+    per_gpu = (weights_bytes + kv_bytes) / tp if weights_bytes is not None and kv_bytes is not None else None
+    # Exact bytes, no intermediate rounding: the golden 30B nvfp4 example gives 1,557,583 tokens this
+    # way (subtracting the printed 96.8 - 19.56 GB figures instead would give 1,557,538).
+    available = usable - weights_bytes / tp if weights_bytes is not None else None
+    max_tokens = (_max_context_tokens(arch, kv_dtype_bytes, tp, available)
+                  if kv_rate_known and available is not None else None)
+    multiplier = max_tokens / max_model_len if max_tokens is not None and max_model_len else None
+    verdict = UNKNOWN if per_gpu is None else YES if per_gpu <= usable else NO
+    return VramEstimate(model_dtype, params, kv_dtype, arch, weights_bytes, kv_bytes, max_model_len, tp,
+                        per_gpu, gpu_mem, usable, available, max_tokens, multiplier, verdict,
+                        tuple(missing), weights_source)
+
+
+def _gb(value: float | None, digits: int = 2) -> str:
+    return "unknown" if value is None else f"{value / GIB:.{digits}f} GB"
+
+
+def _describe_arch(arch: ModelArch | None) -> str:
+    if arch is None:
+        return "unknown"
+    layers = f"{'unknown' if arch.num_layers is None else arch.num_layers} layers"
+    layers += f" ({arch.note})" if arch.note else ""
+    if arch.mla_dim:
+        return layers
+    kv_heads, head_dim = ("unknown" if n is None else n for n in (arch.num_kv_heads, arch.head_dim))
+    return f"{layers}, {kv_heads} KV heads, {head_dim} head_dim"
+
+
+def format_vram(est: VramEstimate) -> str:
+    max_model_len = "unknown" if est.max_model_len is None else f"{est.max_model_len:,}"
+    utilization = f"{round(est.gpu_mem * 100, 2):g}%"
+    if est.max_context_tokens is None:  # with only max_model_len missing, KV never fills the budget
+        max_tokens = multiplier = "unbounded" if set(est.missing) <= {"max_model_len"} else "unknown"
+    else:
+        max_tokens = f"{est.max_context_tokens:,}"
+        multiplier = ("unknown" if est.multiplier is None
+                      else f"{est.multiplier:.1f}x (vs max_model_len={max_model_len})")
+    on_disk = " (on-disk size)" if est.weights_source == FROM_DISK else ""
+    fit = f"UNKNOWN (missing: {', '.join(est.missing)})" if est.verdict == UNKNOWN else est.verdict
+    lines = [
+        "VRAM Estimation:",
+        f"  Model dtype:      {est.model_dtype or 'unknown'}",
+        f"  Model params:     {'unknown' if est.params is None else f'{est.params:,}'}",
+        f"  KV cache dtype:   {est.kv_dtype}",
+        f"  Architecture:     {_describe_arch(est.arch)}",
+        f"  Model weights:    {_gb(est.weights_bytes)}{on_disk}",
+        f"  KV cache:         {_gb(est.kv_bytes)} (max_model_len={max_model_len})",
+        f"  Tensor parallel:  {est.tp}",
+        f"  Per-GPU total:    {_gb(est.per_gpu_bytes)}",
+        f"  DGX Spark fit:    {fit}",
+        "",
+        "  GPU Memory Budget:",
+        f"    gpu_memory_utilization: {utilization}",
+        f"    Usable GPU memory:     {_gb(est.usable_bytes, 1)} ({SPARK_GPU_GB} GB x {utilization})",
+        f"    Available for KV:      {_gb(est.available_kv_bytes, 1)}",
+        f"    Max context tokens:    {max_tokens}",
+        f"    Context multiplier:    {multiplier}",
+    ]
+    if est.missing:
+        lines.append(f"  Missing:          {', '.join(est.missing)}")
+    return "\n".join(lines)
+
+
+def vram_to_json(est: VramEstimate) -> dict:
+    return {**asdict(est), "missing": list(est.missing)}
+
+
+# -- local Hugging Face cache
+
+def cached_snapshot_dir(hf_home: Path, repo_id: str, revision: str | None = None) -> Path | None:
+    repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision or "main"
+    snapshot = repo_dir / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_cached_config(hf_home: Path, repo_id: str, revision: str | None = None) -> dict | None:
+    snapshot = cached_snapshot_dir(hf_home, repo_id, revision)
+    return _read_json(snapshot / "config.json") if snapshot else None
+
+
+def cached_weights_bytes(hf_home: Path, repo_id: str, revision: str | None = None,
+                         gguf_quant: str | None = None) -> int | None:
+    """On-disk weight size: safetensors index total_size, else the sum of the weight files."""
+    snapshot = cached_snapshot_dir(hf_home, repo_id, revision)
+    if snapshot is None:
+        return None
+    if gguf_quant:
+        # The quant must stand alone in the path: 'Q4_K' must not pick up 'Q4_K_M' files.
+        quant = re.compile(rf"(?<![a-z0-9]){re.escape(gguf_quant.lower())}(?![a-z0-9_])")
+        files = [path for path in snapshot.rglob("*.gguf")
+                 if quant.search(path.relative_to(snapshot).as_posix().lower())]
+    else:
+        for index in sorted(snapshot.glob("*.safetensors.index.json")):
+            total = _positive_int(((_read_json(index) or {}).get("metadata") or {}).get("total_size"))
+            if total:
+                return total
+        files = list(snapshot.glob("*.safetensors"))
+    try:
+        return sum(path.stat().st_size for path in files) or None
+    except OSError:  # a snapshot link whose blob was never downloaded
+        return None
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub must not or cannot be reached; decided in about a second."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    cached = getattr(hub_offline, "answer", None)
+    if cached is None:
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        reached = []
+
+        def probe():  # getaddrinfo has no timeout of its own, hence the thread
+            try:
+                socket.create_connection((endpoint.hostname, port), timeout=1.0).close()
+                reached.append(True)
+            except OSError:
+                pass
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(1.5)
+        cached = hub_offline.answer = not reached
+    return cached
+
+
+def hub_config(repo_id: str, revision: str | None) -> dict | None:
+    """config.json from the Hub, only when it is reachable; None on any failure."""
+    if hub_offline():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _read_json(Path(hf_hub_download(repo_id, "config.json", revision=revision)))
+    except Exception:  # a gated, missing or renamed repo only leaves the estimate unknown
+        return None
+
+
+def recipe_vram(recipe: Recipe, overrides: dict | None = None, *, hf_home: Path,
+                auto_detect: bool = True) -> VramEstimate:
+    """The estimate for a recipe as it would launch: metadata first, then the local cache's
+    config.json, then the Hub (online only); on-disk weight sizes win over params x dtype."""
+    values = recipe_values(recipe, overrides)
+    meta = recipe.metadata
+    config = weights = None
+    if auto_detect:
+        config = read_cached_config(hf_home, recipe.model_repo, recipe.model_revision)
+        weights = cached_weights_bytes(hf_home, recipe.model_repo, recipe.model_revision, recipe.gguf_quant)
+        has_arch = all(meta.get(k) for k in ("num_layers", "num_kv_heads", "head_dim"))
+        if config is None and not has_arch:
+            config = hub_config(recipe.model_repo, recipe.model_revision)
+    arch = arch_from_metadata(meta, arch_from_config(config) if config else None)
+    gpu_mem = values.get("gpu_memory_utilization")
+    if not (isinstance(gpu_mem, (int, float)) and 0 < gpu_mem <= 1):
+        gpu_mem = 0.9
+    max_len = values.get("max_model_len") or values.get("ctx_size") or (config or {}).get("max_position_embeddings")
+    tp = _positive_int(values.get("tensor_parallel")) or 1
+    return estimate_vram(params=meta.get("model_params"), model_dtype=meta.get("model_dtype") or recipe.gguf_quant,
+                         kv_dtype=resolve_kv_dtype(meta.get("kv_dtype"), values.get("kv_cache_dtype")),
+                         arch=arch, max_model_len=max_len, tp=tp, gpu_mem=gpu_mem, weights_bytes=weights)
+
 
 
 # ---------------------------------------------------------------------------
@@ -698,10 +1142,25 @@ def cmd_show(args) -> int:
     if args.save:
         Path(args.save).write_text(recipe.text)
         print(f"Saved {recipe.name} to {args.save}", file=sys.stderr)
+    estimate = None if args.no_vram else recipe_vram(recipe, hf_home=hf_home())
     if args.json:
-        print(json.dumps(recipe_as_dict(recipe), indent=2, default=str))
+        shown = recipe_as_dict(recipe)
+        if estimate:
+            shown["vram"] = vram_to_json(estimate)
+        print(json.dumps(shown, indent=2, default=str))
         return 0
     print(show_text(recipe))
+    if estimate:
+        print("\n" + format_vram(estimate))
+    return 0
+
+
+def cmd_recipe_vram(args) -> int:
+    recipe = find_recipe(args.recipe)
+    overrides = typed_overrides(args)
+    estimate = recipe_vram(recipe, overrides, hf_home=hf_home(args.cache_dir),
+                           auto_detect=not args.no_auto_detect)
+    print(json.dumps(vram_to_json(estimate), indent=2) if args.json else format_vram(estimate))
     return 0
 
 
@@ -778,6 +1237,15 @@ def build_parser() -> argparse.ArgumentParser:
     show_options(command("show", cmd_show, "Show a recipe.", rsub))
     p = command("validate", cmd_recipe_validate, "Check recipes: fields, placeholders, unknown keys.", rsub)
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="names or paths")
+    p = command("vram", cmd_recipe_vram, "Estimate whether a recipe fits a DGX Spark's GPU memory.", rsub)
+    p.add_argument("recipe", help="recipe name, @registry/name, or a path")
+    p.add_argument("--tp", type=int, help="tensor parallel size (GPUs, one per Spark)")
+    p.add_argument("--max-model-len", type=int, help="context length to budget for")
+    p.add_argument("--gpu-mem", type=float, help="gpu_memory_utilization, a fraction in (0, 1]")
+    p.add_argument("--cache-dir", help="Hugging Face cache root (default: $HF_HOME or ~/.cache/huggingface)")
+    p.add_argument("--no-auto-detect", action="store_true",
+                   help="use recipe metadata only: no config.json from the cache or the Hub")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 

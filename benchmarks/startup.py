@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
-        env = dict(os.environ, HOME=home, SPARKRUN_CONFIG_DIR=f"{home}/config",
+        env = dict(os.environ, HOME=home, HF_HUB_OFFLINE="1", SPARKRUN_CONFIG_DIR=f"{home}/config",
                    SPARKRUN_CACHE_DIR=f"{home}/cache", SPARKRUN_DEFAULT_REGISTRIES="")
         script = [args.python, str(REPO / "sparkrun.py")]
         print(f"python {args.python}, {args.runs} runs each, median:")
