@@ -29,7 +29,11 @@ import json
 import math
 import os
 import re
+import shlex
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -1063,21 +1067,1133 @@ def recipe_vram(recipe: Recipe, overrides: dict | None = None, *, hf_home: Path,
 # ---------------------------------------------------------------------------
 # 6. Hosts and SSH
 # ---------------------------------------------------------------------------
+# Every ssh and rsync argv is built by SSH below, and every remote command runs through
+# SSH.run: a bash script on stdin, over one ControlMaster connection per host.
+
+HOST_RE = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.-]*@)?(?:[A-Za-z0-9][A-Za-z0-9._-]*|\[?[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]?)")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+SSH_CONNECT_TIMEOUT = 10
+
+
+class HostError(SparkrunError):
+    """Something failed on one host; the message names the host and what to do."""
+
+    def __init__(self, host: str, message: str):
+        super().__init__(f"{host}: {message}")
+        self.host = host
+
+
+class Unreachable(HostError):
+    pass
+
+
+class AuthRefused(HostError):
+    pass
+
+
+class HostKeyMismatch(HostError):
+    pass
+
+
+class RemoteFailed(HostError):
+    pass
+
+
+def validate_host(host: str) -> str:
+    """Hostnames, IPv4, IPv6, ssh aliases and user@host; nothing a shell or ssh could misread."""
+    if not host or host.startswith("-") or not HOST_RE.fullmatch(host):
+        raise UsageError(f"invalid host {host!r}: expected a hostname, IP address or ssh alias")
+    return host
+
+
+def parse_host_list(text: str) -> list[str]:
+    hosts = [validate_host(h.strip()) for h in text.split(",") if h.strip()]
+    duplicates = sorted({h for h in hosts if hosts.count(h) > 1})
+    if duplicates:
+        raise UsageError(f"host listed twice: {', '.join(duplicates)}")
+    return hosts
+
+
+def read_hosts_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read hosts file {path}: {exc.strerror}") from None
+    entries = [line.split("#", 1)[0].strip() for line in lines]
+    return parse_host_list(",".join(e for e in entries if e))
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    host: str
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def stderr_tail(self, lines: int = 3) -> str:
+        return " | ".join(self.stderr.strip().splitlines()[-lines:])
+
+
+def control_dir() -> Path:
+    """A private 0700 folder for ControlMaster sockets, short enough for the ~104-byte limit."""
+    folder = cache_dir() / "ssh"
+    if len(str(folder)) > 60:
+        folder = Path(f"/tmp/sparkrun-ssh-{os.getuid()}")
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+class SSH:
+    """Builds every ssh/rsync command and runs remote scripts; one master connection per host."""
+
+    def __init__(self, user: str | None = None, verbose: int = 0):
+        self.user = user
+        self.verbose = verbose
+        self.extra = shlex.split(os.environ.get("SPARKRUN_SSH_OPTS", ""))
+        self._control = None
+
+    def options(self) -> list[str]:
+        """ssh options in order, each with its reason (shown with -vv)."""
+        if self._control is None:
+            self._control = control_dir()
+        chosen = [
+            (self.extra, "SPARKRUN_SSH_OPTS"),
+            (["-o", "BatchMode=yes"], "never prompt: a prompt would hang a parallel fan-out"),
+            (["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}"], "an unreachable host fails fast"),
+            (["-o", "ControlMaster=auto"], "one TCP connection per host, shared by every step"),
+            (["-o", f"ControlPath={self._control}/%C"], "short hashed socket name in a 0700 folder"),
+            (["-o", "ControlPersist=300"], "the next command reuses the connection"),
+            (["-o", "ServerAliveInterval=15"], "notice a dead host during long steps"),
+        ]
+        if self.user:
+            chosen.append((["-l", self.user], "--user or the cluster's user"))
+        if self.verbose >= 3:
+            for flags, reason in chosen:
+                print(f"  ssh {' '.join(flags)}  # {reason}", file=sys.stderr)
+        return [flag for flags, _ in chosen for flag in flags]
+
+    def argv(self, host: str, remote: list[str]) -> list[str]:
+        return ["ssh", *self.options(), "--", host, *remote]
+
+    def rsync_shell(self) -> str:
+        """The `rsync -e` value: the same ssh, riding on the same master."""
+        return shlex.join(["ssh", *self.options()])
+
+    def run(self, host: str, script: str, *, timeout: float = 120, stdin_data: bytes | None = None,
+            check: bool = False, what: str = "") -> RemoteResult:
+        """Run a bash script on a host (stdin carries the script, then any data)."""
+        payload = script.encode() + (stdin_data or b"")
+        local = host in LOCAL_HOSTS
+        argv = ["bash", "-s"] if local else self.argv(host, ["bash", "-s"])
+        if self.verbose >= 2:
+            print(f"[{host}] {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF", file=sys.stderr)
+        result = self._execute(host, argv, payload, timeout)
+        if not local and result.returncode == 255 and "mux_client" in result.stderr:
+            self.exit_master(host)  # a stale master: drop it and try once more
+            result = self._execute(host, argv, payload, timeout)
+        if not local:
+            classify_ssh_failure(result, self.user)
+        if check and not result.ok:
+            raise RemoteFailed(host, f"{what or 'remote command'} failed (exit {result.returncode}): "
+                                     f"{result.stderr_tail() or result.stdout.strip()[-300:]}")
+        return result
+
+    def _execute(self, host: str, argv: list[str], payload: bytes, timeout: float) -> RemoteResult:
+        start = time.monotonic()
+        try:
+            done = subprocess.run(argv, input=payload, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Unreachable(host, f"no answer within {timeout:.0f} s; check the host and the network") from None
+        except FileNotFoundError:
+            raise SparkrunError("the 'ssh' command is not installed; install openssh-client") from None
+        return RemoteResult(host, done.returncode, done.stdout.decode(errors="replace"),
+                            done.stderr.decode(errors="replace"), time.monotonic() - start)
+
+    def run_all(self, hosts: list[str], script_for, **kwargs) -> dict[str, RemoteResult | HostError]:
+        """Run per-host scripts in parallel; each host gets its result or its HostError."""
+        return in_parallel(hosts, lambda host: self.run(
+            host, script_for(host) if callable(script_for) else script_for, **kwargs))
+
+    def exit_master(self, host: str) -> None:
+        subprocess.run(self.argv(host, [])[:-1] + ["-O", "exit", host], capture_output=True, timeout=10)
+
+
+def in_parallel(hosts: list[str], work) -> dict:
+    """work(host) on every host at once; a host's HostError becomes its result. Other exceptions
+    (bugs, Ctrl+C in the main thread) propagate."""
+    results: dict = {}
+    failures: list[BaseException] = []
+
+    def one(host):
+        try:
+            results[host] = work(host)
+        except HostError as exc:
+            results[host] = exc
+        except BaseException as exc:  # re-raised in the caller's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)  # short joins keep Ctrl+C responsive
+    if failures:
+        raise failures[0]
+    return {h: results[h] for h in hosts}
+
+
+def classify_ssh_failure(result: RemoteResult, user: str | None) -> None:
+    """Turn ssh's own failures (exit 255 plus its message) into one-line, actionable errors."""
+    if result.returncode != 255:
+        return
+    err = result.stderr
+    host = result.host
+    if "Permission denied" in err or "Too many authentication failures" in err:
+        who = f"user '{user}'" if user else "the ssh user"
+        raise AuthRefused(host, f"ssh refused the login for {who}; install your key (ssh-copy-id) "
+                                f"or pass --user")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in err or "Host key verification failed" in err:
+        raise HostKeyMismatch(host, "host key mismatch or unknown host key; if the host was reinstalled, "
+                                    f"run: ssh-keygen -R {host.rpartition('@')[2]}")
+    if re.search(r"Could not resolve hostname|Connection (timed out|refused)|No route to host|"
+                 r"Network is unreachable|Connection closed by|kex_exchange|Operation timed out", err):
+        raise Unreachable(host, f"cannot connect over ssh ({result.stderr_tail(1)})")
+    if not result.stdout and err.strip().startswith(("ssh:", "ssh_", "mux_", "Control")):
+        raise Unreachable(host, f"ssh failed: {result.stderr_tail(1)}")
+
+
+DOCKER_HELP = ("docker is not usable by this user; add the user to the docker group: "
+               "sudo usermod -aG docker $USER (then log in again)")
+
+
+@dataclass(frozen=True)
+class IbDevice:
+    hca: str
+    state: str
+    netdev: str
+    ipv4: str | None  # address/prefix, e.g. 10.10.10.1/24
+    gid_index: int | None  # the RoCE v2 GID of an IPv4 address
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
+    host: str
+    hostname: str = ""
+    addresses: tuple = ()  # (ifname, address/prefix)
+    ib: tuple = ()  # IbDevice
+    gpu: str = ""
+    containers: tuple = ()  # docker ps JSON objects of sparkrun containers
+    docker_error: str = ""
+    listening: tuple = ()  # (address, port) of listening TCP sockets
+    images: tuple = ()  # (image, id or "")
+
+    @property
+    def active_ib(self) -> list[IbDevice]:
+        return [d for d in self.ib if "ACTIVE" in d.state and d.ipv4]
+
+    @property
+    def management_ip(self) -> str:
+        ib_devs = {d.netdev for d in self.ib}
+        for ifname, cidr in self.addresses:
+            if ifname != "lo" and ifname not in ib_devs:
+                return cidr.split("/")[0]
+        return ""
+
+    def port_busy(self, port: int) -> bool:
+        own = {cidr.split("/")[0] for _, cidr in self.addresses} | {self.host}
+        return any(p == port and (a in ("0.0.0.0", "::") or a in own) for a, p in self.listening)
+
+    def image_id(self, image: str) -> str:
+        return dict(self.images).get(image, "")
+
+
+def probe_script(images: tuple = ()) -> str:
+    """One bash script that reports everything HostFacts holds, in marked sections."""
+    inspect = "".join(
+        f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format '{{{{.Id}}}}' "
+        f"{shlex.quote(i)} 2>/dev/null)\"\n" for i in images)
+    return f"""\
+sysfs=${{SPARKRUN_SYSFS:-/sys}}
+echo @@hostname; hostname
+echo @@addrs; ip -o -4 addr show 2>/dev/null | awk '{{print $2, $4}}'
+echo @@ib
+for hca in "$sysfs"/class/infiniband/*; do
+  [ -d "$hca" ] || continue
+  gid=
+  for t in "$hca"/ports/1/gid_attrs/types/*; do
+    [ "$(cat "$t" 2>/dev/null)" = "RoCE v2" ] || continue
+    n=${{t##*/}}
+    case "$(cat "$hca/ports/1/gids/$n" 2>/dev/null)" in 0000:0000:0000:0000:0000:ffff:*) gid=$n; break;; esac
+  done
+  echo "${{hca##*/}}|$(cat "$hca/ports/1/state" 2>/dev/null)|$(ls "$hca/device/net" 2>/dev/null | head -1)|$gid"
+done
+echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
+echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo "@@docker_failed"
+echo @@listen; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4=="0A" {{print $2}}'
+echo @@images
+{inspect}"""
+
+
+def parse_probe(host: str, output: str) -> HostFacts:
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith("@@") and line[2:] in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "images"):
+            current = sections.setdefault(line[2:], [])
+        elif current is not None:
+            current.append(line)
+    addresses = tuple(tuple(line.split(None, 1)) for line in sections.get("addrs", []) if len(line.split()) == 2)
+    by_dev = dict(addresses)
+    ib = []
+    for line in sections.get("ib", []):
+        hca, state, netdev, gid = (line.split("|") + ["", "", "", ""])[:4]
+        ib.append(IbDevice(hca, state.strip(), netdev, by_dev.get(netdev), int(gid) if gid.isdigit() else None))
+    docker_lines = sections.get("docker", [])
+    containers, docker_error = [], ""
+    if "@@docker_failed" in docker_lines:
+        docker_error = " ".join(l for l in docker_lines if l != "@@docker_failed").strip()
+    else:
+        for line in docker_lines:
+            try:
+                containers.append(json.loads(line))
+            except ValueError:
+                docker_error = line.strip()
+    images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
+    return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
+                     (sections.get("gpu") or [""])[0], tuple(containers), docker_error,
+                     tuple(decode_listen(e) for e in sections.get("listen", [])), images)
+
+
+def decode_listen(entry: str) -> tuple[str, int]:
+    """/proc/net/tcp{,6} local_address ('0100007F:1F40') to ('127.0.0.1', 8000)."""
+    import ipaddress
+
+    hexaddr, _, hexport = entry.partition(":")
+    raw = bytes.fromhex(hexaddr)
+    # The kernel prints each 32-bit word in host (little-endian) order.
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    addr = ipaddress.ip_address(raw)
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr), int(hexport, 16)
+
+
+def probe_hosts(ssh: SSH, hosts, images: tuple = ()) -> dict[str, HostFacts | HostError]:
+    results = ssh.run_all(list(hosts), probe_script(images), timeout=SSH_CONNECT_TIMEOUT + 20)
+    return {h: r if isinstance(r, HostError) else parse_probe(h, r.stdout) for h, r in results.items()}
 
 
 # ---------------------------------------------------------------------------
 # 7. Clusters
 # ---------------------------------------------------------------------------
+# Saved host lists in config_dir()/clusters.yaml:
+#   default: lab
+#   clusters: {lab: {hosts: [spark1, spark2], description: "...", user: ubuntu}}
+
+CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def clusters_path() -> Path:
+    return config_dir() / "clusters.yaml"
+
+
+def read_clusters() -> dict:
+    path = clusters_path()
+    if not path.exists():
+        return {"default": None, "clusters": {}}
+    _, data = read_yaml_file(path)
+    if not isinstance(data, dict) or not isinstance(data.get("clusters", {}), dict):
+        raise UsageError(f"{path}: not a clusters file (expected 'clusters:' mapping); fix or remove it")
+    return {"default": data.get("default"), "clusters": data.get("clusters") or {}}
+
+
+class ConfigLock:
+    """Serializes read-modify-write of a config file between concurrent sparkrun processes."""
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(f".{path.name}.lock")
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def change_clusters(change) -> dict:
+    """Apply change(data) under the lock and write the file atomically."""
+    import yaml
+
+    with ConfigLock(clusters_path()):
+        data = read_clusters()
+        change(data)
+        atomic_write(clusters_path(), yaml.safe_dump(data, sort_keys=True))
+    return data
+
+
+def check_cluster_name(name: str) -> str:
+    if not CLUSTER_NAME_RE.fullmatch(name):
+        raise UsageError(f"invalid cluster name {name!r}: use letters, digits, '.', '_' or '-'")
+    return name
+
+
+def get_cluster(name: str, data: dict | None = None) -> dict:
+    clusters = (data or read_clusters())["clusters"]
+    if name not in clusters:
+        known = ", ".join(sorted(clusters)) or "none yet; see 'sparkrun cluster create'"
+        raise UsageError(f"no cluster named '{name}' (known: {known})")
+    return clusters[name]
+
+
+@dataclass(frozen=True)
+class HostSelection:
+    hosts: tuple[str, ...]
+    user: str | None
+    source: str  # where the hosts came from, for messages
+
+    @property
+    def head(self) -> str:
+        return self.hosts[0]
+
+
+def select_hosts(args, *, required: bool = True) -> HostSelection:
+    """--hosts > --hosts-file > --cluster > the default cluster; --solo keeps the head only
+    (localhost when nothing else is given). User: --user > the cluster's user > ssh config."""
+    user = getattr(args, "user", None)
+    cluster_user, hosts, source = None, None, ""
+    if getattr(args, "hosts", None):
+        hosts, source = parse_host_list(args.hosts), "--hosts"
+    elif getattr(args, "hosts_file", None):
+        hosts, source = read_hosts_file(args.hosts_file), f"hosts file {args.hosts_file}"
+    else:
+        name = getattr(args, "cluster", None) or read_clusters()["default"]
+        if name:
+            cluster = get_cluster(name)
+            hosts, cluster_user, source = list(cluster.get("hosts") or []), cluster.get("user"), f"cluster {name}"
+    if not hosts and getattr(args, "solo", False):
+        hosts, source = ["localhost"], "--solo"
+    if not hosts:
+        if not required:
+            return HostSelection((), user, "")
+        raise UsageError("no hosts: pass --hosts/-H, --hosts-file or --cluster, or set a default cluster "
+                         "(sparkrun cluster create NAME --hosts ... && sparkrun cluster set-default NAME)")
+    if user:
+        validate_host(f"{user}@x")
+    if getattr(args, "solo", False):
+        hosts = hosts[:1]
+    return HostSelection(tuple(hosts), user or cluster_user, source)
+
+
+def cmd_cluster_create(args) -> int:
+    name = check_cluster_name(args.name)
+    hosts = parse_host_list(args.hosts) if args.hosts else read_hosts_file(args.hosts_file) if args.hosts_file else []
+    if not hosts:
+        raise UsageError("a cluster needs hosts: pass --hosts a,b or --hosts-file F")
+    if args.user:
+        validate_host(f"{args.user}@x")
+
+    def create(data):
+        if name in data["clusters"]:
+            raise UsageError(f"cluster '{name}' already exists; use 'sparkrun cluster update {name}'")
+        entry = {"hosts": hosts, "description": args.description or ""}
+        if args.user:
+            entry["user"] = args.user
+        data["clusters"][name] = entry
+        if args.default:
+            data["default"] = name
+
+    change_clusters(create)
+    print(f"Cluster '{name}' created with {len(hosts)} host(s): {', '.join(hosts)}")
+    return 0
+
+
+def cmd_cluster_update(args) -> int:
+    name = args.name
+    hosts = parse_host_list(args.hosts) if args.hosts else read_hosts_file(args.hosts_file) if args.hosts_file else None
+    if args.user:
+        validate_host(f"{args.user}@x")
+
+    def update(data):
+        entry = get_cluster(name, data)
+        if hosts is not None:
+            entry["hosts"] = hosts
+        if args.description is not None:
+            entry["description"] = args.description
+        if args.user is not None:
+            if args.user:
+                entry["user"] = args.user
+            else:
+                entry.pop("user", None)
+
+    change_clusters(update)
+    print(f"Cluster '{name}' updated.")
+    return 0
+
+
+def cmd_cluster_list(args) -> int:
+    data = read_clusters()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not data["clusters"]:
+        print("No clusters yet. Create one: sparkrun cluster create NAME --hosts a,b")
+        return 0
+    rows = [[("* " if n == data["default"] else "  ") + n, str(len(c.get("hosts") or [])),
+             ",".join(c.get("hosts") or []), c.get("user") or "", c.get("description") or ""]
+            for n, c in sorted(data["clusters"].items())]
+    print_table(rows, ["  NAME", "HOSTS", "ADDRESSES", "USER", "DESCRIPTION"])
+    return 0
+
+
+def cmd_cluster_show(args) -> int:
+    cluster = get_cluster(args.name)
+    if args.json:
+        print(json.dumps(dict(cluster, name=args.name), indent=2))
+        return 0
+    default = read_clusters()["default"] == args.name
+    print(f"Name:         {args.name}{' (default)' if default else ''}")
+    print(f"Description:  {cluster.get('description') or ''}")
+    print(f"User:         {cluster.get('user') or '(ssh config / current user)'}")
+    print("Hosts:")
+    for index, host in enumerate(cluster.get("hosts") or []):
+        print(f"  {host}{'  (head)' if index == 0 else ''}")
+    return 0
+
+
+def cmd_cluster_delete(args) -> int:
+    def delete(data):
+        get_cluster(args.name, data)
+        del data["clusters"][args.name]
+        if data["default"] == args.name:
+            data["default"] = None
+
+    change_clusters(delete)
+    print(f"Cluster '{args.name}' deleted.")
+    return 0
+
+
+def cmd_cluster_set_default(args) -> int:
+    def set_default(data):
+        get_cluster(args.name, data)
+        data["default"] = args.name
+
+    change_clusters(set_default)
+    print(f"Default cluster: {args.name}")
+    return 0
+
+
+def cmd_cluster_unset_default(args) -> int:
+    change_clusters(lambda data: data.update(default=None))
+    print("No default cluster.")
+    return 0
+
+
+def cmd_cluster_default(args) -> int:
+    name = read_clusters()["default"]
+    print(name or "No default cluster.")
+    return 0
 
 
 # ---------------------------------------------------------------------------
 # 8. Launch plan
 # ---------------------------------------------------------------------------
+# A LaunchPlan is pure data: per host, the exact container to start, in order, with the waits
+# between them. `run --dry-run` prints it; execution (section 9) walks it.
+
+DEFAULT_INIT_PORT = {"vllm-distributed": 29501, "sglang": 25000, "llama-cpp": 50052}
+DEFAULT_RAY_PORT = 46379
+DEFAULT_DASHBOARD_PORT = 8265
+CONTAINER_HF_HOME = "/root/.cache/huggingface"
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
+EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
+                             r"--embedding\b|--reranking\b|--pooling\b")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    host: str
+    name: str
+    role: str  # head, worker1, worker2, ...
+    image: str
+    command: str  # run by `bash -c` inside the container
+    env: tuple = ()  # (key, value), shown as is
+    secret_env: tuple = ()  # (key, value), sent in a 0600 env file and shown as ***
+    mounts: tuple = ()  # (host path, container path[, "ro"]); "~/" is the remote user's home
+    labels: tuple = ()  # (key, value)
+    privileged: bool = False
+
+    def docker_run_argv(self, env_file: str | None = None) -> list[str]:
+        argv = ["docker", "run", "-d", "--name", self.name, "--network", "host", "--gpus", "all",
+                "--ipc", "host", "--shm-size", "16g", "--ulimit", "memlock=-1"]
+        if self.privileged:
+            argv.append("--privileged")
+        for key, value in self.labels:
+            argv += ["--label", f"{key}={value}"]
+        for key, value in self.env:
+            argv += ["-e", f"{key}={value}"]
+        if env_file:
+            argv += ["--env-file", env_file]
+        for mount in self.mounts:
+            argv += ["-v", ":".join(mount)]
+        return argv + [self.image, "bash", "-c", self.command]
+
+    def shown(self) -> str:
+        """The docker run line as --dry-run prints it: secrets as ***."""
+        argv = self.docker_run_argv("<0600 env file>" if self.secret_env else None)
+        return remote_join(argv) + "".join(f"\n      secret {k}=***" for k, _ in self.secret_env)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing the launch does, in order: start a container, or wait for a port."""
+    action: str  # "start" | "wait_port"
+    host: str
+    container: ContainerSpec | None = None
+    address: str = ""
+    port: int = 0
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.action == "start":
+            return f"[{self.host}] start {self.container.name} ({self.container.role})\n    {self.container.shown()}"
+        return f"[{self.host}] wait until {self.address}:{self.port} listens ({self.reason})"
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a runtime module gets: the rendered command and everything around it."""
+    recipe: Recipe
+    values: dict
+    serve_command: str  # rendered, one line
+    hosts: tuple
+    rendezvous: str  # the head's address as the workers should use it
+    host_addresses: dict  # host -> the address its peers reach it at
+    init_port: int
+    ray_port: int
+    dashboard: bool
+    dashboard_port: int
+    make_container: object  # (rank, command) -> ContainerSpec
+
+    @property
+    def nodes(self) -> int:
+        return len(self.hosts)
+
+    def start(self, rank: int, command: str) -> Step:
+        return Step("start", self.hosts[rank], self.make_container(rank, command))
+
+    def wait_port(self, rank: int, address: str, port: int, reason: str) -> Step:
+        return Step("wait_port", self.hosts[rank], address=address, port=port, reason=reason)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    recipe: str
+    runtime: str
+    model: str
+    served_model: str
+    cluster_id: str
+    hosts: tuple
+    port: int
+    rendezvous: str
+    rendezvous_reason: str
+    readiness: str  # "generate" or "models" (embedding and reranker servers)
+    steps: tuple
+    notes: tuple = ()
+
+    @property
+    def head(self) -> str:
+        return self.hosts[0]
+
+    @property
+    def endpoint(self) -> str:
+        host = self.head.rpartition("@")[2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def containers(self) -> list[ContainerSpec]:
+        return [s.container for s in self.steps if s.container]
+
+    def describe(self) -> str:
+        lines = [f"Recipe:      {self.recipe} ({self.runtime})",
+                 f"Model:       {self.model} (served as {self.served_model})",
+                 f"Hosts:       {', '.join(self.hosts)} (head {self.head})",
+                 f"Cluster id:  {self.cluster_id}",
+                 f"Endpoint:    {self.endpoint}"]
+        if len(self.hosts) > 1:
+            lines.append(f"Rendezvous:  {self.rendezvous} ({self.rendezvous_reason})")
+        lines += [f"Note:        {n}" for n in self.notes]
+        lines += ["", "Steps:"] + [f"  {i}. {s.describe()}" for i, s in enumerate(self.steps, 1)]
+        return "\n".join(lines)
+
+
+def load_runtime(name: str):
+    """A runtime module: built-in (runtimes/<name>.py) or from the `sparkrun.runtimes` entry points."""
+    import importlib
+
+    folder = resource_dir("runtimes")
+    if "sparkrun_runtimes" not in sys.modules:
+        # The checkout's runtimes/ (or the installed copy) under its installed, namespaced name.
+        import types
+
+        package = types.ModuleType("sparkrun_runtimes")
+        package.__path__ = [str(folder)]
+        sys.modules["sparkrun_runtimes"] = package
+    module = name.replace("-", "_")
+    if (folder / f"{module}.py").is_file():
+        return importlib.import_module(f"sparkrun_runtimes.{module}")
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="sparkrun.runtimes"):
+        if entry.name == name:
+            return entry.load()
+    raise UsageError(f"unknown runtime '{name}' (built in: {', '.join(RUNTIMES)})")
+
+
+def cluster_id(runtime: str, model: str, hosts, port, served: str) -> str:
+    """Stable for the same launch, so a second `run` finds the first."""
+    import hashlib
+
+    key = "|".join([runtime, model, ",".join(sorted(hosts)), str(port), served])
+    return "sparkrun_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def expand_env(recipe: Recipe, environ=os.environ) -> tuple[list, list]:
+    """(plain, secret) env pairs. `${VAR}` comes from this machine's environment; values that
+    used it, and names that look like credentials, are secrets. HF_TOKEN joins the secrets."""
+    plain, secret = [], []
+    for key, raw in recipe.env.items():
+        value = format_value(raw) if raw is not None else ""
+        names = ENV_REF.findall(value)
+        for name in names:
+            if name not in environ:
+                raise UsageError(f"recipe {recipe.name}: env {key} uses ${{{name}}}, which is not set here; "
+                                 f"export {name}=... or remove it from the recipe")
+        value = ENV_REF.sub(lambda m: environ[m.group(1)], value)
+        (secret if names or SECRET_NAME.search(key) else plain).append((key, value))
+    if environ.get("HF_TOKEN") and "HF_TOKEN" not in recipe.env:
+        secret.append(("HF_TOKEN", environ["HF_TOKEN"]))
+    return plain, secret
+
+
+def nccl_env(facts: HostFacts | None) -> tuple[list, str]:
+    """NCCL/GLOO/UCX variables from this host's own InfiniBand/RoCE facts, and a note."""
+    if facts is None:
+        return [], "not detected (dry run without --detect)"
+    active = facts.active_ib
+    if not active:
+        mgmt = next((i for i, c in facts.addresses if c.split("/")[0] == facts.management_ip), "")
+        env = [("NCCL_IB_DISABLE", "1")]
+        if mgmt:
+            env += [("NCCL_SOCKET_IFNAME", mgmt), ("GLOO_SOCKET_IFNAME", mgmt)]
+        return env, "no active InfiniBand/RoCE: NCCL uses TCP sockets (slower)"
+    netdevs = ",".join(d.netdev for d in active)
+    env = [("NCCL_IB_HCA", ",".join(d.hca for d in active)),
+           ("NCCL_SOCKET_IFNAME", active[0].netdev),
+           ("GLOO_SOCKET_IFNAME", active[0].netdev),
+           ("UCX_NET_DEVICES", netdevs),
+           ("NCCL_IB_DISABLE", "0")]
+    if active[0].gid_index is not None:
+        env.append(("NCCL_IB_GID_INDEX", str(active[0].gid_index)))
+    return env, f"InfiniBand/RoCE: {', '.join(f'{d.hca} ({d.netdev} {d.ipv4})' for d in active)}"
+
+
+def is_loopback(address: str) -> bool:
+    return address in ("localhost", "::1") or address.startswith("127.")
+
+
+def choose_rendezvous(hosts, facts: dict) -> tuple[str, str, dict]:
+    """The head's address that every worker can reach, why, and every host's peer address."""
+    import ipaddress
+
+    head = hosts[0]
+    plain = {h: h.rpartition("@")[2] for h in hosts}
+    if len(hosts) == 1:
+        return plain[head], "single host", plain
+    head_facts = facts.get(head)
+    if head_facts:
+        for dev in head_facts.active_ib:
+            subnet = ipaddress.ip_interface(dev.ipv4).network
+            peers = {}
+            for host in hosts:
+                match = next((d.ipv4.split("/")[0] for d in (facts[host].active_ib if facts.get(host) else [])
+                              if ipaddress.ip_interface(d.ipv4).network == subnet), None)
+                if match:
+                    peers[host] = match
+            if len(peers) == len(hosts):
+                return peers[head], f"InfiniBand/RoCE {dev.netdev}: all nodes on {subnet}", peers
+    addresses = {h: (facts[h].management_ip if facts.get(h) else "") or plain[h] for h in hosts}
+    if all(is_loopback(a) for a in plain.values()):
+        return plain[head], "all hosts are loopback addresses", plain
+    if any(is_loopback(a) for a in addresses.values()):
+        bad = [h for h in hosts if is_loopback(addresses[h])]
+        raise UsageError(f"{bad[0]}: only a loopback address is known for this host, which other nodes "
+                         "cannot reach; name hosts by a routable address")
+    return addresses[head], "management network (no InfiniBand subnet shared by all nodes)", addresses
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What `run` takes from the command line, after parsing."""
+    overrides: dict
+    image: str | None = None
+    cache_dir: str | None = None
+    init_port: int | None = None
+    ray_port: int | None = None
+    dashboard: bool = False
+    dashboard_port: int | None = None
+    solo: bool = False
+
+
+def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions,
+                facts: dict | None = None, environ=os.environ) -> LaunchPlan:
+    """Recipe + hosts + options (+ per-host facts when detected) -> the launch, as data."""
+    facts = facts or {}
+    values = recipe_values(recipe, options.overrides)
+    runtime = recipe.runtime
+    if options.solo or recipe.solo_only or recipe.mode == "solo":
+        values["tensor_parallel"], values["pipeline_parallel"] = 1, 1
+    nodes = node_count(recipe, values)
+    if recipe.solo_only and nodes > 1:
+        raise UsageError(f"recipe {recipe.name} runs on one host only (solo_only)")
+    if recipe.max_nodes and nodes > recipe.max_nodes:
+        raise UsageError(f"recipe {recipe.name} runs on at most {recipe.max_nodes} host(s), but "
+                         f"tensor x pipeline parallel asks for {nodes}")
+    if (recipe.cluster_only or recipe.mode == "cluster") and nodes < 2:
+        raise UsageError(f"recipe {recipe.name} needs a cluster (cluster_only); pass --tp 2 or more")
+    if nodes > len(selection.hosts):
+        raise UsageError(f"recipe {recipe.name} needs {nodes} hosts (one GPU per Spark) but "
+                         f"{len(selection.hosts)} {'is' if len(selection.hosts) == 1 else 'are'} given "
+                         f"({selection.source}); add hosts or lower --tp")
+    hosts = selection.hosts[:nodes]
+    port = int(values["port"])
+    served = str(values.get("served_model_name") or recipe.model_repo)
+    image = options.image or recipe.container
+    if not image:
+        raise UsageError(f"recipe {recipe.name} names no container image; pass --image")
+    rendezvous, why, peer_addresses = choose_rendezvous(hosts, facts)
+    cid = cluster_id(runtime, recipe.model, hosts, port, served)
+    plain_env, secret_env = expand_env(recipe, environ)
+    hf_mount = options.cache_dir or "~/.cache/huggingface"
+    notes = []
+    host_env = {}
+    for host in hosts:
+        env, note = nccl_env(facts.get(host))
+        host_env[host] = env
+        if len(hosts) > 1:
+            notes.append(f"{host}: {note}")
+    command = one_line(render_command(recipe, values))
+
+    def make_container(rank: int, cmd: str) -> ContainerSpec:
+        host = hosts[rank]
+        role = "head" if rank == 0 else f"worker{rank}"
+        labels = (("sparkrun.cluster", cid), ("sparkrun.recipe", recipe.name), ("sparkrun.role", role),
+                  ("sparkrun.runtime", runtime), ("sparkrun.port", str(port)), ("sparkrun.head", hosts[0]),
+                  ("sparkrun.model", recipe.model), ("sparkrun.served_model", served),
+                  ("sparkrun.hosts", ",".join(hosts)))
+        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host]]
+        dev = facts.get(host)
+        return ContainerSpec(host=host, name=f"{cid}_{role}", role=role, image=image, command=cmd,
+                             env=tuple(env), secret_env=tuple(secret_env),
+                             mounts=((hf_mount, CONTAINER_HF_HOME),), labels=labels,
+                             privileged=bool(dev and dev.active_ib))
+
+    ctx = LaunchContext(recipe, values, command, hosts, rendezvous, peer_addresses,
+                        options.init_port or DEFAULT_INIT_PORT.get(runtime, 29501),
+                        options.ray_port or DEFAULT_RAY_PORT, options.dashboard,
+                        options.dashboard_port or DEFAULT_DASHBOARD_PORT, make_container)
+    steps = tuple(load_runtime(runtime).plan(ctx))
+    readiness = "models" if EMBEDDING_HINTS.search(command) else "generate"
+    return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
+                      readiness, steps, tuple(notes))
 
 
 # ---------------------------------------------------------------------------
 # 9. Execution: preflight, launch, readiness, stop, logs, status
 # ---------------------------------------------------------------------------
+
+HOME_PREFIX = "~/"
+READY_POLL_S = 1.0
+
+
+def remote_join(argv: list[str]) -> str:
+    """shlex.join, except that a leading "~/" in an argument (or before ':' in a mount) expands
+    to the remote user's $HOME."""
+    parts = []
+    for arg in argv:
+        if arg.startswith(HOME_PREFIX):
+            parts.append('"$HOME"/' + shlex.quote(arg[len(HOME_PREFIX):]))
+        else:
+            parts.append(shlex.quote(arg))
+    return " ".join(parts)
+
+
+def start_container_script(spec: ContainerSpec) -> str:
+    """docker run on the host; secrets travel inside this script (stdin), into a 0600 env file
+    that is removed as soon as docker has read it, so no process list ever shows them."""
+    if not spec.secret_env:
+        return f"mkdir -p \"$HOME\"/.cache/huggingface\n{remote_join(spec.docker_run_argv())}\n"
+    for key, value in spec.secret_env:
+        if "\n" in value:
+            raise UsageError(f"env {key}: a value with a newline cannot be passed to docker")
+    lines = "\n".join(f"{k}={v}" for k, v in spec.secret_env)
+    docker_run = remote_join(spec.docker_run_argv("ENVFILE")).replace(" ENVFILE ", ' "$env_file" ')
+    return ("mkdir -p \"$HOME\"/.cache/huggingface\numask 077\nenv_file=$(mktemp)\n"
+            f"cat > \"$env_file\" <<'SPARKRUN_SECRETS'\n{lines}\nSPARKRUN_SECRETS\n"
+            f"{docker_run}\nrc=$?\nrm -f \"$env_file\"\nexit $rc\n")
+
+
+def wait_port_script(address: str, port: int, container: str, timeout_s: int) -> str:
+    """Runs on the host: wait until address:port accepts, or fail early if the container died."""
+    return f"""\
+for i in $(seq {timeout_s * 2}); do
+  (exec 3<>/dev/tcp/{address}/{port}) 2>/dev/null && exit 0
+  [ "$(docker inspect --format '{{{{.State.Running}}}}' {shlex.quote(container)} 2>/dev/null)" = true ] || exit 3
+  sleep 0.5
+done
+exit 4
+"""
+
+
+def container_logs_tail(ssh: SSH, host: str, name: str, lines: int = 20) -> str:
+    try:
+        result = ssh.run(host, f"docker logs --tail {lines} {shlex.quote(name)} 2>&1\n", timeout=30)
+    except HostError:
+        return ""
+    return result.stdout.rstrip()
+
+
+def remove_containers(ssh: SSH, names_by_host: dict) -> None:
+    """docker rm -f on every host at once; Ctrl+C cannot interrupt it."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ssh.run_all([h for h, names in names_by_host.items() if names],
+                    lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
+                    timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
+    """Problems found before anything starts; names of this launch's running containers to replace."""
+    problems, existing = [], []
+    for host in plan.hosts:
+        fact = facts[host]
+        if isinstance(fact, HostError):
+            problems.append(str(fact))
+            continue
+        if fact.docker_error:
+            text = fact.docker_error.lower()
+            problems.append(f"{host}: {DOCKER_HELP}" if "permission denied" in text
+                            else f"{host}: docker is not working: {fact.docker_error[:200]}")
+            continue
+        ours = [c for c in fact.containers if label_map(c).get("sparkrun.cluster") == plan.cluster_id]
+        existing += [(host, c["Names"]) for c in ours]
+        if ours and not replace:
+            continue
+        for port, what in sorted(plan_ports(plan, host)):
+            if fact.port_busy(port):
+                problems.append(f"{host}: port {port} ({what}) is already in use; stop what uses it, "
+                                f"or pass {'--port' if what == 'serve' else '--' + what.replace(' ', '-') + '-port'}")
+    if existing and not replace:
+        problems.insert(0, f"{plan.recipe} is already running as {plan.cluster_id} on "
+                           f"{', '.join(sorted({h for h, _ in existing}))}; stop it first "
+                           f"(sparkrun stop {plan.recipe}) or pass --replace")
+    if problems:
+        raise SparkrunError("\n       ".join(problems))
+    return existing
+
+
+def plan_ports(plan: LaunchPlan, host: str) -> set:
+    ports = {(plan.port, "serve")} if host == plan.head else set()
+    for step in plan.steps:
+        if step.action == "wait_port" and step.host == host:
+            ports.add((step.port, "ray" if "Ray" in step.reason else "init"))
+    return ports
+
+
+def label_map(container: dict) -> dict:
+    """docker ps JSON prints labels as 'k=v,k2=v2'."""
+    labels = container.get("Labels") or ""
+    if isinstance(labels, dict):
+        return labels
+    return dict(item.partition("=")[::2] for item in labels.split(",") if item)
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 3.0):
+    import urllib.request
+
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def probe_ready(plan_endpoint: str, served: str, readiness: str) -> str:
+    """'' when ready, else why not yet."""
+    import urllib.error
+
+    try:
+        models = http_json(f"{plan_endpoint}/models")
+    except (OSError, ValueError, urllib.error.URLError) as exc:
+        return f"not answering ({getattr(exc, 'reason', exc)})"
+    ids = [m.get("id") for m in (models.get("data") or []) if isinstance(m, dict)]
+    if served not in ids:
+        return f"serving {', '.join(map(str, ids)) or 'no model'} (waiting for {served})"
+    if readiness == "models":
+        return ""
+    try:
+        answer = http_json(f"{plan_endpoint}/completions",
+                           {"model": served, "prompt": "Hello", "max_tokens": 1}, timeout=120)
+    except (OSError, ValueError, urllib.error.URLError) as exc:
+        return f"lists the model but cannot generate yet ({getattr(exc, 'reason', exc)})"
+    return "" if answer.get("choices") else "lists the model but returned no completion"
+
+
+def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> None:
+    deadline = time.monotonic() + timeout_s
+    names = {c.host: [] for c in plan.containers}
+    for spec in plan.containers:
+        names[spec.host].append(spec.name)
+    last_check = 0.0
+    while True:
+        why = probe_ready(plan.endpoint, plan.served_model, plan.readiness)
+        if not why:
+            return
+        now = time.monotonic()
+        if now - last_check > 5:
+            last_check = now
+            check_still_running(plan, ssh, names)
+            progress(why)
+        if now > deadline:
+            raise SparkrunError(f"{plan.head}: not ready after {timeout_s:.0f} s ({why}); "
+                                f"see 'sparkrun logs {plan.recipe}'")
+        time.sleep(READY_POLL_S)
+
+
+def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
+    script = lambda h: "".join(
+        f"printf '%s %s\\n' {shlex.quote(n)} \"$(docker inspect --format '{{{{.State.Running}}}}' {shlex.quote(n)} 2>/dev/null)\"\n"
+        for n in names[h])
+    for host, result in ssh.run_all(list(names), script, timeout=30).items():
+        if isinstance(result, HostError):
+            raise result
+        for line in result.stdout.splitlines():
+            name, _, running = line.partition(" ")
+            if running.strip() != "true":
+                tail = container_logs_tail(ssh, host, name)
+                raise RemoteFailed(host, f"container {name} exited before the server was ready; last log lines:\n"
+                                         + "\n".join("    " + l for l in tail.splitlines()[-15:]))
+
+
+def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> None:
+    """Start each step in order, then wait until ready. On any failure or Ctrl+C before the
+    endpoint is ready, every container this launch started is removed on every host."""
+    started: dict[str, list[str]] = {}
+    try:
+        for step in plan.steps:
+            if step.action == "start":
+                spec = step.container
+                say(f"[{spec.host}] starting {spec.role} ({spec.name})")
+                started.setdefault(spec.host, []).append(spec.name)
+                ssh.run(spec.host, start_container_script(spec), check=True, timeout=120,
+                        what=f"docker run of {spec.name}")
+            else:
+                say(f"[{step.host}] waiting for {step.address}:{step.port} ({step.reason})")
+                owner = next(s.container.name for s in plan.steps if s.host == step.host and s.container)
+                result = ssh.run(step.host, wait_port_script(step.address, step.port, owner, 600), timeout=660)
+                if result.returncode == 3:
+                    raise RemoteFailed(step.host, f"container {owner} exited while waiting for {step.reason}; "
+                                                  "last log lines:\n" + container_logs_tail(ssh, step.host, owner))
+                if not result.ok:
+                    raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
+        say(f"waiting for {plan.endpoint} to serve {plan.served_model}")
+        wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"))
+    except KeyboardInterrupt:
+        say("Interrupted: removing the containers this launch started ...")
+        remove_containers(ssh, started)
+        raise SparkrunError("launch interrupted before the server was ready; nothing was left running") from None
+    except SparkrunError:
+        remove_containers(ssh, started)
+        raise
+
+
+def follow_logs(ssh: SSH, host: str, name: str, tail: str = "50", follow: bool = True) -> int:
+    """Stream a container's log through the host's master connection; Ctrl+C only detaches."""
+    argv = ssh.argv(host, ["docker", "logs", *(["-f"] if follow else []), "--tail", tail, name]) \
+        if host not in LOCAL_HOSTS else ["docker", "logs", *(["-f"] if follow else []), "--tail", tail, name]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+
+
+def find_workloads(ssh: SSH, hosts, *, recipe: str | None = None, port: int | None = None,
+                   role: str | None = None) -> dict:
+    """host -> list of sparkrun containers (docker ps JSON), found by their labels."""
+    filters = ["--filter", "label=sparkrun.cluster"]
+    if recipe:
+        filters += ["--filter", f"label=sparkrun.recipe={recipe}"]
+    if port:
+        filters += ["--filter", f"label=sparkrun.port={port}"]
+    if role:
+        filters += ["--filter", f"label=sparkrun.role={role}"]
+    script = shlex.join(["docker", "ps", "-a", "--no-trunc", *filters, "--format", "{{json .}}"]) + "\n"
+    found = {}
+    for host, result in ssh.run_all(list(hosts), script, timeout=SSH_CONNECT_TIMEOUT + 20).items():
+        if isinstance(result, HostError):
+            raise result
+        if not result.ok:
+            text = result.stderr.lower()
+            raise RemoteFailed(host, DOCKER_HELP if "permission denied" in text
+                               else f"docker ps failed: {result.stderr_tail()}")
+        found[host] = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+    return found
+
+
+def record_pending(what: str, hosts) -> Path:
+    """Note an operation in flight (a download or transfer) for `status`; remove when done."""
+    folder = cache_dir() / "pending"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}-{time.monotonic_ns()}.json"
+    atomic_write(path, json.dumps({"pid": os.getpid(), "what": what, "hosts": list(hosts),
+                                   "started": time.time()}))
+    return path
+
+
+def pending_operations() -> list[dict]:
+    """Operations whose process still runs; stale records (dead PID) are removed."""
+    folder = cache_dir() / "pending"
+    alive = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            entry = json.loads(path.read_text())
+            os.kill(int(entry["pid"]), 0)
+            alive.append(entry)
+        except (OSError, ValueError, KeyError, ProcessLookupError):
+            path.unlink(missing_ok=True)
+    return alive
 
 
 # ---------------------------------------------------------------------------
@@ -1164,6 +2280,205 @@ def cmd_recipe_vram(args) -> int:
     return 0
 
 
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def launch_options(args) -> LaunchOptions:
+    overrides = parse_overrides(args.override)
+    overrides.update(typed_overrides(args))
+    if args.image:
+        check_cli_value("--image", args.image)
+    if args.cache_dir:
+        check_cli_value("--cache-dir", args.cache_dir)
+    return LaunchOptions(overrides=overrides, image=args.image, cache_dir=args.cache_dir,
+                         init_port=args.init_port, ray_port=args.ray_port, dashboard=args.dashboard,
+                         dashboard_port=args.dashboard_port, solo=args.solo)
+
+
+def choose_free_port(facts: dict, hosts, start: int = 8000) -> int:
+    for port in range(start, start + 1000):
+        if not any(isinstance(facts[h], HostFacts) and facts[h].port_busy(port) for h in hosts):
+            return port
+    raise SparkrunError(f"no free port in {start}-{start + 999} on every host")
+
+
+def cmd_run(args) -> int:
+    recipe = find_recipe(args.recipe)
+    errors, _ = validate_recipe(recipe)
+    if errors:
+        raise RecipeError(str(recipe.path), errors[0])
+    selection = select_hosts(args)
+    auto_port = args.port == "auto"
+    args.port = None if auto_port else args.port
+    options = launch_options(args)
+    estimate = recipe_vram(recipe, options.overrides, hf_home=hf_home(args.cache_dir))
+    if estimate.verdict == NO:
+        message = (f"recipe {recipe.name} may not fit: {estimate.per_gpu_bytes / GIB:.1f} GB per GPU "
+                   f"> {estimate.usable_bytes / GIB:.1f} GB usable (see 'sparkrun recipe vram {recipe.name}')")
+        if args.strict:
+            raise UsageError(message + "; refusing because of --strict")
+        warn(message)
+    ssh = SSH(selection.user, args.verbose)
+    if args.dry_run and not args.detect:
+        print(plan_launch(recipe, selection, options).describe())
+        return 0
+    facts = probe_hosts(ssh, selection.hosts)
+    if auto_port:
+        port = choose_free_port(facts, selection.hosts)
+        options = replace(options, overrides=dict(options.overrides, port=port))
+    reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
+    plan = plan_launch(recipe, selection, options, reachable)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    existing = preflight(plan, facts, args.replace)
+    if existing:
+        say(f"Replacing the running {plan.cluster_id} ...")
+        remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
+    for note in plan.notes:
+        say(note)
+    say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
+    execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
+    print(ready_banner(plan))
+    if args.no_follow:
+        return 0
+    head = plan.containers[0] if plan.containers[0].host == plan.head else \
+        next(c for c in plan.containers if c.role == "head")
+    try:
+        follow_logs(ssh, plan.head, head.name)
+    except KeyboardInterrupt:
+        say(detach_message(plan.recipe, selection))
+    return 0
+
+
+def host_args(selection: HostSelection) -> str:
+    return "" if selection.source.startswith("cluster") else f" -H {','.join(selection.hosts)}"
+
+
+def ready_banner(plan: LaunchPlan) -> str:
+    return (f"\nReady: {plan.endpoint}  (model: {plan.served_model})\n"
+            f"  curl {plan.endpoint}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{plan.served_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n")
+
+
+def detach_message(recipe: str, selection: HostSelection) -> str:
+    hosts = host_args(selection)
+    return (f"\nDetached; the server keeps running.\n"
+            f"  Re-attach: sparkrun logs {recipe}{hosts}\n  Stop:      sparkrun stop {recipe}{hosts}")
+
+
+def cmd_stop(args) -> int:
+    if not args.recipe and not args.all:
+        raise UsageError("name a recipe to stop, or pass --all to stop every sparkrun container")
+    recipe = find_recipe(args.recipe).name if args.recipe else None
+    selection = select_hosts(args)
+    hosts = selection.hosts[:args.tp] if args.tp else selection.hosts
+    ssh = SSH(selection.user, args.verbose)
+    found = find_workloads(ssh, hosts, recipe=recipe, port=args.port)
+    names = {h: [c["Names"] for c in cs] for h, cs in found.items() if cs}
+    what = recipe or "sparkrun"
+    if not names:
+        print(f"Nothing to stop: no {what} containers on {', '.join(hosts)}.")
+        return 0
+    for host, containers in names.items():
+        print(f"[{host}] {'would remove' if args.dry_run else 'removing'} {', '.join(containers)}")
+    if not args.dry_run:
+        remove_containers(ssh, names)
+        left = {h: cs for h, cs in find_workloads(ssh, names, recipe=recipe, port=args.port).items() if cs}
+        if left:
+            raise SparkrunError(f"{next(iter(left))}: containers still present after docker rm -f")
+        print(f"Stopped {sum(len(v) for v in names.values())} container(s).")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    recipe = find_recipe(args.recipe).name
+    selection = select_hosts(args)
+    ssh = SSH(selection.user, args.verbose)
+    found = find_workloads(ssh, selection.hosts, recipe=recipe, role="head")
+    heads = [(h, c) for h, cs in found.items() for c in cs]
+    if not heads:
+        raise SparkrunError(f"no running {recipe} on {', '.join(selection.hosts)}; see 'sparkrun status'")
+    host, container = heads[0]
+    try:
+        return follow_logs(ssh, host, container["Names"], str(args.tail), follow=not args.no_follow)
+    except KeyboardInterrupt:
+        say(f"\nStopped following; {recipe} keeps running.")
+        return 0
+
+
+def cmd_status(args) -> int:
+    selection = select_hosts(args)
+    ssh = SSH(selection.user, args.verbose)
+    facts = probe_hosts(ssh, selection.hosts)
+    workloads = collect_workloads(facts)
+    if not args.no_probe:
+        for workload in workloads:
+            workload["ready"] = not probe_ready(workload["endpoint"], workload["served_model"], "models")
+    pending = pending_operations()
+    down = [h for h, f in facts.items() if isinstance(f, HostError)]
+    if args.json:
+        print(json.dumps({"hosts": [host_status_dict(h, f) for h, f in facts.items()],
+                          "workloads": workloads, "pending": pending}, indent=2))
+    else:
+        print_status(facts, workloads, pending)
+    return PARTIAL_EXIT if down else 0
+
+
+PARTIAL_EXIT = 3
+
+
+def collect_workloads(facts: dict) -> list[dict]:
+    """Containers grouped by their launch (sparkrun.cluster label)."""
+    groups: dict[str, dict] = {}
+    for host, fact in facts.items():
+        if isinstance(fact, HostError):
+            continue
+        for container in fact.containers:
+            labels = label_map(container)
+            cid = labels.get("sparkrun.cluster", "")
+            head = labels.get("sparkrun.head", host).rpartition("@")[2]
+            group = groups.setdefault(cid, {
+                "cluster_id": cid, "recipe": labels.get("sparkrun.recipe", ""),
+                "runtime": labels.get("sparkrun.runtime", ""), "served_model": labels.get("sparkrun.served_model", ""),
+                "endpoint": f"http://{head}:{labels.get('sparkrun.port', '')}/v1", "containers": []})
+            group["containers"].append({"host": host, "name": container.get("Names"), "role": labels.get("sparkrun.role"),
+                                        "image": container.get("Image"), "state": container.get("State"),
+                                        "status": container.get("Status")})
+    return list(groups.values())
+
+
+def host_status_dict(host: str, fact) -> dict:
+    if isinstance(fact, HostError):
+        return {"host": host, "reachable": False, "error": str(fact)}
+    return {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
+            "gpu": fact.gpu, "docker_error": fact.docker_error,
+            "infiniband": [asdict(d) for d in fact.ib], "containers": len(fact.containers)}
+
+
+def print_status(facts: dict, workloads: list, pending: list) -> None:
+    rows = []
+    for host, fact in facts.items():
+        if isinstance(fact, HostError):
+            rows.append([host, "UNREACHABLE", "", "", str(fact).partition(": ")[2]])
+            continue
+        ib = ", ".join(f"{d.netdev} {d.ipv4}" for d in fact.active_ib) or "none"
+        state = "docker error" if fact.docker_error else "ok"
+        rows.append([host, state, fact.management_ip, ib, fact.gpu or "no GPU found"])
+    print_table(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
+    print()
+    if not workloads:
+        print("No sparkrun workloads running.")
+    for w in workloads:
+        ready = {True: "ready", False: "not answering"}.get(w.get("ready"), "")
+        print(f"{w['recipe']} ({w['runtime']})  {w['endpoint']}  model {w['served_model']}  {ready}")
+        for c in w["containers"]:
+            print(f"  [{c['host']}] {c['name']}  {c['role']}  {c['image']}  {c['status']}")
+    for op in pending:
+        print(f"Pending: {op['what']} (pid {op['pid']}) to {', '.join(op['hosts'])}")
+
+
 def cmd_recipe_validate(args) -> int:
     worst = 0
     for name in args.recipes:
@@ -1219,6 +2534,89 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runtime", help="pick the recipe of this runtime when the name is shared")
         p.add_argument("--all", "-a", action="store_true", help="also look in hidden registries")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def host_options(p, solo=True):
+        p.add_argument("-H", "--hosts", help="comma-separated hosts; the first is the head")
+        p.add_argument("--hosts-file", help="a file with one host per line (# comments allowed)")
+        p.add_argument("--cluster", help="a saved cluster (default: the default cluster)")
+        p.add_argument("--user", help="ssh user (default: the cluster's, else your ssh config)")
+        if solo:
+            p.add_argument("--solo", action="store_true", help="one host only (localhost if none given)")
+
+    def port(text):
+        return text if text == "auto" else int(text)
+
+    p = command("run", cmd_run, "Launch a recipe: plan, check hosts, start containers, wait until ready, "
+                                "follow logs (Ctrl+C detaches; the server keeps running).")
+    p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
+    host_options(p)
+    p.add_argument("--port", type=port, help="serve port, or 'auto' for the first free one from 8000")
+    p.add_argument("--tp", type=int, help="tensor parallel size: GPUs, one per Spark")
+    p.add_argument("--gpu-mem", type=float, help="gpu_memory_utilization, a fraction in (0, 1]")
+    p.add_argument("--max-model-len", type=int, help="context length")
+    p.add_argument("--image", help="container image instead of the recipe's")
+    p.add_argument("--cache-dir", help="Hugging Face cache on the hosts (default ~/.cache/huggingface)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a recipe default (repeatable)")
+    p.add_argument("-n", "--dry-run", action="store_true", help="print the plan; contact no host")
+    p.add_argument("--detect", action="store_true", help="with --dry-run: contact the hosts to detect "
+                                                         "InfiniBand and show the real NCCL env")
+    p.add_argument("--foreground", action="store_true", help="stay attached to the logs (the default)")
+    p.add_argument("--no-follow", action="store_true", help="return once the server is ready")
+    p.add_argument("--replace", action="store_true", help="stop this recipe's running launch first")
+    p.add_argument("--strict", action="store_true", help="refuse to launch when the VRAM estimate does not fit")
+    p.add_argument("--ready-timeout", type=float, default=3600, help="seconds to wait for readiness (3600)")
+    p.add_argument("--init-port", type=int, help="rendezvous port (vLLM 29501, SGLang 25000)")
+    p.add_argument("--ray-port", type=int, help=f"Ray head port ({DEFAULT_RAY_PORT})")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard")
+    p.add_argument("--dashboard-port", type=int, help=f"Ray dashboard port ({DEFAULT_DASHBOARD_PORT})")
+
+    p = command("stop", cmd_stop, "Stop a recipe's containers (found by their labels) or all of them.")
+    p.add_argument("recipe", nargs="?", help="recipe to stop")
+    host_options(p, solo=False)
+    p.add_argument("-a", "--all", action="store_true", help="every sparkrun container on the hosts")
+    p.add_argument("--tp", type=int, help="only the first N hosts")
+    p.add_argument("--port", type=int, help="only the launch serving on this port")
+    p.add_argument("-n", "--dry-run", action="store_true", help="show what would be removed")
+
+    p = command("logs", cmd_logs, "Follow a recipe's head container log (Ctrl+C stops following).")
+    p.add_argument("recipe", help="recipe whose logs to show")
+    host_options(p, solo=False)
+    p.add_argument("--tail", default="100", help="lines of history first (default 100, or 'all')")
+    p.add_argument("--no-follow", action="store_true", help="print and exit")
+
+    p = command("status", cmd_status, "Hosts (reachable, networks, GPU) and running workloads.")
+    host_options(p, solo=False)
+    p.add_argument("--no-probe", action="store_true", help="do not query the endpoints")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cluster = sub.add_parser("cluster", help="Saved clusters: create, list, show, update, delete, default.",
+                             description="Saved clusters: named host lists with an optional ssh user.")
+    add_common(cluster)
+    csub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
+    for name, func, text in (("create", cmd_cluster_create, "Save a cluster."),
+                             ("update", cmd_cluster_update, "Change a cluster's hosts, description or user.")):
+        p = command(name, func, text, csub)
+        p.add_argument("name")
+        p.add_argument("-H", "--hosts", help="comma-separated hosts; the first is the head")
+        p.add_argument("--hosts-file", help="a file with one host per line")
+        p.add_argument("-d", "--description", help="a note shown in listings")
+        p.add_argument("--user", help="ssh user for these hosts ('' to clear, with update)")
+        if name == "create":
+            p.add_argument("--default", action="store_true", help="also make it the default cluster")
+    p = command("list", cmd_cluster_list, "List saved clusters (* marks the default).", csub)
+    p.add_argument("--json", action="store_true")
+    p = command("show", cmd_cluster_show, "Show one cluster.", csub)
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    command("delete", cmd_cluster_delete, "Delete a cluster.", csub).add_argument("name")
+    command("set-default", cmd_cluster_set_default, "Make a cluster the default.", csub).add_argument("name")
+    command("unset-default", cmd_cluster_unset_default, "Have no default cluster.", csub)
+    command("default", cmd_cluster_default, "Print the default cluster's name.", csub)
+    p = command("status", cmd_status, "Status of a cluster's hosts and workloads.", csub)
+    host_options(p, solo=False)
+    p.add_argument("--no-probe", action="store_true", help="do not query the endpoints")
+    p.add_argument("--json", action="store_true")
 
     catalog_options(command("list", cmd_list, "List recipes (bundled and registries)."))
     p = command("search", cmd_list, "Search recipes by name, model or description.")

@@ -1,0 +1,11 @@
+"""sparkrun runtimes: one plain module per engine, loaded by name when a launch needs it.
+
+A runtime module has:
+    NAME      the runtime name recipes use (e.g. "vllm-distributed")
+    plan(ctx) -> list of Steps: ctx.start(rank, command) starts a container on host `rank`
+              (0 is the head), ctx.wait_port(rank, address, port, reason) waits for a port.
+              ctx carries the rendered serve command, hosts, rendezvous address, ports.
+    EXAMPLES  (nodes, serve command, expected container commands) checked by the test suite.
+
+Third-party runtimes register a module under the entry point group `sparkrun.runtimes`.
+"""

@@ -1,0 +1,14 @@
+"""eugr's spark-vllm-docker recipes (recipe_version "1", build_args, mods): the Ray flow, with
+the command used as written (these commands name their model themselves)."""
+
+from sparkrun_runtimes import ray_flow, vllm_ray
+
+NAME = "eugr-vllm"
+
+
+def plan(ctx):
+    command = ctx.serve_command if ctx.nodes == 1 else vllm_ray.serve_command(ctx.serve_command)
+    return ray_flow.plan(ctx, command)
+
+
+EXAMPLES = vllm_ray.EXAMPLES

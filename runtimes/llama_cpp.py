@@ -1,0 +1,25 @@
+"""llama.cpp's llama-server, solo; experimental multi-node: rpc-server on the workers, and
+`--rpc w1:port,...` on the head once they listen."""
+
+NAME = "llama-cpp"
+
+
+def plan(ctx):
+    if ctx.nodes == 1:
+        return [ctx.start(0, ctx.serve_command)]
+    steps, endpoints = [], []
+    for rank in range(1, ctx.nodes):
+        address = ctx.host_addresses[ctx.hosts[rank]]
+        steps.append(ctx.start(rank, f"rpc-server --host {address} --port {ctx.init_port}"))
+        steps.append(ctx.wait_port(rank, address, ctx.init_port, "llama.cpp rpc-server"))
+        endpoints.append(f"{address}:{ctx.init_port}")
+    return steps + [ctx.start(0, f"{ctx.serve_command} --rpc {','.join(endpoints)}")]
+
+
+EXAMPLES = [
+    (1, "llama-server -m /m.gguf --port 8000", ["llama-server -m /m.gguf --port 8000"]),
+    (2, "llama-server -m /m.gguf", [
+        "rpc-server --host {worker1} --port 50052",
+        "llama-server -m /m.gguf --rpc {worker1}:50052",
+    ]),
+]
