@@ -1,0 +1,174 @@
+"""The launch plan as pure data: runtimes, rendezvous, NCCL env, secrets, host strings."""
+
+import argparse
+
+import pytest
+
+import sparkrun as sr
+from conftest import REPO
+
+RUNTIME_MODULES = ["vllm-distributed", "vllm-ray", "sglang", "llama-cpp", "eugr-vllm"]
+HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def recipe_for(tmp_path, runtime, command):
+    version = "recipe_version: '1'\n" if runtime == "eugr-vllm" else f"runtime: {runtime}\n"
+    return sr.load_recipe(write(tmp_path, f"model: org/m\ncontainer: img:1\n{version}command: {command}\n"))
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_MODULES)
+def test_runtime_examples(tmp_path, runtime):
+    module = sr.load_runtime(runtime)
+    assert module.NAME == runtime
+    for nodes, command, expected in module.EXAMPLES:
+        recipe = recipe_for(tmp_path, runtime, command)
+        selection = sr.HostSelection(HOSTS[:nodes], None, "test")
+        plan = sr.plan_launch(recipe, selection, sr.LaunchOptions(overrides={"tensor_parallel": nodes}))
+        fill = {"{rendezvous}": plan.rendezvous, **{f"{{worker{i}}}": h for i, h in enumerate(HOSTS[:nodes]) if i}}
+        for key, value in fill.items():
+            expected = [e.replace(key, value) for e in expected]
+        assert [c.command for c in plan.containers] == expected
+        assert plan.containers[-1 if runtime == "llama-cpp" and nodes > 1 else 0].role == "head"
+
+
+def test_labels_names_and_stable_cluster_id(tmp_path):
+    recipe = sr.find_recipe("qwen3-1.7b-vllm")
+    selection = sr.HostSelection(HOSTS[:2], None, "test")
+    plan = sr.plan_launch(recipe, selection, sr.LaunchOptions(overrides={"tensor_parallel": 2, "port": 9000}))
+    again = sr.plan_launch(recipe, sr.HostSelection(HOSTS[1::-1][::-1], None, "x"),
+                           sr.LaunchOptions(overrides={"tensor_parallel": 2, "port": 9000}))
+    assert plan.cluster_id == again.cluster_id
+    head, worker = plan.containers
+    assert head.name == f"{plan.cluster_id}_head" and worker.name == f"{plan.cluster_id}_worker1"
+    labels = dict(head.labels)
+    assert labels["sparkrun.recipe"] == "qwen3-1.7b-vllm" and labels["sparkrun.port"] == "9000"
+    assert labels["sparkrun.role"] == "head" and dict(worker.labels)["sparkrun.role"] == "worker1"
+    other_port = sr.plan_launch(recipe, selection, sr.LaunchOptions(overrides={"tensor_parallel": 2}))
+    assert other_port.cluster_id != plan.cluster_id
+
+
+def ib_facts(host, devices, mgmt):
+    addresses = [("lo", "127.0.0.1/8"), ("enP7s7", f"{mgmt}/24")] + [(d[1], d[2]) for d in devices]
+    ib = tuple(sr.IbDevice(hca, "4: ACTIVE", netdev, cidr, gid) for hca, netdev, cidr, gid in devices)
+    return sr.HostFacts(host, addresses=tuple(addresses), ib=ib)
+
+
+def test_nccl_env_is_per_host_and_rendezvous_uses_shared_ib_subnet(tmp_path):
+    facts = {
+        "h1": ib_facts("h1", [("rocep1s0f1", "enp1s0f1np1", "10.10.10.1/24", 3)], "192.0.2.1"),
+        "h2": ib_facts("h2", [("roceP2p1s0f1", "enP2p1s0f1np1", "10.10.10.2/24", 1)], "192.0.2.2"),
+    }
+    recipe = sr.find_recipe("qwen3-1.7b-sglang")
+    plan = sr.plan_launch(recipe, sr.HostSelection(("h1", "h2"), None, "t"),
+                          sr.LaunchOptions(overrides={"tensor_parallel": 2}), facts)
+    env = {c.host: dict(c.env) for c in plan.containers}
+    assert env["h1"]["NCCL_IB_HCA"] == "rocep1s0f1" and env["h1"]["NCCL_SOCKET_IFNAME"] == "enp1s0f1np1"
+    assert env["h2"]["NCCL_IB_HCA"] == "roceP2p1s0f1" and env["h2"]["NCCL_SOCKET_IFNAME"] == "enP2p1s0f1np1"
+    assert env["h1"]["NCCL_IB_GID_INDEX"] == "3" and env["h2"]["NCCL_IB_GID_INDEX"] == "1"
+    assert plan.rendezvous == "10.10.10.1" and "all nodes on 10.10.10.0/24" in plan.rendezvous_reason
+    assert all(c.privileged for c in plan.containers)
+
+
+def test_rendezvous_falls_back_to_management_and_socket_env_without_ib():
+    facts = {
+        "h1": ib_facts("h1", [("rocep1s0f1", "enp1s0f1np1", "10.10.10.1/24", 3)], "192.0.2.1"),
+        "h2": ib_facts("h2", [], "192.0.2.2"),
+    }
+    recipe = sr.find_recipe("qwen3-1.7b-vllm")
+    plan = sr.plan_launch(recipe, sr.HostSelection(("h1", "h2"), None, "t"),
+                          sr.LaunchOptions(overrides={"tensor_parallel": 2}), facts)
+    assert plan.rendezvous == "192.0.2.1" and plan.rendezvous_reason.startswith("management network")
+    env2 = dict(plan.containers[1].env)
+    assert env2["NCCL_IB_DISABLE"] == "1" and env2["NCCL_SOCKET_IFNAME"] == "enP7s7"
+    assert any("no active InfiniBand" in n for n in plan.notes)
+
+
+def test_rendezvous_never_loopback_for_real_multi_host():
+    facts = {"h2": sr.HostFacts("h2", addresses=(("lo", "127.0.0.1/8"), ("eth0", "192.0.2.2/24")))}
+    with pytest.raises(sr.UsageError, match="localhost: only a loopback address"):
+        sr.choose_rendezvous(("localhost", "h2"), facts)
+    facts["127.0.0.1"] = sr.HostFacts("127.0.0.1", addresses=(("lo", "127.0.0.1/8"), ("eth0", "192.0.2.1/24")))
+    assert sr.choose_rendezvous(("127.0.0.1", "h2"), facts)[0] == "192.0.2.1"
+
+
+def test_secrets_masked_and_sent_in_env_file(tmp_path):
+    recipe = sr.load_recipe(write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: vllm\n"
+                                            "env: {API: '${MY_SECRET}', PLAIN: x}\ncommand: vllm serve {model}\n"))
+    environ = {"MY_SECRET": "s3cr3t-value", "HF_TOKEN": "hf_abcdef"}
+    plan = sr.plan_launch(recipe, sr.HostSelection(("h1",), None, "t"), sr.LaunchOptions(overrides={}),
+                          environ=environ)
+    spec = plan.containers[0]
+    assert dict(spec.secret_env) == {"API": "s3cr3t-value", "HF_TOKEN": "hf_abcdef"}
+    assert dict(spec.env)["PLAIN"] == "x"
+    shown = plan.describe()
+    assert "s3cr3t" not in shown and "hf_abc" not in shown and "secret API=***" in shown
+    script = sr.start_container_script(spec)
+    run_line = next(l for l in script.splitlines() if l.startswith("docker run"))
+    assert "s3cr3t" not in run_line and '--env-file "$env_file"' in run_line
+    assert "umask 077" in script
+
+
+def test_unset_env_reference_is_named():
+    recipe = sr.Recipe("r", REPO / "x.yaml", "Local", model="m", command="x", env={"A": "${NOPE_NOT_SET}"})
+    with pytest.raises(sr.UsageError, match=r"env A uses \$\{NOPE_NOT_SET\}, which is not set here"):
+        sr.expand_env(recipe, {})
+
+
+@pytest.mark.parametrize("host", ["spark1", "spark-2.lab", "10.0.0.5", "fe80::1", "[::1]", "user@spark1",
+                                  "my_alias"])
+def test_valid_hosts(host):
+    assert sr.validate_host(host) == host
+
+
+@pytest.mark.parametrize("host", ["-oProxyCommand=x", "a b", "a;b", "$(id)", "a|b", "", "host`", "a&&b"])
+def test_invalid_hosts(host):
+    with pytest.raises(sr.UsageError):
+        sr.validate_host(host)
+
+
+def test_hosts_file_and_duplicates(tmp_path):
+    path = write(tmp_path, "# lab\nspark1\n\nspark2  # second\n", "hosts")
+    assert sr.read_hosts_file(str(path)) == ["spark1", "spark2"]
+    with pytest.raises(sr.UsageError, match="host listed twice: a"):
+        sr.parse_host_list("a,b,a")
+
+
+def test_node_limits(tmp_path):
+    recipe = sr.find_recipe("qwen3-1.7b-llama-cpp")
+    with pytest.raises(sr.UsageError, match="at most 1 host"):
+        sr.plan_launch(recipe, sr.HostSelection(HOSTS, None, "t"), sr.LaunchOptions(overrides={"tensor_parallel": 2}))
+    eugr = sr.load_recipe(REPO.parent / "shared/corpus/eugr-spark-vllm-docker/recipes/4x-spark-cluster/minimax-m2.5.yaml")
+    with pytest.raises(sr.UsageError, match="needs 4 hosts"):
+        sr.plan_launch(eugr, sr.HostSelection(HOSTS, None, "--hosts"), sr.LaunchOptions(overrides={}))
+
+
+def test_remote_join_expands_home_and_quotes_the_rest():
+    assert sr.remote_join(["-v", "~/.cache/huggingface:/root/.cache/huggingface", "a b"]) == \
+        "-v \"$HOME\"/.cache/huggingface:/root/.cache/huggingface 'a b'"
+
+
+def test_decode_proc_net_tcp():
+    assert sr.decode_listen("0B00007F:1F40") == ("127.0.0.11", 8000)
+    assert sr.decode_listen("00000000000000000000000000000000:0016") == ("::", 22)
+    assert sr.decode_listen("0000000000000000FFFF00000B00007F:1F41") == ("127.0.0.11", 8001)
+
+
+def test_embedding_recipes_stop_at_models(tmp_path):
+    path = REPO.parent / "shared/corpus/spark-arena-recipe-registry/official-recipes/qwen3-vl/vllm/qwen3-vl-embedding-8b-vllm.yaml"
+    plan = sr.plan_launch(sr.load_recipe(path), sr.HostSelection(("h1",), None, "t"), sr.LaunchOptions(overrides={}))
+    assert plan.readiness == "models"
+    assert sr.plan_launch(sr.find_recipe("qwen3-1.7b-vllm"), sr.HostSelection(("h1",), None, "t"),
+                          sr.LaunchOptions(overrides={})).readiness == "generate"
+
+
+def test_dry_run_contacts_nothing_and_prints_the_plan(cli):
+    result = cli("run", "qwen3-1.7b-vllm", "-H", "192.0.2.7,192.0.2.8", "--tp", "2", "--dry-run",
+                 env={"SPARKRUN_SSH_OPTS": "-o ProxyCommand=false"}, check=0)
+    assert "Rendezvous:" in result.stdout and result.stdout.count("docker run -d") == 2
+    assert "--node-rank 1" in result.stdout and "--headless" in result.stdout
