@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -539,8 +540,363 @@ def bundled_refs() -> list[RecipeRef]:
     return [RecipeRef(p.stem, p, "Local") for p in sorted(folder.glob("*.yaml"))]
 
 
+# Registries: git repositories of recipes, cloned shallow and sparse under cache_dir()/registries.
+# registries.yaml holds `registries:` (one mapping per registry: name, url, description, folders,
+# visible, enabled, clone, updated) and `pending:` (default sources not fetched yet).
+
+MANIFEST = ".sparkrun/registry.yaml"
+FOLDER_KEYS = ("recipes", "tuning", "benchmarks", "mods")
+EUGR_REGISTRY = "eugr"
+DEFAULT_REGISTRIES = (
+    {"url": "https://github.com/spark-arena/recipe-registry.git"},
+    {"url": "https://github.com/eugr/spark-vllm-docker.git", "name": EUGR_REGISTRY, "path": "recipes",
+     "mods": "mods"},
+)
+REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SOURCE_OPTION = re.compile(r"(name|path|mods)=(.+)")
+GIT_TIMEOUT = 120  # seconds, for every git call
+# git's stderr lines that never say what went wrong.
+GIT_NOISE = ("warning:", "hint:", "Please make sure you have", "and the repository exists",
+             "fatal: Could not read from remote repository")
+DEFAULTS_UNAVAILABLE = ("could not fetch the default registries ({}); using the bundled recipes "
+                        "('sparkrun registry update' retries)")
+REGISTRIES_HEADER = "# sparkrun recipe registries; change with 'sparkrun registry ...'\n"
+
+
+class GitError(SparkrunError):
+    """A git command failed; the message is git's last meaningful stderr line."""
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    """Run git with a timeout and never a prompt (no terminal, askpass or credential helper)."""
+    import signal
+
+    ssh = os.environ.get("GIT_SSH_COMMAND", "ssh") + " -o BatchMode=yes -o ConnectTimeout=15"
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="", SSH_ASKPASS="", GIT_SSH_COMMAND=ssh)
+    argv = ["git", "-c", "credential.helper=", "-c", "core.askPass=", *args]
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except FileNotFoundError:
+        raise SparkrunError("git is not installed; registries need it") from None
+    try:
+        out, err = proc.communicate(timeout=GIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise GitError(f"git {args[0]} timed out after {GIT_TIMEOUT} s") from None
+    if proc.returncode:
+        lines = [s.strip() for s in err.splitlines() if s.strip() and not s.strip().startswith(GIT_NOISE)]
+        raise GitError(lines[-1].removeprefix("fatal: ") if lines else f"git {args[0]} failed ({proc.returncode})")
+    return out
+
+
+def registries_file() -> Path:
+    return config_dir() / "registries.yaml"
+
+
+def registries_root() -> Path:
+    return cache_dir() / "registries"
+
+
+def default_sources() -> list[dict]:
+    """SPARKRUN_DEFAULT_REGISTRIES: comma-separated `url` or `url#name=N,path=P,mods=M` ("" = none)."""
+    text = os.environ.get("SPARKRUN_DEFAULT_REGISTRIES")
+    if text is None:
+        return [dict(s) for s in DEFAULT_REGISTRIES]
+    sources = []
+    for token in filter(None, (t.strip() for t in text.replace("#", ",").split(","))):
+        option = SOURCE_OPTION.fullmatch(token)
+        if option and sources:
+            sources[-1][option[1]] = option[2]
+        else:
+            sources.append({"url": token})
+    return sources
+
+
+def load_registry_config() -> dict:
+    """registries.yaml as {"registries": [...], "pending": [...]}; the first use fetches the defaults."""
+    path = registries_file()
+    if not path.exists():
+        return first_use()
+    _, data = read_yaml_file(path)
+    YAML_CACHE.save()
+    data = data if isinstance(data, dict) else {}
+    config = {key: [dict(e) for e in data.get(key) or [] if isinstance(e, dict)]
+              for key in ("registries", "pending")}
+    if any(not {"name", "url", "clone"} <= e.keys() for e in config["registries"]):
+        raise UsageError(f"{path}: every registry needs 'name', 'url' and 'clone'")
+    return config
+
+
+def save_registry_config(config: dict) -> None:
+    import yaml
+
+    body = {"registries": config["registries"]}
+    if config.get("pending"):
+        body["pending"] = config["pending"]
+    atomic_write(registries_file(), REGISTRIES_HEADER + yaml.safe_dump(body, sort_keys=False))
+
+
+def first_use() -> dict:
+    """Fetch the default registries once; what cannot be fetched stays pending (one warning)."""
+    config = {"registries": [], "pending": []}
+    sources = default_sources()
+    if not sources:
+        return config
+    failed = []
+    for source in sources:
+        try:
+            add_source(config, source)
+        except SparkrunError as exc:
+            config["pending"].append(source)
+            failed.append(f"{source['url']}: {exc}")
+    save_registry_config(config)
+    if failed:
+        warn(DEFAULTS_UNAVAILABLE.format("; ".join(failed)))
+    return config
+
+
+def registry_named(config: dict, name: str) -> dict:
+    for entry in config["registries"]:
+        if entry["name"] == name:
+            return entry
+    raise UsageError(f"no registry named '{name}'; see 'sparkrun registry list'")
+
+
+def registry_folder(entry: dict, key: str) -> Path | None:
+    """The registry's `key` folder (recipes, tuning, benchmarks, mods) in its clone, if declared."""
+    return registries_root() / entry["clone"] / entry[key] if entry.get(key) else None
+
+
+def enabled_registries() -> list[dict]:
+    return [e for e in load_registry_config()["registries"] if e.get("enabled", True)]
+
+
+def manifest_entries(clone: Path, url: str) -> list[dict] | None:
+    """The registries a checked-out repository declares in its manifest; None without one."""
+    where = f"{url}: {MANIFEST}"
+    if not (clone / MANIFEST).is_file():
+        return None
+    data = parse_yaml((clone / MANIFEST).read_text(), where)
+    declared = data.get("registries") if isinstance(data, dict) else None
+    if not isinstance(declared, list) or not declared:
+        raise UsageError(f"{where}: expected 'registries:' with a list of registries")
+    return [registry_entry(item, url, where) for item in declared]
+
+
+def registry_entry(item, url: str, where: str) -> dict:
+    """One registry's configuration entry, from its manifest item or the --name/--path options."""
+    name = item.get("name") if isinstance(item, dict) else None
+    if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name) or name == "Local":
+        raise UsageError(f"{where}: registry name {name!r} must be letters, digits, '.', '_' or '-'")
+    entry = {"name": name, "url": url, "description": str(item.get("description") or "")}
+    for key in FOLDER_KEYS:
+        folder = item.get(key)
+        if folder is None and key != "recipes":
+            continue
+        if not isinstance(folder, str) or not folder.strip("/") or Path(folder).is_absolute() \
+                or ".." in Path(folder).parts:
+            raise UsageError(f"{where}: registry '{name}': '{key}' must name a folder inside the repository")
+        entry[key] = folder.strip("/")
+    if not isinstance(item.get("visible", True), bool):
+        raise UsageError(f"{where}: registry '{name}': 'visible' must be true or false")
+    entry.update(visible=item.get("visible", True), enabled=True)
+    return entry
+
+
+def sparse_folders(entries: list[dict]) -> list[str]:
+    return sorted({".sparkrun"} | {e[k] for e in entries for k in FOLDER_KEYS if e.get(k)})
+
+
+def clone_name(config: dict, url: str) -> str:
+    """The clone folder for `url`: shared by the registries of one repository, else a new one."""
+    for entry in config["registries"]:
+        if entry["url"] == url:
+            return entry["clone"]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rstrip("/").rpartition("/")[2].removesuffix(".git")) or "repo"
+    taken = {e["clone"] for e in config["registries"]}
+    return next(n for n in (base, *(f"{base}-{i}" for i in range(2, 1000))) if n not in taken)
+
+
+def git_clone(url: str, dest: Path) -> None:
+    """Shallow, blob-less, sparse clone (git falls back to a full one for plain local paths)."""
+    git("clone", "--quiet", "--depth", "1", "--filter=blob:none", "--sparse", url, str(dest))
+    git("sparse-checkout", "set", ".sparkrun", cwd=dest)
+
+
+def add_source(config: dict, source: dict) -> list[dict]:
+    """Clone a repository, read its registries (manifest, or name/path/mods in `source`) and add
+    them to config. Nothing changes unless every one of them is valid."""
+    import shutil
+    import tempfile
+
+    url = source["url"]
+    entries = None
+    if source.keys() & {"name", "path", "mods"}:
+        if not source.get("name") or not source.get("path"):
+            raise UsageError("--name and --path go together (the registry's name and recipes folder)")
+        item = {"name": source["name"], "recipes": source["path"], "mods": source.get("mods")}
+        entries = [registry_entry(item, url, url)]
+    registries_root().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".add-", dir=registries_root()))
+    try:
+        repo = tmp / "repo"
+        git_clone(url, repo)
+        entries = entries or manifest_entries(repo, url)
+        if entries is None:
+            raise UsageError(f"{url} has no {MANIFEST}; add it with --name NAME --path FOLDER")
+        check_new_names(config, entries)
+        sharing = [e for e in config["registries"] if e["url"] == url]
+        git("sparse-checkout", "set", *sparse_folders(sharing + entries), cwd=repo)
+        for entry in entries:
+            if not (repo / entry["recipes"]).is_dir():
+                raise UsageError(f"{url}: registry '{entry['name']}': recipes folder "
+                                 f"'{entry['recipes']}' not found in the repository")
+        name = clone_name(config, url)
+        shutil.rmtree(registries_root() / name, ignore_errors=True)
+        os.replace(repo, registries_root() / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for entry in entries:
+        entry.update(clone=name, updated=time.strftime("%Y-%m-%d %H:%M"))
+    config["registries"] += entries
+    config["pending"] = [p for p in config.get("pending", []) if p["url"] != url]
+    return entries
+
+
+def check_new_names(config: dict, entries: list[dict]) -> None:
+    taken = {e["name"] for e in config["registries"]}
+    for entry in entries:
+        if entry["name"] in taken:
+            raise UsageError(f"a registry named '{entry['name']}' already exists; "
+                             "remove it first or add this one with another --name")
+        taken.add(entry["name"])
+
+
+def update_clone(config: dict, url: str) -> str:
+    """Fetch the newest commit of one repository and move its clone there (a clone that is gone
+    is made again). Returns what changed; on a failure the clone is left as it was."""
+    group = [e for e in config["registries"] if e["url"] == url]
+    clone = registries_root() / group[0]["clone"]
+    before = "nothing"
+    if (clone / ".git").is_dir():
+        before = git("rev-parse", "--short", "HEAD", cwd=clone).strip()
+        git("fetch", "--quiet", "--depth", "1", "origin", cwd=clone)
+        git("reset", "--quiet", "--hard", "FETCH_HEAD", cwd=clone)
+    else:
+        git_clone(url, clone)
+    refresh_entries(clone, url, group)
+    git("sparse-checkout", "set", *sparse_folders(group), cwd=clone)
+    after = git("rev-parse", "--short", "HEAD", cwd=clone).strip()
+    return f"up to date ({after})" if after == before else f"updated {before} -> {after}"
+
+
+def refresh_entries(clone: Path, url: str, group: list[dict]) -> None:
+    """Take the folders, description and visibility of `group` from the updated manifest."""
+    try:
+        declared = {e["name"]: e for e in manifest_entries(clone, url) or []}
+    except UsageError as exc:
+        warn(f"{exc}; keeping the previous settings")
+        declared = {}
+    for entry in group:
+        if entry["name"] in declared:
+            for key in FOLDER_KEYS:
+                entry.pop(key, None)
+            entry.update({k: v for k, v in declared[entry["name"]].items() if k != "enabled"})
+        entry["updated"] = time.strftime("%Y-%m-%d %H:%M")
+
+
+def update_registries(names: list[str] | None = None) -> bool:
+    """Update the named registries (default: all, and retry pending defaults). One line per
+    repository; a failure keeps the last good copy. True when everything succeeded."""
+    config = load_registry_config()
+    for name in names or []:
+        registry_named(config, name)
+    urls = dict.fromkeys(e["url"] for e in config["registries"] if not names or e["name"] in names)
+    ok = True
+    for url in urls:
+        label = ", ".join(e["name"] for e in config["registries"] if e["url"] == url)
+        try:
+            print(f"{label}: {update_clone(config, url)}")
+        except SparkrunError as exc:
+            ok = False
+            print(f"Error: could not update {label} from {url}: {exc}; kept the last good copy", file=sys.stderr)
+    for source in [] if names else list(config["pending"]):
+        try:
+            added = add_source(config, source)
+            print(f"{', '.join(e['name'] for e in added)}: added from {source['url']}")
+        except SparkrunError as exc:
+            ok = False
+            print(f"Error: could not fetch {source['url']}: {exc}", file=sys.stderr)
+    save_registry_config(config)
+    return ok
+
+
+def registry_refs() -> list[RecipeRef]:
+    """Recipes of the enabled registries (`**/*.yaml` under each recipes folder). A file stem used
+    twice in one registry is named by its path in that folder (`4x-spark-cluster/name`)."""
+    refs = []
+    for entry in enabled_registries():
+        root = registry_folder(entry, "recipes")
+        if not root.is_dir():
+            warn(f"registry '{entry['name']}' has no local copy; run 'sparkrun registry update {entry['name']}'")
+            continue
+        paths = sorted(root.rglob("*.yaml"))
+        stems = [p.stem for p in paths]
+        for path in paths:
+            name = path.stem if stems.count(path.stem) == 1 else path.relative_to(root).with_suffix("").as_posix()
+            refs.append(RecipeRef(name, path, entry["name"], entry.get("visible", True)))
+    return refs
+
+
+def registry_mods_dir(recipe: Recipe) -> Path | None:
+    """The mods folder of the recipe's registry when it holds all the recipe's mods, else eugr's."""
+    entries = {e["name"]: e for e in load_registry_config()["registries"]}
+    own = registry_folder(entries[recipe.source], "mods") if recipe.source in entries else None
+    if own and own.is_dir() and all((own / Path(m).name).exists() for m in recipe.mods):
+        return own
+    eugr = registry_folder(entries[EUGR_REGISTRY], "mods") if EUGR_REGISTRY in entries else None
+    return eugr if eugr and eugr.is_dir() else None
+
+
+def registry_tuning_dirs() -> list[Path]:
+    folders = [registry_folder(e, "tuning") for e in enabled_registries()]
+    return [f for f in folders if f and f.is_dir()]
+
+
+def benchmark_profiles() -> list[RecipeRef]:
+    """Benchmark profiles: YAML files in the enabled registries' benchmarks folders."""
+    refs = []
+    for entry in enabled_registries():
+        folder = registry_folder(entry, "benchmarks")
+        if folder and folder.is_dir():
+            refs += [RecipeRef(p.stem, p, entry["name"], entry.get("visible", True))
+                     for p in sorted(folder.rglob("*.yaml"))]
+    return refs
+
+
+def find_benchmark_profile(name: str) -> tuple[Path, dict]:
+    """A profile by name, `@registry/name` or path to a YAML file: (its file, its mapping)."""
+    path = Path(os.path.expanduser(name))
+    if not (name.endswith((".yaml", ".yml")) and path.is_file()):
+        source, _, short = name[1:].partition("/") if name.startswith("@") else (None, "", name)
+        matches = [r for r in benchmark_profiles() if r.name == short and source in (None, r.source)]
+        if len(matches) > 1:
+            names = ", ".join(r.qualified for r in matches)
+            raise UsageError(f"benchmark profile '{name}' is ambiguous: {names}; use one of these names")
+        if not matches:
+            raise UsageError(f"no benchmark profile named '{name}'; see 'sparkrun registry list-benchmark-profiles'")
+        path = matches[0].path
+    _, data = read_yaml_file(path)
+    YAML_CACHE.save()
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a benchmark profile must be a YAML mapping")
+    return path, data
+
+
 def catalog(include_hidden: bool = False) -> list[RecipeRef]:
-    refs = bundled_refs()
+    refs = bundled_refs() + registry_refs()
     return [r for r in refs if r.visible or include_hidden]
 
 
@@ -976,6 +1332,14 @@ def read_cached_config(hf_home: Path, repo_id: str, revision: str | None = None)
     return _read_json(snapshot / "config.json") if snapshot else None
 
 
+def gguf_quant_files(snapshot: Path, gguf_quant: str) -> list[Path]:
+    """The .gguf files of one quant, split shards and quant-named subfolders included, in order.
+    The quant must stand alone in the path: 'Q4_K' must not pick up 'Q4_K_M' files."""
+    quant = re.compile(rf"(?<![a-z0-9]){re.escape(gguf_quant.lower())}(?![a-z0-9_])")
+    return sorted(path for path in snapshot.rglob("*.gguf")
+                  if quant.search(path.relative_to(snapshot).as_posix().lower()))
+
+
 def cached_weights_bytes(hf_home: Path, repo_id: str, revision: str | None = None,
                          gguf_quant: str | None = None) -> int | None:
     """On-disk weight size: safetensors index total_size, else the sum of the weight files."""
@@ -983,10 +1347,7 @@ def cached_weights_bytes(hf_home: Path, repo_id: str, revision: str | None = Non
     if snapshot is None:
         return None
     if gguf_quant:
-        # The quant must stand alone in the path: 'Q4_K' must not pick up 'Q4_K_M' files.
-        quant = re.compile(rf"(?<![a-z0-9]){re.escape(gguf_quant.lower())}(?![a-z0-9_])")
-        files = [path for path in snapshot.rglob("*.gguf")
-                 if quant.search(path.relative_to(snapshot).as_posix().lower())]
+        files = gguf_quant_files(snapshot, gguf_quant)
     else:
         for index in sorted(snapshot.glob("*.safetensors.index.json")):
             total = _positive_int(((_read_json(index) or {}).get("metadata") or {}).get("total_size"))
@@ -1856,11 +2217,13 @@ class LaunchOptions:
     dashboard: bool = False
     dashboard_port: int | None = None
     solo: bool = False
+    no_sync: bool = False
 
 
 def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions,
-                facts: dict | None = None, environ=os.environ) -> LaunchPlan:
-    """Recipe + hosts + options (+ per-host facts when detected) -> the launch, as data."""
+                facts: dict | None = None, environ=os.environ, snapshot=None) -> LaunchPlan:
+    """Recipe + hosts + options (+ per-host facts when detected, + the model's local snapshot
+    when known) -> the launch, as data."""
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
     runtime = recipe.runtime
@@ -1896,6 +2259,14 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         if len(hosts) > 1:
             notes.append(f"{host}: {note}")
     command = one_line(render_command(recipe, values))
+    if snapshot and snapshot.gguf_file:
+        # llama.cpp would download with -hf; point it at the synced file instead.
+        command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
+                         f"-m {snapshot.container_path(snapshot.gguf_file)}", command)
+    if snapshot and not options.no_sync:
+        plain_env.append(("HF_HUB_OFFLINE", "1"))  # the model is on the host: engines must not reach out
+    elif not snapshot and recipe.gguf_quant:
+        notes.append(f"model {recipe.model} is not in the local cache yet: run will download and sync it")
 
     def make_container(rank: int, cmd: str) -> ContainerSpec:
         host = hosts[rank]
@@ -2196,6 +2567,263 @@ def pending_operations() -> list[dict]:
     return alive
 
 
+# -- Image and model distribution: from the control machine to the hosts that lack them, once.
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """A model as it sits in the local Hugging Face cache, and the files a launch needs."""
+    repo: str
+    revision: str  # commit hash
+    ref: str  # the name refs/ maps to it ("main" or the recipe's model_revision)
+    repo_dir: Path  # <hf_home>/hub/models--org--name
+    files: tuple  # (path inside the snapshot, size)
+    gguf_file: str | None = None  # first GGUF shard, for llama.cpp's -m
+
+    @property
+    def cache_name(self) -> str:
+        return self.repo_dir.name
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def container_path(self, relative: str) -> str:
+        return f"{CONTAINER_HF_HOME}/hub/{self.cache_name}/snapshots/{self.revision}/{relative}"
+
+
+def local_snapshot(recipe: Recipe, home: Path) -> ModelSnapshot | None:
+    """The recipe's model from the local cache if it is complete there; never contacts the Hub."""
+    repo_dir = home / "hub" / ("models--" + recipe.model_repo.replace("/", "--"))
+    snapshot = cached_snapshot_dir(home, recipe.model_repo, recipe.model_revision)
+    if snapshot is None:
+        return None
+    if recipe.gguf_quant:
+        paths = gguf_quant_files(snapshot, recipe.gguf_quant)
+        if not paths:
+            return None
+    else:
+        paths = [p for p in snapshot.rglob("*") if not p.is_dir()]
+        index = next(snapshot.glob("*.safetensors.index.json"), None)
+        needed = set(((_read_json(index) or {}).get("weight_map") or {}).values()) if index else set()
+        if not paths or any(not (snapshot / n).exists() for n in needed):
+            return None  # an interrupted download: shards missing
+    try:
+        files = tuple((p.relative_to(snapshot).as_posix(), p.stat().st_size) for p in paths)
+    except OSError:
+        return None  # a link whose blob never arrived
+    ref = recipe.model_revision or "main"
+    gguf = files[0][0] if recipe.gguf_quant else None
+    return ModelSnapshot(recipe.model_repo, snapshot.name, ref, repo_dir, files, gguf)
+
+
+def model_missing_message(recipe: Recipe, home: Path) -> str:
+    return (f"model {recipe.model} is not in the local Hugging Face cache ({home}/hub) and the Hub "
+            f"cannot be reached from here; copy the model's cache folder "
+            f"(hub/models--{recipe.model_repo.replace('/', '--')}) into {home}/hub, point --cache-dir or "
+            f"HF_HOME at a cache that has it, or pass --no-sync if the hosts already have it")
+
+
+def resolve_model(recipe: Recipe, home: Path) -> ModelSnapshot:
+    """The model in the local cache, downloading it first when it is not there (online only)."""
+    cached = local_snapshot(recipe, home)
+    if cached:
+        return cached
+    if hub_offline():
+        raise SparkrunError(model_missing_message(recipe, home))
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    say(f"Downloading {recipe.model} into {home}/hub ...")
+    pending = record_pending(f"download {recipe.model}", ["this machine"])
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = None
+        if recipe.gguf_quant:
+            q = recipe.gguf_quant
+            patterns = [f"*{q}*.gguf", f"*{q.lower()}*.gguf", f"*{q}*/*.gguf", f"*{q.lower()}*/*.gguf"]
+        snapshot_download(recipe.model_repo, revision=recipe.model_revision, cache_dir=str(home / "hub"),
+                          allow_patterns=patterns)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the library raises many types; the message is what matters
+        raise SparkrunError(f"download of {recipe.model} failed: {str(exc).splitlines()[0][:300]}") from None
+    finally:
+        pending.unlink(missing_ok=True)
+    snapshot = local_snapshot(recipe, home)
+    if snapshot is None:
+        raise SparkrunError(f"download of {recipe.model} finished but no {recipe.gguf_quant or 'model'} files "
+                            "were found in it; check the recipe's model name")
+    return snapshot
+
+
+def remote_cache_root(cache_dir_option: str | None) -> str:
+    """The hosts' HF cache as rsync and scripts name it: relative to the remote home by default."""
+    return cache_dir_option.rstrip("/") if cache_dir_option else ".cache/huggingface"
+
+
+def snapshot_check_script(snapshot: ModelSnapshot, root: str) -> str:
+    """Lists (path, size) of what the host already has of this snapshot."""
+    base = f"{quote_path(root)}/hub/{snapshot.cache_name}"
+    return (f"mkdir -p {base}\ncd {base}/snapshots/{snapshot.revision} 2>/dev/null || exit 0\n"
+            "find -L . -type f -printf '%P\\t%s\\n' 2>/dev/null\n")
+
+
+def quote_path(path: str) -> str:
+    """A remote path for a script: relative paths are under the remote $HOME."""
+    return shlex.quote(path) if path.startswith("/") else '"$HOME"/' + shlex.quote(path)
+
+
+def hosts_lacking_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> list[str]:
+    wanted = set(snapshot.files)
+    results = ssh.run_all(list(hosts), snapshot_check_script(snapshot, root), timeout=60)
+    lacking = []
+    for host, result in results.items():
+        if isinstance(result, HostError):
+            raise result
+        have = {(p, int(s)) for p, _, s in (l.partition("\t") for l in result.stdout.splitlines()) if s.isdigit()}
+        if not wanted <= have:
+            lacking.append(host)
+    return lacking
+
+
+def rsync_file_list(snapshot: ModelSnapshot) -> list[str]:
+    """Paths under models--org--name/ that make a complete cache entry: the ref, the snapshot
+    links and the blobs they point at (so the HF layout is intact on the host)."""
+    entries = {f"refs/{snapshot.ref}"} if (snapshot.repo_dir / "refs" / snapshot.ref).exists() else set()
+    for relative, _ in snapshot.files:
+        link = snapshot.repo_dir / "snapshots" / snapshot.revision / relative
+        entries.add(f"snapshots/{snapshot.revision}/{relative}")
+        if link.is_symlink():
+            target = (link.parent / os.readlink(link)).resolve()
+            entries.add(target.relative_to(snapshot.repo_dir.resolve()).as_posix())
+    return sorted(entries)
+
+
+def sync_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> dict:
+    """rsync the snapshot to every host that lacks it, in parallel, resumable. Returns
+    host -> bytes sent (0 for hosts that already had it)."""
+    lacking = hosts_lacking_model(ssh, snapshot, hosts, root)
+    moved = {h: 0 for h in hosts}
+    if not lacking:
+        say(f"Model {snapshot.repo}: already on every host")
+        return moved
+    say(f"Model {snapshot.repo} ({snapshot.size / GIB:.2f} GB) -> {', '.join(lacking)}")
+    listing = cache_dir() / f"rsync-{os.getpid()}.list"
+    atomic_write(listing, "\n".join(rsync_file_list(snapshot)) + "\n")
+    pending = record_pending(f"model {snapshot.repo}", lacking)
+
+    def push(host):
+        start = time.monotonic()
+        argv = ["rsync", "-a", "--partial", "--stats", f"--files-from={listing}", "-e", ssh.rsync_shell(),
+                f"{snapshot.repo_dir}/", f"{host}:{root}/hub/{snapshot.cache_name}/"]
+        if ssh.verbose >= 2:
+            print(f"[{host}] {shlex.join(argv)}", file=sys.stderr)
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RemoteFailed(host, f"model transfer failed (rsync exit {done.returncode}): "
+                                     f"{' | '.join(done.stderr.strip().splitlines()[-2:])}; run again to resume")
+        sent = int((re.search(r"Total bytes sent: ([\d,]+)", done.stdout) or [0, "0"])[1].replace(",", ""))
+        elapsed = time.monotonic() - start
+        say(f"[{host}] model synced: {sent / 2**20:.1f} MiB in {elapsed:.1f} s ({sent / 2**20 / max(elapsed, 1e-3):.0f} MiB/s)")
+        return sent
+
+    try:
+        for host, result in in_parallel(lacking, push).items():
+            if isinstance(result, HostError):
+                raise result
+            moved[host] = result
+    finally:
+        pending.unlink(missing_ok=True)
+        listing.unlink(missing_ok=True)
+    return moved
+
+
+def local_image_id(image: str) -> str:
+    try:
+        done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def distribute_image(ssh: SSH, image: str, facts: dict, hosts) -> dict:
+    """Make every host hold `image` with the same ID: `docker save` once (here, or on a host
+    that has it when this machine has no copy), streamed to every host lacking it in parallel.
+    Returns host -> bytes sent."""
+    ids = {h: facts[h].image_id(image) for h in hosts}
+    source_id = local_image_id(image)
+    source_host = None
+    if not source_id and len(set(ids.values())) == 1 and all(ids.values()):
+        return {h: 0 for h in hosts}
+    if not source_id:
+        pulled = subprocess.run(["docker", "pull", image], capture_output=True, text=True, timeout=3600) \
+            if shutil.which("docker") else None
+        source_id = local_image_id(image) if pulled and pulled.returncode == 0 else ""
+    if not source_id:
+        holders = [h for h in hosts if ids[h]]
+        if not holders:
+            raise SparkrunError(f"image {image} is on none of {', '.join(hosts)} and cannot be pulled here; "
+                                f"load it on this machine or on one host (docker load -i FILE), or pass --image")
+        source_host, source_id = holders[0], ids[holders[0]]
+    lacking = [h for h in hosts if ids[h] != source_id]
+    moved = {h: 0 for h in hosts}
+    if not lacking:
+        return moved
+    origin = source_host or "this machine"
+    say(f"Image {image}: copying from {origin} to {', '.join(lacking)}")
+    save = ssh.argv(source_host, ["docker", "save", image]) if source_host else ["docker", "save", image]
+    pending = record_pending(f"image {image}", lacking)
+    try:
+        moved.update(stream_to_hosts(ssh, save, lacking, ["docker", "load"]))
+    finally:
+        pending.unlink(missing_ok=True)
+    return moved
+
+
+def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[str]) -> dict:
+    """One producer, many `ssh host <sink>` consumers fed the same bytes; a line of progress."""
+    source = subprocess.Popen(source_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sinks = {h: subprocess.Popen(ssh.argv(h, sink_remote) if h not in LOCAL_HOSTS else sink_remote,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for h in hosts}
+    sent, start, last = 0, time.monotonic(), 0.0
+    broken: dict[str, str] = {}
+    try:
+        while chunk := source.stdout.read(1 << 20):
+            for host, sink in sinks.items():
+                if host in broken:
+                    continue
+                try:
+                    sink.stdin.write(chunk)
+                except BrokenPipeError:
+                    broken[host] = "connection closed"
+            sent += len(chunk)
+            if time.monotonic() - last > 1 and sys.stderr.isatty():
+                last = time.monotonic()
+                rate = sent / 2**20 / max(last - start, 1e-3)
+                print(f"\r  {sent / 2**20:,.0f} MiB sent to {len(sinks) - len(broken)} host(s), {rate:.0f} MiB/s",
+                      end="", file=sys.stderr, flush=True)
+    finally:
+        for sink in sinks.values():
+            try:
+                sink.stdin.close()
+            except BrokenPipeError:
+                pass
+    source_err = source.stderr.read().decode(errors="replace")
+    if source.wait() != 0:
+        for sink in sinks.values():
+            sink.kill()
+        raise SparkrunError(f"docker save failed: {source_err.strip()[-300:]}")
+    elapsed = time.monotonic() - start
+    for host, sink in sinks.items():
+        out, err = sink.communicate()
+        if sink.returncode != 0 or host in broken:
+            raise RemoteFailed(host, f"docker load failed: {err.decode(errors='replace').strip()[-300:] or broken.get(host)}")
+        say(f"[{host}] image loaded: {sent / 2**20:.1f} MiB in {elapsed:.1f} s")
+    return {h: sent for h in hosts}
+
+
 # ---------------------------------------------------------------------------
 # 10. CLI
 # ---------------------------------------------------------------------------
@@ -2293,7 +2921,7 @@ def launch_options(args) -> LaunchOptions:
         check_cli_value("--cache-dir", args.cache_dir)
     return LaunchOptions(overrides=overrides, image=args.image, cache_dir=args.cache_dir,
                          init_port=args.init_port, ray_port=args.ray_port, dashboard=args.dashboard,
-                         dashboard_port=args.dashboard_port, solo=args.solo)
+                         dashboard_port=args.dashboard_port, solo=args.solo, no_sync=args.no_sync)
 
 
 def choose_free_port(facts: dict, hosts, start: int = 8000) -> int:
@@ -2320,15 +2948,19 @@ def cmd_run(args) -> int:
             raise UsageError(message + "; refusing because of --strict")
         warn(message)
     ssh = SSH(selection.user, args.verbose)
+    local_home = hf_home(args.cache_dir)
     if args.dry_run and not args.detect:
-        print(plan_launch(recipe, selection, options).describe())
+        snapshot = local_snapshot(recipe, local_home)
+        print(plan_launch(recipe, selection, options, snapshot=snapshot).describe())
         return 0
-    facts = probe_hosts(ssh, selection.hosts)
+    image = options.image or recipe.container
+    facts = probe_hosts(ssh, selection.hosts, images=(image,))
     if auto_port:
         port = choose_free_port(facts, selection.hosts)
         options = replace(options, overrides=dict(options.overrides, port=port))
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
-    plan = plan_launch(recipe, selection, options, reachable)
+    snapshot = local_snapshot(recipe, local_home) if args.dry_run or args.no_sync else resolve_model(recipe, local_home)
+    plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot)
     if args.dry_run:
         print(plan.describe())
         return 0
@@ -2338,6 +2970,9 @@ def cmd_run(args) -> int:
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
     for note in plan.notes:
         say(note)
+    distribute_image(ssh, image, facts, plan.hosts)
+    if not args.no_sync:
+        sync_model(ssh, snapshot, plan.hosts, remote_cache_root(args.cache_dir))
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     print(ready_banner(plan))
@@ -2500,6 +3135,117 @@ def cmd_recipe_validate(args) -> int:
     return worst
 
 
+def registry_url(text: str) -> str:
+    """A local folder as an absolute path (the air-gapped case); anything else as given."""
+    path = Path(os.path.expanduser(text))
+    return str(path.resolve()) if "://" not in text and path.is_dir() else text
+
+
+def recipe_count(entry: dict) -> int:
+    root = registry_folder(entry, "recipes")
+    return sum(1 for _ in root.rglob("*.yaml")) if root.is_dir() else 0
+
+
+def cmd_registry_add(args) -> int:
+    source = {"url": registry_url(args.source)}
+    source.update((k, v) for k, v in (("name", args.name), ("path", args.path), ("mods", args.mods)) if v)
+    config = load_registry_config()
+    added = add_source(config, source)
+    save_registry_config(config)
+    for entry in added:
+        hidden = "" if entry["visible"] else "; hidden, shown with --all"
+        print(f"Added registry {entry['name']} ({recipe_count(entry)} recipes{hidden})")
+    return 0
+
+
+def cmd_registry_list(args) -> int:
+    config = load_registry_config()
+    rows = [{"name": e["name"], "url": e["url"], "recipes": recipe_count(e), "enabled": e.get("enabled", True),
+             "visible": e.get("visible", True), "updated": e.get("updated"), "pending": False,
+             "description": e.get("description", "")} for e in config["registries"]]
+    rows += [{"name": s.get("name"), "url": s["url"], "recipes": None, "enabled": None, "visible": None,
+              "updated": None, "pending": True, "description": ""} for s in config["pending"]]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("No registries; add one with 'sparkrun registry add URL'.")
+        return 0
+
+    def cell(value) -> str:
+        return "-" if value is None else ("yes" if value else "no") if isinstance(value, bool) else str(value)
+
+    table = [[cell(r["name"]), r["url"], cell(r["recipes"]), cell(r["enabled"]), cell(r["visible"]),
+              r["updated"] or "not fetched yet"] for r in rows]
+    print_table(table, ["NAME", "URL", "RECIPES", "ENABLED", "VISIBLE", "UPDATED"])
+    return 0
+
+
+def cmd_registry_remove(args) -> int:
+    import shutil
+
+    config = load_registry_config()
+    entry = registry_named(config, args.name)
+    config["registries"].remove(entry)
+    save_registry_config(config)
+    if all(e["clone"] != entry["clone"] for e in config["registries"]):
+        shutil.rmtree(registries_root() / entry["clone"], ignore_errors=True)
+    print(f"Removed registry {args.name}")
+    return 0
+
+
+def cmd_registry_enable(args) -> int:
+    """`registry enable` and `registry disable` (args.enabled)."""
+    config = load_registry_config()
+    registry_named(config, args.name)["enabled"] = args.enabled
+    save_registry_config(config)
+    print(f"Registry {args.name} {'enabled' if args.enabled else 'disabled'}")
+    return 0
+
+
+def cmd_registry_update(args) -> int:
+    return 0 if update_registries(args.names or None) else 1
+
+
+def profile_summary(ref: RecipeRef) -> dict:
+    _, data = read_yaml_file(ref.path)
+    data = data if isinstance(data, dict) else {}
+    nested = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else {}
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    return {"name": ref.qualified, "registry": ref.source, "path": str(ref.path),
+            "framework": str(data.get("framework") or nested.get("framework") or ""),
+            "description": str(metadata.get("description", ""))}
+
+
+def cmd_registry_profiles(args) -> int:
+    rows = []
+    for ref in benchmark_profiles():
+        try:
+            rows.append(profile_summary(ref))
+        except RecipeError as exc:
+            warn(str(exc))
+    YAML_CACHE.save()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print_table([[r["name"], r["framework"], r["description"]] for r in rows],
+                    ["NAME", "FRAMEWORK", "DESCRIPTION"])
+    else:
+        print("No benchmark profiles (registries declare them in a 'benchmarks' folder).")
+    return 0
+
+
+def cmd_registry_show_profile(args) -> int:
+    path, data = find_benchmark_profile(args.profile)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    source = next((r.source for r in benchmark_profiles() if r.path == path), "Local")
+    print(f"Name:         {path.stem}\nRepository:   {source}\nFile:         {path}\n")
+    print(path.read_text().rstrip())
+    return 0
+
+
 def add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
     # Subcommands must not reset a count given before the command name.
     parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
@@ -2564,6 +3310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay attached to the logs (the default)")
     p.add_argument("--no-follow", action="store_true", help="return once the server is ready")
     p.add_argument("--replace", action="store_true", help="stop this recipe's running launch first")
+    p.add_argument("--no-sync", action="store_true",
+                   help="do not copy the model to the hosts (they share storage or already have it)")
     p.add_argument("--strict", action="store_true", help="refuse to launch when the VRAM estimate does not fit")
     p.add_argument("--ready-timeout", type=float, default=3600, help="seconds to wait for readiness (3600)")
     p.add_argument("--init-port", type=int, help="rendezvous port (vLLM 29501, SGLang 25000)")
@@ -2643,6 +3391,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="Hugging Face cache root (default: $HF_HOME or ~/.cache/huggingface)")
     p.add_argument("--no-auto-detect", action="store_true",
                    help="use recipe metadata only: no config.json from the cache or the Hub")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    text = "Recipe registries (git repositories of recipes): add, list, update, enable, disable, remove."
+    registry = sub.add_parser("registry", help=text, description=text)
+    add_common(registry)
+    gsub = registry.add_subparsers(dest="registry_command", metavar="SUBCOMMAND", required=True)
+    p = command("add", cmd_registry_add, "Add the registries a git repository declares (URL or local path).", gsub)
+    p.add_argument("source", metavar="URL|PATH", help="git URL, file:// URL or local folder")
+    p.add_argument("--name", help="registry name, for a repository without .sparkrun/registry.yaml")
+    p.add_argument("--path", metavar="FOLDER", help="its recipes folder (with --name)")
+    p.add_argument("--mods", metavar="FOLDER", help="its mods folder (with --name)")
+    command("list", cmd_registry_list, "List registries.", gsub).add_argument(
+        "--json", action="store_true", help="machine-readable output")
+    command("remove", cmd_registry_remove, "Remove a registry and its local copy.", gsub).add_argument("name")
+    for name, enabled in (("enable", True), ("disable", False)):
+        p = command(name, cmd_registry_enable, f"{name.capitalize()} a registry's recipes in the catalog.", gsub)
+        p.add_argument("name")
+        p.set_defaults(enabled=enabled)
+    p = command("update", cmd_registry_update, "Fetch the newest recipes (all registries, or the named ones).",
+                gsub)
+    p.add_argument("names", nargs="*", metavar="NAME")
+    command("list-benchmark-profiles", cmd_registry_profiles, "List the registries' benchmark profiles.",
+            gsub).add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("show-benchmark-profile", cmd_registry_show_profile, "Show a benchmark profile.", gsub)
+    p.add_argument("profile", help="profile name, @registry/name, or a path to a YAML file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
