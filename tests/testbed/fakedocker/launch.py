@@ -52,8 +52,9 @@ def _supervise(store, container, argv, env, cwd, reply_fd):
     try:
         child = subprocess.Popen(argv, env=env, cwd=cwd)
     except OSError as exc:
-        message = (f"docker: Error response from daemon: failed to create task: exec: "
-                   f"\"{argv[0]}\": {'executable file not found in $PATH' if isinstance(exc, FileNotFoundError) else exc}: unknown.")
+        reason = "executable file not found in $PATH" if isinstance(exc, FileNotFoundError) else exc
+        message = (f"Error response from daemon: failed to create task for container: "
+                   f"exec: \"{argv[0]}\": {reason}: unknown")
         _finish(store, container, 127, message)
         os.write(reply_fd, json.dumps({"error": message, "code": 127}).encode())
         return 127

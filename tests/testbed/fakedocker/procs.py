@@ -28,6 +28,15 @@ def alive(pid, started=None):
     return started is None or int(fields[19]) == started
 
 
+def read_proc(pid, name):
+    """Text of /proc/<pid>/<name> (NULs as spaces), or '' if gone."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def all_pids():
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
@@ -57,8 +66,9 @@ def descendants(root):
     return out
 
 
-def marked(marker):
-    """Live processes whose initial environment contains marker (bytes)."""
+def marked(*markers, prefix=None):
+    """Live processes whose initial environment holds every marker (bytes
+    'KEY=value') and, if given, some entry starting with prefix."""
     out = []
     for pid in all_pids():
         try:
@@ -66,7 +76,8 @@ def marked(marker):
                 env = f.read().split(b"\0")
         except OSError:
             continue
-        if marker in env and alive(pid):
+        if all(m in env for m in markers) and alive(pid) and (
+                prefix is None or any(e.startswith(prefix) for e in env)):
             out.append(pid)
     return out
 

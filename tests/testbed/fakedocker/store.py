@@ -68,7 +68,8 @@ class Store:
     """Docker state of one simulated host (root = its TESTBED_STATE)."""
 
     def __init__(self, root):
-        self.dir = Path(root) / "docker"
+        self.root = Path(root)
+        self.dir = self.root / "docker"
         for sub in ("images", "registry", "containers", "volumes"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -77,6 +78,13 @@ class Store:
         with open(self.dir / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+    def fault(self, name):
+        """Content of faults/<name> (a set fault), or None."""
+        try:
+            return (self.root / "faults" / name).read_text().strip()
+        except OSError:
+            return None
 
     # -- call log ---------------------------------------------------------
     def record_call(self, argv):
@@ -131,7 +139,7 @@ class Store:
         meta.setdefault("Created", time.time())
         with self.lock():
             for tag in meta["RepoTags"]:
-                self._untag(tag, registry)
+                self.untag(tag, registry)
             old = read_json(folder / (meta["Id"][7:] + ".json"))
             if old:
                 meta["RepoTags"] = sorted(set(old["RepoTags"]) | set(meta["RepoTags"]))
@@ -143,12 +151,13 @@ class Store:
         tag = normalize_ref(tag)
         folder = self.dir / ("registry" if registry else "images")
         with self.lock():
-            self._untag(tag, registry)
+            self.untag(tag, registry)
             image = read_json(folder / (image["Id"][7:] + ".json"))
             image["RepoTags"] = sorted(set(image["RepoTags"]) | {tag})
             write_json(folder / (image["Id"][7:] + ".json"), image)
 
-    def _untag(self, tag, registry):
+    def untag(self, tag, registry=False):
+        """Drop a tag from whichever image has it (caller holds the lock)."""
         for image in self.images(registry):
             if tag in image["RepoTags"]:
                 image["RepoTags"].remove(tag)
@@ -174,7 +183,7 @@ class Store:
         for c in containers:
             if ref in (c["Name"], c["Id"]):
                 return c
-        hits = [c for c in containers if len(ref) >= 1 and c["Id"].startswith(ref)]
+        hits = [c for c in containers if ref and c["Id"].startswith(ref)]
         return hits[0] if len(hits) == 1 else None
 
     def save_container(self, container):

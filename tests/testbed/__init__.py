@@ -1,0 +1,46 @@
+"""Test bed for sparkrun: simulated DGX Spark hosts reached over real ssh.
+
+    bed = TestBed(workdir, n_hosts=3).start()      # or `with TestBed(...) as bed:`
+    env = {**os.environ, **bed.env()}              # run sparkrun with this env
+    h1 = bed.hosts[0]                              # addr 127.0.0.11, id spark-1
+    h1.ssh("docker ps").stdout
+    bed.stop()
+
+Hosts. Host N is an sshd bound only to 127.0.0.(first_octet+N-1):22, with
+its own host key, run inside a private mount + UTS namespace: hostname
+spark-N, /root and /tmp bind-mounted from <root>/home and <root>/tmp.
+sshd's SetEnv gives every session:
+    PATH               <root>/bin (docker, ip, nvidia-smi stand-ins) + system PATH
+    TESTBED_HOST_ADDR  127.0.0.1x
+    TESTBED_HOST_ID    spark-N
+    TESTBED_STATE      <root> (the host's state dir, same path on both sides)
+    SPARKRUN_SYSFS     <root>/sysfs (fake class/infiniband and class/net)
+    TESTBED_RUN        token of this bed (every process carrying it is
+                       killed by bed.stop())
+
+Containers. The docker stand-in keeps its state in <root>/docker and runs
+container commands as real processes (own session/process group) with
+the fake engines (engines/bin: vllm, sglang, llama-server, rpc-server,
+ray; engines/py on PYTHONPATH) first on PATH. Containers share the
+host's network: a server asked to bind 0.0.0.0, "", localhost or
+127.0.0.1 binds the host's address instead, and fake IB addresses are
+mapped to the owning host's address (<root>/addrmap.json).
+
+Faults (host.fault(name, value)) are files in <root>/faults:
+    docker_permission    every docker command fails like a user outside the docker group
+    docker_run_fail      `docker run` fails with exit 125 (value: message)
+    no_docker            `docker` behaves as "command not found" (exit 127)
+    engine_exit          engines print an error and exit 1 at start
+    engine_slow_ready    engines wait <value> seconds before listening
+    engine_crash_after   engines exit 1 <value> seconds after starting
+    no_generate          /v1/models works, completions return HTTP 500
+"""
+from .bed import TestBed
+from .host import Host
+
+__all__ = ["TestBed", "Host", "start_bed"]
+
+
+def start_bed(tmp_path_factory, n=3, **kwargs):
+    """Start a bed in a fresh pytest temp dir; the caller must call .stop()."""
+    return TestBed(tmp_path_factory.mktemp("bed"), n_hosts=n, **kwargs).start()

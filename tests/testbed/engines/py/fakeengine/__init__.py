@@ -1,0 +1,1 @@
+"""Fake inference engines (vLLM, SGLang, llama.cpp, Ray) for simulated hosts."""

@@ -1,0 +1,114 @@
+"""Environment of a simulated host seen from inside a fake container."""
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+STATE = Path(os.environ.get("TESTBED_STATE", "/nonexistent"))
+LOCAL_NAMES = ("", "0.0.0.0", "::", "localhost", "127.0.0.1")
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def die(message, code=1):
+    log(message)
+    sys.exit(code)
+
+
+def host_addr():
+    return os.environ.get("TESTBED_HOST_ADDR", "127.0.0.1")
+
+
+def fault(name):
+    """Content of $TESTBED_STATE/faults/<name>, or None when not set."""
+    try:
+        return (STATE / "faults" / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def real_addr(addr):
+    """Loopback address standing in for addr (fake IB IPs, wildcards, localhost)."""
+    if addr in LOCAL_NAMES:
+        return host_addr()
+    return _addrmap().get(addr, addr)
+
+
+def _addrmap():
+    try:
+        return json.loads((STATE / "addrmap.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def bind_addresses(addr):
+    """Where a listener asked for addr binds: its loopback stand-in and, when that is this
+    host, also the host's loopback InfiniBand aliases (as a real wildcard bind would)."""
+    target = real_addr(addr)
+    if target != host_addr():
+        return [target]
+    aliases = sorted(ip for ip, owner in _addrmap().items()
+                     if owner == target and ip != target and ip.startswith("127."))
+    return [target] + aliases
+
+
+def host_path(path):
+    """Translate a container path through the container's -v mounts."""
+    mounts = json.loads(os.environ.get("TESTBED_MOUNTS") or "{}")
+    for dst in sorted(mounts, key=len, reverse=True):
+        if path == dst or path.startswith(dst.rstrip("/") + "/"):
+            return mounts[dst] + path[len(dst.rstrip("/")):]
+    return path
+
+
+def start_faults(error_line):
+    """Apply engine faults: engine_exit (prints error_line, exits 1),
+    engine_slow_ready, engine_crash_after."""
+    if fault("engine_exit") is not None:
+        die(error_line)
+    slow = fault("engine_slow_ready")
+    if slow is not None:
+        time.sleep(float(slow or 5))
+    crash = fault("engine_crash_after")
+    if crash is not None:
+        def crash_later():
+            time.sleep(float(crash or 5))
+            log("ERROR: engine core died unexpectedly (engine_crash_after fault)")
+            os._exit(1)
+        threading.Thread(target=crash_later, daemon=True).start()
+
+
+def loose_args(argv, values=(), bools=()):
+    """Parse engine flags leniently: unknown flags are accepted and ignored.
+
+    An unknown flag takes the next token as its value unless it looks like a
+    flag. Returns (dict of flag -> value with '-' in names, positionals).
+    """
+    opts, pos, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-") or arg == "-":
+            pos.append(arg)
+            continue
+        name, eq, value = arg.lstrip("-").partition("=")
+        name = name.replace("_", "-")
+        if eq:
+            opts[name] = value
+        elif name in bools:
+            opts[name] = True
+        elif i < len(argv) and (name in values or not argv[i].startswith("-")):
+            opts[name], i = argv[i], i + 1
+        else:
+            opts[name] = True
+    return opts, pos
+
+
+def check_model_path(model):
+    """Engines fail like the real ones when a local model path is missing."""
+    if model.startswith("/") and not os.path.exists(host_path(model)):
+        die(f"ERROR: model path does not exist: {model}")

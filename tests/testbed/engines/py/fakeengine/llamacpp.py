@@ -1,0 +1,58 @@
+"""Fake llama.cpp: `llama-server` and `rpc-server`."""
+import os
+import sys
+import threading
+
+from . import distributed, openai, rendezvous
+from .common import check_model_path, die, log, loose_args, real_addr, start_faults
+
+SERVER_VALUES = {"m", "model", "hf", "hf-repo", "hfr", "a", "alias", "host", "port", "rpc",
+                 "c", "ctx-size", "ngl", "n-gpu-layers"}
+RPC_VALUES = {"H", "host", "p", "port", "c", "cache"}
+
+
+def connect_rpc(servers):
+    """Connect to every --rpc server (kept open while serving)."""
+    links = []
+    for server in filter(None, servers.split(",")):
+        addr, _, port = server.rpartition(":")
+        sock = rendezvous.join(addr, int(port), {"host": os.environ.get("TESTBED_HOST_ID", ""),
+                                                 "role": "llama-server"},
+                               distributed.CONNECT_TIMEOUT)
+        if sock is None:
+            die(f"failed to connect to RPC server at {server}")
+        log(f"load_backend: connected to RPC server {server}")
+        links.append(sock)
+    return links
+
+
+def server_main(argv=None):
+    opts, _ = loose_args(sys.argv[1:] if argv is None else argv, SERVER_VALUES)
+    model = opts.get("m") or opts.get("model")
+    repo = opts.get("hf") or opts.get("hf-repo") or opts.get("hfr")
+    if not model and not repo:
+        die("error: no model specified (use -m or -hf)")
+    host, port = opts.get("host") or "127.0.0.1", int(opts.get("port") or 8080)
+    log("build: 6000 (fake) with cc for aarch64-linux-gnu\nsystem info: n_threads = 20")
+    start_faults("llama_model_load: error loading model: tensor data is not within file bounds")
+    if model:
+        check_model_path(model)
+    links = connect_rpc(opts.get("rpc") or "")
+    log(f"llama_model_loader: loaded meta data from {model or repo} ({len(links)} RPC servers)")
+    model_id = opts.get("a") or opts.get("alias") or model or repo
+    openai.serve(openai.Served("llamacpp", model_id, model or repo), real_addr(host), port, [
+        f"main: server is listening on http://{host}:{port} - starting the main loop",
+        "srv  update_slots: all slots are idle"])
+    return 0
+
+
+def rpc_main(argv=None):
+    opts, _ = loose_args(sys.argv[1:] if argv is None else argv, RPC_VALUES)
+    host = opts.get("H") or opts.get("host") or "127.0.0.1"
+    port = int(opts.get("p") or opts.get("port") or 50052)
+    start_faults("ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected")
+    rendezvous.Membership(host, port).start()
+    log(f"Starting RPC server v3.0.0\n  endpoint       : {host}:{port}\n"
+        "  local cache    : n/a\nDevices:\n  CUDA0: NVIDIA GB10 (122572 MiB, 120000 MiB free)")
+    threading.Event().wait()
+    return 0

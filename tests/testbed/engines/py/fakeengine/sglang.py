@@ -1,0 +1,43 @@
+"""Fake SGLang: `python3 -m sglang.launch_server ...` and `sglang serve ...`."""
+import os
+import sys
+
+from . import distributed, openai
+from .common import check_model_path, die, log, loose_args, real_addr, start_faults
+
+VALUES = {"model-path", "model", "served-model-name", "host", "port", "tp", "tp-size",
+          "nnodes", "node-rank", "dist-init-addr"}
+BOOLS = {"trust-remote-code", "enable-metrics"}
+
+
+def launch_server(args):
+    opts, _ = loose_args(args, VALUES, BOOLS)
+    model = opts.get("model-path") or opts.get("model")
+    if not model:
+        die("launch_server.py: error: the following arguments are required: --model-path", 2)
+    host = opts.get("host") or "127.0.0.1"
+    port = int(opts.get("port") or 30000)
+    log(f"[{os.getpid()}] server_args=ServerArgs(model_path='{model}', host='{host}', port={port})")
+    start_faults("RuntimeError: Initialization failed. (sglang scheduler exited)")
+    check_model_path(model)
+    nnodes, rank = int(opts.get("nnodes") or 1), int(opts.get("node-rank") or 0)
+    if nnodes > 1:
+        addr, _, dist_port = (opts.get("dist-init-addr") or "127.0.0.1:5000").rpartition(":")
+        if rank > 0:
+            distributed.worker(addr, int(dist_port), rank, "sglang")
+        distributed.head(int(dist_port), nnodes - 1, "sglang")
+    log("Load weight end. type=FakeModel, avail mem=100.00 GB")
+    openai.serve(openai.Served("sglang", opts.get("served-model-name") or model, model),
+                 real_addr(host), port, [
+                     f"INFO:     Started server process [{os.getpid()}]",
+                     "INFO:     Application startup complete.",
+                     f"INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)",
+                     "The server is fired up and ready to roll!"])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    launch_server(argv)
+    return 0

@@ -1,0 +1,1 @@
+"""Fake sglang package (see fakeengine.sglang)."""

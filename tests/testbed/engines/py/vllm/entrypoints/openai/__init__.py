@@ -1,0 +1,1 @@
+"""Fake vllm package (see fakeengine.vllm)."""
