@@ -650,7 +650,7 @@ def first_use() -> dict:
             add_source(config, source)
         except SparkrunError as exc:
             config["pending"].append(source)
-            failed.append(f"{source['url']}: {exc}")
+            failed.append(str(exc))
     save_registry_config(config)
     if failed:
         warn(DEFAULTS_UNAVAILABLE.format("; ".join(failed)))
@@ -716,12 +716,19 @@ def clone_name(config: dict, url: str) -> str:
             return entry["clone"]
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rstrip("/").rpartition("/")[2].removesuffix(".git")) or "repo"
     taken = {e["clone"] for e in config["registries"]}
-    return next(n for n in (base, *(f"{base}-{i}" for i in range(2, 1000))) if n not in taken)
+    name, number = base, 1
+    while name in taken:
+        number += 1
+        name = f"{base}-{number}"
+    return name
 
 
 def git_clone(url: str, dest: Path) -> None:
     """Shallow, blob-less, sparse clone (git falls back to a full one for plain local paths)."""
-    git("clone", "--quiet", "--depth", "1", "--filter=blob:none", "--sparse", url, str(dest))
+    try:
+        git("clone", "--quiet", "--depth", "1", "--filter=blob:none", "--sparse", url, str(dest))
+    except GitError as exc:
+        raise GitError(f"cannot clone {url}: {exc}") from None
     git("sparse-checkout", "set", ".sparkrun", cwd=dest)
 
 
@@ -828,7 +835,7 @@ def update_registries(names: list[str] | None = None) -> bool:
             print(f"{', '.join(e['name'] for e in added)}: added from {source['url']}")
         except SparkrunError as exc:
             ok = False
-            print(f"Error: could not fetch {source['url']}: {exc}", file=sys.stderr)
+            print(f"Error: {exc}", file=sys.stderr)
     save_registry_config(config)
     return ok
 
@@ -3185,6 +3192,12 @@ def cmd_registry_remove(args) -> int:
     import shutil
 
     config = load_registry_config()
+    pending = [s for s in config["pending"] if args.name in (s["url"], s.get("name"))]
+    if pending:  # a default registry never fetched: stop retrying it
+        config["pending"] = [s for s in config["pending"] if s not in pending]
+        save_registry_config(config)
+        print(f"Removed pending registry {args.name}")
+        return 0
     entry = registry_named(config, args.name)
     config["registries"].remove(entry)
     save_registry_config(config)
@@ -3404,7 +3417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mods", metavar="FOLDER", help="its mods folder (with --name)")
     command("list", cmd_registry_list, "List registries.", gsub).add_argument(
         "--json", action="store_true", help="machine-readable output")
-    command("remove", cmd_registry_remove, "Remove a registry and its local copy.", gsub).add_argument("name")
+    command("remove", cmd_registry_remove, "Remove a registry and its local copy.", gsub).add_argument(
+        "name", help="registry name, or the URL of a default registry not fetched yet")
     for name, enabled in (("enable", True), ("disable", False)):
         p = command(name, cmd_registry_enable, f"{name.capitalize()} a registry's recipes in the catalog.", gsub)
         p.add_argument("name")

@@ -54,3 +54,51 @@ def cli(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     return Cli(home)
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory):
+    """Three simulated Sparks (127.0.0.11-13) behind real sshd daemons, for the whole session."""
+    from testbed import start_bed
+
+    bed = start_bed(tmp_path_factory, n=3)
+    yield bed
+    bed.close_client_masters()
+    bed.stop()
+
+
+class BedCli(Cli):
+    """The CLI as a user on the control machine of the test bed runs it."""
+
+    def __init__(self, home: Path, bed):
+        super().__init__(home)
+        self.bed = bed
+        control_bin = TESTS / "testbed" / "hostbin"
+        control_state = home / "control"
+        control_state.mkdir(exist_ok=True)
+        self.env.update(bed.env())
+        self.env.update({
+            "HOME": str(home),
+            "SPARKRUN_CONFIG_DIR": str(home / "config"),
+            # Shared by the session so the ssh sockets (short paths) are cleaned up with the bed.
+            "SPARKRUN_CACHE_DIR": str(bed.control_home / ".cache" / "sparkrun"),
+            # This machine's own docker is the stand-in too, with a state of its own.
+            "PATH": f"{control_bin}:{os.environ['PATH']}",
+            "TESTBED_STATE": str(control_state),
+        })
+
+    @property
+    def control_state(self) -> Path:
+        return Path(self.env["TESTBED_STATE"])
+
+
+@pytest.fixture
+def bed(testbed, tmp_path):
+    """The session's bed, reset to fresh hosts, and a CLI that talks to it."""
+    testbed.reset(images=True)
+    for host in testbed.hosts:
+        if not host.is_up:
+            host.up()
+    home = tmp_path / "home"
+    home.mkdir()
+    return BedCli(home, testbed)

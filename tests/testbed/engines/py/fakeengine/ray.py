@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import distributed, rendezvous
-from .common import die, host_addr, log, loose_args, real_addr, start_faults
+from .common import die, host_addr, log, loose_args, start_faults
 
 RAY_DIR = Path("/tmp/ray")
 CURRENT = RAY_DIR / "ray_current_cluster"
