@@ -1707,7 +1707,8 @@ echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/de
 echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo "@@docker_failed"
 echo @@listen; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4=="0A" {{print $2}}'
 echo @@images
-{inspect}"""
+{inspect}echo @@end
+"""
 
 
 def parse_probe(host: str, output: str) -> HostFacts:
@@ -1756,7 +1757,13 @@ def decode_listen(entry: str) -> tuple[str, int]:
 
 def probe_hosts(ssh: SSH, hosts, images: tuple = ()) -> dict[str, HostFacts | HostError]:
     results = ssh.run_all(list(hosts), probe_script(images), timeout=SSH_CONNECT_TIMEOUT + 20)
-    return {h: r if isinstance(r, HostError) else parse_probe(h, r.stdout) for h, r in results.items()}
+    facts = {}
+    for host, result in results.items():
+        if not isinstance(result, HostError) and "@@end" not in result.stdout:
+            result = RemoteFailed(host, "the login shell did not run sparkrun's script (is bash the user's "
+                                        f"shell?): {result.stderr_tail(1) or result.stdout.strip()[-200:]}")
+        facts[host] = result if isinstance(result, HostError) else parse_probe(host, result.stdout)
+    return facts
 
 
 # ---------------------------------------------------------------------------
