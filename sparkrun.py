@@ -1992,6 +1992,8 @@ DEFAULT_INIT_PORT = {"vllm-distributed": 29501, "sglang": 25000, "llama-cpp": 50
 DEFAULT_RAY_PORT = 46379
 DEFAULT_DASHBOARD_PORT = 8265
 CONTAINER_HF_HOME = "/root/.cache/huggingface"
+MODS_MOUNT = "/sparkrun-mods"
+REMOTE_MODS = "~/.cache/sparkrun/mods"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
@@ -2087,6 +2089,8 @@ class LaunchPlan:
     readiness: str  # "generate" or "models" (embedding and reranker servers)
     steps: tuple
     notes: tuple = ()
+    mods: tuple = ()  # (name, local folder), copied to every host before the containers start
+    post_exec: tuple = ()  # commands run in the head container once the server is ready
 
     @property
     def head(self) -> str:
@@ -2273,6 +2277,11 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         if len(hosts) > 1:
             notes.append(f"{host}: {note}")
     command = one_line(render_command(recipe, values))
+    mods = resolve_mods(recipe)
+    prefix = [f"( cd {MODS_MOUNT}/{name} && WORKSPACE_DIR=\"$workspace\" bash run.sh )" for name, _ in mods]
+    prefix += [one_line(c) for c in recipe.pre_exec]
+    if mods:
+        prefix.insert(0, "workspace=$PWD")
     if snapshot and snapshot.gguf_file:
         # llama.cpp would download with -hf; point it at the synced file instead.
         command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
@@ -2291,10 +2300,13 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                   ("sparkrun.hosts", ",".join(hosts)))
         env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host]]
         dev = facts.get(host)
-        return ContainerSpec(host=host, name=f"{cid}_{role}", role=role, image=image, command=cmd,
-                             env=tuple(env), secret_env=tuple(secret_env),
-                             mounts=((hf_mount, CONTAINER_HF_HOME),), labels=labels,
-                             privileged=bool(dev and dev.active_ib))
+        mounts = [(hf_mount, CONTAINER_HF_HOME)]
+        if mods:
+            mounts.append((f"{REMOTE_MODS}/{cid}", MODS_MOUNT, "ro"))
+        return ContainerSpec(host=host, name=f"{cid}_{role}", role=role, image=image,
+                             command=" && ".join(prefix + [f"{{ {cmd}; }}"]) if prefix else cmd,
+                             env=tuple(env), secret_env=tuple(secret_env), mounts=tuple(mounts),
+                             labels=labels, privileged=bool(dev and dev.active_ib))
 
     ctx = LaunchContext(recipe, values, command, hosts, rendezvous, peer_addresses,
                         options.init_port or DEFAULT_INIT_PORT.get(runtime, 29501),
@@ -2302,8 +2314,31 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                         options.dashboard_port or DEFAULT_DASHBOARD_PORT, make_container)
     steps = tuple(load_runtime(runtime).plan(ctx))
     readiness = "models" if EMBEDDING_HINTS.search(command) else "generate"
+    if mods:
+        notes.append(f"mods applied in every container before serving: {', '.join(n for n, _ in mods)}")
     return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
-                      readiness, steps, tuple(notes))
+                      readiness, steps, tuple(notes), tuple(mods),
+                      tuple(one_line(c) for c in recipe.post_exec))
+
+
+def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(name, local folder) of each of the recipe's mods: from its registry's (or eugr's) mods
+    folder, or a `mods/` folder beside or above a recipe file. A missing mod stops the launch."""
+    if not recipe.mods:
+        return []
+    names = [Path(str(m)).name for m in recipe.mods]
+    places = [recipe.path.parent / "mods", recipe.path.parent.parent / "mods", recipe.path.parent.parent.parent / "mods"]
+    registry_dir = registry_mods_dir(recipe)
+    if registry_dir:
+        places.insert(0, registry_dir)
+    for place in places:
+        if all((place / n / "run.sh").is_file() for n in names):
+            return [(n, place / n) for n in names]
+    missing = [n for n in names if not any((p / n / "run.sh").is_file() for p in places)]
+    raise UsageError(f"recipe {recipe.name}: mod(s) {', '.join(missing)} not found (looked in "
+                     f"{', '.join(str(p) for p in places if p.is_dir()) or 'no mods folder'}); add the "
+                     f"registry that has them (eugr's: sparkrun registry add "
+                     f"https://github.com/eugr/spark-vllm-docker.git) or put them in a mods/ folder beside the recipe")
 
 
 # ---------------------------------------------------------------------------
@@ -2752,6 +2787,23 @@ def sync_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> dict:
     return moved
 
 
+def sync_mods(ssh: SSH, plan: LaunchPlan) -> None:
+    """Copy the recipe's mod folders to every host, where containers mount them read-only."""
+    remote = f"{REMOTE_MODS.removeprefix(HOME_PREFIX)}/{plan.cluster_id}/"
+
+    def push(host):
+        ssh.run(host, f"mkdir -p {quote_path(remote)}\n", check=True, what="mkdir for mods")
+        argv = ["rsync", "-a", "--delete", "-e", ssh.rsync_shell(), *[str(path) for _, path in plan.mods],
+                f"{host}:{remote}"]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RemoteFailed(host, f"copying mods failed: {done.stderr.strip()[-300:]}")
+
+    for host, result in in_parallel(list(plan.hosts), push).items():
+        if isinstance(result, HostError):
+            raise result
+
+
 def local_image_id(image: str) -> str:
     try:
         done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image],
@@ -2987,8 +3039,14 @@ def cmd_run(args) -> int:
     distribute_image(ssh, image, facts, plan.hosts)
     if not args.no_sync:
         sync_model(ssh, snapshot, plan.hosts, remote_cache_root(args.cache_dir))
+    if plan.mods:
+        sync_mods(ssh, plan)
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
+    for command in plan.post_exec:
+        head_name = next(c.name for c in plan.containers if c.role == "head")
+        ssh.run(plan.head, shlex.join(["docker", "exec", head_name, "bash", "-c", command]) + "\n",
+                check=True, what=f"post_exec '{command}'")
     print(ready_banner(plan))
     if args.no_follow:
         return 0
