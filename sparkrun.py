@@ -72,6 +72,15 @@ def warn(message: str) -> None:
     print(f"Warning: {message}", file=sys.stderr)
 
 
+SECRET_VALUES: set[str] = set()  # every secret this process handles; shown only as ***
+
+
+def mask(text: str) -> str:
+    for value in SECRET_VALUES:
+        text = text.replace(value, "***")
+    return text
+
+
 def use_color(stream=sys.stdout) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
@@ -1546,8 +1555,11 @@ class SSH:
                 print(f"  ssh {' '.join(flags)}  # {reason}", file=sys.stderr)
         return [flag for flags, _ in chosen for flag in flags]
 
-    def argv(self, host: str, remote: list[str]) -> list[str]:
-        return ["ssh", *self.options(), "--", host, *remote]
+    def argv(self, host: str, remote: list[str], *, stream: bool = False) -> list[str]:
+        """stream=True for a long-lived process wired to our own stdio or pipes: it may use
+        the master but must never become one (a backgrounded master would keep them open).
+        ssh takes the first value given for an option, so this one goes first."""
+        return ["ssh", *(["-o", "ControlMaster=no"] if stream else []), *self.options(), "--", host, *remote]
 
     def rsync_shell(self) -> str:
         """The `rsync -e` value: the same ssh, riding on the same master."""
@@ -1560,7 +1572,7 @@ class SSH:
         local = host in LOCAL_HOSTS
         argv = ["bash", "-s"] if local else self.argv(host, ["bash", "-s"])
         if self.verbose >= 2:
-            print(f"[{host}] {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF", file=sys.stderr)
+            print(mask(f"[{host}] {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF"), file=sys.stderr)
         result = self._execute(host, argv, payload, timeout)
         if not local and result.returncode == 255 and "mux_client" in result.stderr:
             self.exit_master(host)  # a stale master: drop it and try once more
@@ -1665,7 +1677,7 @@ class HostFacts:
 
     @property
     def active_ib(self) -> list[IbDevice]:
-        return [d for d in self.ib if "ACTIVE" in d.state and d.ipv4]
+        return sorted((d for d in self.ib if "ACTIVE" in d.state and d.ipv4), key=lambda d: d.hca)
 
     @property
     def management_ip(self) -> str:
@@ -1992,8 +2004,8 @@ DEFAULT_INIT_PORT = {"vllm-distributed": 29501, "sglang": 25000, "llama-cpp": 50
 DEFAULT_RAY_PORT = 46379
 DEFAULT_DASHBOARD_PORT = 8265
 CONTAINER_HF_HOME = "/root/.cache/huggingface"
-MODS_MOUNT = "/sparkrun-mods"
-REMOTE_MODS = "~/.cache/sparkrun/mods"
+REMOTE_MODS = "~/.cache/sparkrun/mods"  # on the hosts, one folder per launch
+CONTAINER_MODS = "/root/.cache/sparkrun/mods"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
@@ -2165,6 +2177,7 @@ def expand_env(recipe: Recipe, environ=os.environ) -> tuple[list, list]:
         (secret if names or SECRET_NAME.search(key) else plain).append((key, value))
     if environ.get("HF_TOKEN") and "HF_TOKEN" not in recipe.env:
         secret.append(("HF_TOKEN", environ["HF_TOKEN"]))
+    SECRET_VALUES.update(v for _, v in secret if len(v) >= 4)
     return plain, secret
 
 
@@ -2278,7 +2291,8 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
             notes.append(f"{host}: {note}")
     command = one_line(render_command(recipe, values))
     mods = resolve_mods(recipe)
-    prefix = [f"( cd {MODS_MOUNT}/{name} && WORKSPACE_DIR=\"$workspace\" bash run.sh )" for name, _ in mods]
+    mods_mount = f"{CONTAINER_MODS}/{cid}"
+    prefix = [f"( cd {mods_mount}/{name} && WORKSPACE_DIR=\"$workspace\" bash run.sh )" for name, _ in mods]
     prefix += [one_line(c) for c in recipe.pre_exec]
     if mods:
         prefix.insert(0, "workspace=$PWD")
@@ -2302,7 +2316,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         dev = facts.get(host)
         mounts = [(hf_mount, CONTAINER_HF_HOME)]
         if mods:
-            mounts.append((f"{REMOTE_MODS}/{cid}", MODS_MOUNT, "ro"))
+            mounts.append((f"{REMOTE_MODS}/{cid}", mods_mount, "ro"))
         return ContainerSpec(host=host, name=f"{cid}_{role}", role=role, image=image,
                              command=" && ".join(prefix + [f"{{ {cmd}; }}"]) if prefix else cmd,
                              env=tuple(env), secret_env=tuple(secret_env), mounts=tuple(mounts),
@@ -2424,8 +2438,8 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
             continue
         ours = [c for c in fact.containers if label_map(c).get("sparkrun.cluster") == plan.cluster_id]
         existing += [(host, c["Names"]) for c in ours]
-        if ours and not replace:
-            continue
+        if ours:
+            continue  # its ports are this launch's own; --replace frees them
         for port, what in sorted(plan_ports(plan, host)):
             if fact.port_busy(port):
                 problems.append(f"{host}: port {port} ({what}) is already in use; stop what uses it, "
@@ -2554,14 +2568,20 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
 
 
 def follow_logs(ssh: SSH, host: str, name: str, tail: str = "50", follow: bool = True) -> int:
-    """Stream a container's log through the host's master connection; Ctrl+C only detaches."""
-    argv = ssh.argv(host, ["docker", "logs", *(["-f"] if follow else []), "--tail", tail, name]) \
-        if host not in LOCAL_HOSTS else ["docker", "logs", *(["-f"] if follow else []), "--tail", tail, name]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    """Stream a container's log through the host's master connection; Ctrl+C only detaches.
+    The remote side ends as soon as we do: it watches its stdin, which we hold open."""
+    logs = shlex.join(["docker", "logs", *(["-f"] if follow else []), "--tail", tail, name])
+    # A background job's stdin is /dev/null unless redirected: hand it ours through fd 3.
+    script = (f"exec 3<&0\n{logs} 2>&1 </dev/null & logs=$!\n"
+              "( cat <&3 >/dev/null; kill $logs 2>/dev/null ) >/dev/null 2>&1 &\n"
+              "wait $logs\n")
+    remote = ["bash", "-c", script]
+    argv = remote if host in LOCAL_HOSTS else ssh.argv(host, [shlex.join(remote)], stream=True)
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
+        process.stdin.close()
         try:
             process.wait(5)
         except subprocess.TimeoutExpired:
@@ -2838,7 +2858,7 @@ def distribute_image(ssh: SSH, image: str, facts: dict, hosts) -> dict:
         return moved
     origin = source_host or "this machine"
     say(f"Image {image}: copying from {origin} to {', '.join(lacking)}")
-    save = ssh.argv(source_host, ["docker", "save", image]) if source_host else ["docker", "save", image]
+    save = ssh.argv(source_host, ["docker", "save", image], stream=True) if source_host else ["docker", "save", image]
     pending = record_pending(f"image {image}", lacking)
     try:
         moved.update(stream_to_hosts(ssh, save, lacking, ["docker", "load"]))
@@ -2850,7 +2870,7 @@ def distribute_image(ssh: SSH, image: str, facts: dict, hosts) -> dict:
 def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[str]) -> dict:
     """One producer, many `ssh host <sink>` consumers fed the same bytes; a line of progress."""
     source = subprocess.Popen(source_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    sinks = {h: subprocess.Popen(ssh.argv(h, sink_remote) if h not in LOCAL_HOSTS else sink_remote,
+    sinks = {h: subprocess.Popen(ssh.argv(h, sink_remote, stream=True) if h not in LOCAL_HOSTS else sink_remote,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for h in hosts}
     sent, start, last = 0, time.monotonic(), 0.0
@@ -2975,7 +2995,7 @@ def cmd_recipe_vram(args) -> int:
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(mask(message), file=sys.stderr, flush=True)
 
 
 def launch_options(args) -> LaunchOptions:
@@ -3511,7 +3531,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             import traceback
             traceback.print_exc()
-        print(f"Error: {exc}", file=sys.stderr)
+        print(mask(f"Error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
