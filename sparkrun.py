@@ -17,8 +17,10 @@ Sections, in data-flow order:
     6. Hosts and SSH
     7. Clusters
     8. Launch plan
-    9. Execution: preflight, launch, readiness, stop, logs, status
-    10. CLI
+    9. Execution: preflight, launch, readiness, distribution, stop, logs, status
+    10. Benchmark and tune
+    11. Setup: install, completion, update, SSH mesh, CX7 networking, permissions, page cache
+    12. CLI
 """
 
 from __future__ import annotations
@@ -2911,7 +2913,17 @@ def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[s
 
 
 # ---------------------------------------------------------------------------
-# 10. CLI
+# 10. Benchmark and tune
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 11. Setup: install, completion, update, SSH mesh, CX7 networking, permissions, page cache
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# 12. CLI
 # ---------------------------------------------------------------------------
 
 def print_table(rows: list[list[str]], headers: list[str]) -> None:
@@ -3019,10 +3031,24 @@ def choose_free_port(facts: dict, hosts, start: int = 8000) -> int:
 
 def cmd_run(args) -> int:
     recipe = find_recipe(args.recipe)
+    selection = select_hosts(args)
+    plan, ssh = launch(args, recipe, selection)
+    if plan is None or args.no_follow:
+        return 0
+    head = next(c for c in plan.containers if c.role == "head")
+    try:
+        follow_logs(ssh, plan.head, head.name)
+    except KeyboardInterrupt:
+        say(detach_message(plan.recipe, selection))
+    return 0
+
+
+def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan | None, SSH]:
+    """Everything `run` does up to a ready endpoint (or the printed plan with --dry-run: None).
+    `args` carries run's options (benchmark reuses them)."""
     errors, _ = validate_recipe(recipe)
     if errors:
         raise RecipeError(str(recipe.path), errors[0])
-    selection = select_hosts(args)
     auto_port = args.port == "auto"
     args.port = None if auto_port else args.port
     options = launch_options(args)
@@ -3038,7 +3064,7 @@ def cmd_run(args) -> int:
     if args.dry_run and not args.detect:
         snapshot = local_snapshot(recipe, local_home)
         print(plan_launch(recipe, selection, options, snapshot=snapshot).describe())
-        return 0
+        return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
     if auto_port:
@@ -3049,7 +3075,7 @@ def cmd_run(args) -> int:
     plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot)
     if args.dry_run:
         print(plan.describe())
-        return 0
+        return None, ssh
     existing = preflight(plan, facts, args.replace)
     if existing:
         say(f"Replacing the running {plan.cluster_id} ...")
@@ -3068,15 +3094,7 @@ def cmd_run(args) -> int:
         ssh.run(plan.head, shlex.join(["docker", "exec", head_name, "bash", "-c", command]) + "\n",
                 check=True, what=f"post_exec '{command}'")
     print(ready_banner(plan))
-    if args.no_follow:
-        return 0
-    head = plan.containers[0] if plan.containers[0].host == plan.head else \
-        next(c for c in plan.containers if c.role == "head")
-    try:
-        follow_logs(ssh, plan.head, head.name)
-    except KeyboardInterrupt:
-        say(detach_message(plan.recipe, selection))
-    return 0
+    return plan, ssh
 
 
 def host_args(selection: HostSelection) -> str:
