@@ -2905,7 +2905,8 @@ def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[s
         raise SparkrunError(f"docker save failed: {source_err.strip()[-300:]}")
     elapsed = time.monotonic() - start
     for host, sink in sinks.items():
-        out, err = sink.communicate()
+        err = sink.stderr.read()
+        sink.wait()
         if sink.returncode != 0 or host in broken:
             raise RemoteFailed(host, f"docker load failed: {err.decode(errors='replace').strip()[-300:] or broken.get(host)}")
         say(f"[{host}] image loaded: {sent / 2**20:.1f} MiB in {elapsed:.1f} s")
