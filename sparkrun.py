@@ -2537,9 +2537,10 @@ def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
                                          + "\n".join("    " + l for l in tail.splitlines()[-15:]))
 
 
-def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> None:
-    """Start each step in order, then wait until ready. On any failure or Ctrl+C before the
-    endpoint is ready, every container this launch started is removed on every host."""
+def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> float:
+    """Start each step in order, then wait until ready; returns the seconds spent waiting for
+    the server. On any failure or Ctrl+C before the endpoint is ready, every container this
+    launch started is removed on every host."""
     started: dict[str, list[str]] = {}
     try:
         for step in plan.steps:
@@ -2559,7 +2560,9 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                 if not result.ok:
                     raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
         say(f"waiting for {plan.endpoint} to serve {plan.served_model}")
+        waiting_since = time.monotonic()
         wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"))
+        return time.monotonic() - waiting_since
     except KeyboardInterrupt:
         say("Interrupted: removing the containers this launch started ...")
         remove_containers(ssh, started)
@@ -3047,6 +3050,7 @@ def cmd_run(args) -> int:
 def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan | None, SSH]:
     """Everything `run` does up to a ready endpoint (or the printed plan with --dry-run: None).
     `args` carries run's options (benchmark reuses them)."""
+    started = time.monotonic()
     errors, _ = validate_recipe(recipe)
     if errors:
         raise RecipeError(str(recipe.path), errors[0])
@@ -3089,12 +3093,16 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if plan.mods:
         sync_mods(ssh, plan)
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
-    execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
+    waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     for command in plan.post_exec:
         head_name = next(c.name for c in plan.containers if c.role == "head")
         ssh.run(plan.head, shlex.join(["docker", "exec", head_name, "bash", "-c", command]) + "\n",
                 check=True, what=f"post_exec '{command}'")
     print(ready_banner(plan))
+    if args.verbose:
+        total = time.monotonic() - started
+        say(f"timings: {total:.2f} s in all: {waited:.2f} s waiting for the server, "
+            f"{total - waited:.2f} s sparkrun's own")
     return plan, ssh
 
 

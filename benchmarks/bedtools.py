@@ -1,0 +1,53 @@
+"""What the benchmarks share: the test bed (simulated Sparks behind real sshd on loopback) and
+a way to run sparkrun against it as a user would."""
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from testbed import TestBed  # noqa: E402
+
+
+@contextlib.contextmanager
+def bed(n_hosts: int, first_octet: int):
+    """A started bed plus the environment for a sparkrun on its control machine."""
+    with tempfile.TemporaryDirectory(prefix="sr-bench-") as work:
+        testbed = TestBed(Path(work) / "bed", n_hosts=n_hosts, first_octet=first_octet).start()
+        try:
+            home = Path(work) / "home"
+            home.mkdir()
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARKRUN_", "HF_", "XDG_"))}
+            env.update(testbed.env())
+            env.update({"HOME": str(home), "SPARKRUN_CONFIG_DIR": str(home / "config"),
+                        "SPARKRUN_CACHE_DIR": str(testbed.control_home / ".cache" / "sparkrun"),
+                        "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "SPARKRUN_DEFAULT_REGISTRIES": "",
+                        "PATH": f"{REPO / 'tests' / 'testbed' / 'hostbin'}:{os.environ['PATH']}",
+                        "TESTBED_STATE": str(home / "control")})
+            (home / "control").mkdir()
+            yield testbed, env, home
+        finally:
+            testbed.close_client_masters()
+            testbed.stop()
+
+
+def sparkrun(env: dict, *args, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    """(wall seconds, result) of one `python sparkrun.py ...`."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(REPO / "sparkrun.py"), *map(str, args)], env=env,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - start
+    if check and result.returncode != 0:
+        raise SystemExit(f"sparkrun {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return elapsed, result
+
+
+def median_ms(values) -> str:
+    return f"{statistics.median(values) * 1000:.0f} ms"
