@@ -95,20 +95,19 @@ def bold(text: str) -> str:
 # 2. Config and paths
 # ---------------------------------------------------------------------------
 
-def config_dir() -> Path:
-    explicit = os.environ.get("SPARKRUN_CONFIG_DIR")
+def _user_dir(explicit_var: str, xdg_var: str, fallback: str) -> Path:
+    explicit = os.environ.get(explicit_var)
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "sparkrun"
+    return Path(os.environ.get(xdg_var) or os.path.join(os.path.expanduser("~"), fallback)) / "sparkrun"
+
+
+def config_dir() -> Path:
+    return _user_dir("SPARKRUN_CONFIG_DIR", "XDG_CONFIG_HOME", ".config")
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("SPARKRUN_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sparkrun"
+    return _user_dir("SPARKRUN_CACHE_DIR", "XDG_CACHE_HOME", ".cache")
 
 
 def hf_home(cache_dir_option: str | None = None) -> Path:

@@ -13,7 +13,7 @@ import re
 import subprocess
 import time
 
-from bedtools import bed, sparkrun
+from common import bed, sparkrun
 
 IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 MODEL = "bench/generated-model"

@@ -10,7 +10,7 @@ import argparse
 import re
 import statistics
 
-from bedtools import bed, sparkrun
+from common import bed, sparkrun
 
 IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 

@@ -11,12 +11,12 @@ Also prints the interpreter's own start-up time for reference.
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import command_median_ms
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("SPARKRUN_TEST_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -37,14 +37,6 @@ def make_repo(path: Path, folders: list[str]) -> None:
         subprocess.run([*GIT, *args], cwd=path, check=True)
 
 
-def median_ms(argv: list[str], env: dict, runs: int) -> float:
-    subprocess.run(argv, env=env, capture_output=True, check=True)  # warm caches
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, env=env, capture_output=True, check=True)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,10 +59,10 @@ def main() -> None:
         installed = [args.python, "-c", "import sys, sparkrun; sys.exit(sparkrun.main())"]
         print(f"python {args.python}, {len(REGISTRIES)} registries, {len(listed.stdout.splitlines()) - 1} "
               f"recipes listed, {args.runs} runs each, median:")
-        print(f"  {'python -c pass':40s} {median_ms([args.python, '-c', 'pass'], env, args.runs):6.1f} ms")
-        installed_ms = median_ms(installed + ["list"], env, args.runs)
+        print(f"  {'python -c pass':40s} {command_median_ms([args.python, '-c', 'pass'], env, args.runs):6.1f} ms")
+        installed_ms = command_median_ms(installed + ["list"], env, args.runs)
         print(f"  {'sparkrun list (installed command)':40s} {installed_ms:6.1f} ms")
-        print(f"  {'python3 sparkrun.py list':40s} {median_ms(script + ['list'], env, args.runs):6.1f} ms")
+        print(f"  {'python3 sparkrun.py list':40s} {command_median_ms(script + ['list'], env, args.runs):6.1f} ms")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Usage: python3 benchmarks/ssh_fanout.py [--runs N]
 
 import argparse
 
-from bedtools import bed, median_ms, sparkrun
+from common import bed, median_ms, sparkrun
 
 
 def main() -> None:

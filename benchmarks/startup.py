@@ -1,30 +1,24 @@
 #!/usr/bin/env python3
-"""Median wall time of sparkrun's quick commands (`--help`, `list`, `show`), warm caches.
+"""Median wall time of sparkrun's quick commands (`--help`, `list`, `show`), warm caches, in the
+ways sparkrun runs: the installed command (`import sparkrun`, bytecode cached), the zipapp when
+dist/sparkrun.pyz exists, and `python sparkrun.py` from a checkout (which recompiles the file on
+every start: Python never caches a script's own bytecode).
 
 Usage: python3 benchmarks/startup.py [--runs N] [--python PATH]
-Prints one line per command. Also prints the interpreter's own start-up time for reference.
 """
 
 import argparse
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from common import command_median_ms
+
 REPO = Path(__file__).resolve().parent.parent
+COMMANDS = (["--help"], ["list"], ["show", "nemotron3-nano-30b-nvfp4-vllm"])
 
 
-def median_ms(argv: list[str], env: dict, runs: int) -> float:
-    subprocess.run(argv, env=env, capture_output=True, check=True)  # warm caches
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, env=env, capture_output=True, check=True)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -33,14 +27,20 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
-        env = dict(os.environ, HOME=home, HF_HUB_OFFLINE="1", SPARKRUN_CONFIG_DIR=f"{home}/config",
-                   SPARKRUN_CACHE_DIR=f"{home}/cache", SPARKRUN_DEFAULT_REGISTRIES="")
-        script = [args.python, str(REPO / "sparkrun.py")]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env.update(HOME=home, HF_HUB_OFFLINE="1", SPARKRUN_CONFIG_DIR=f"{home}/config",
+                   SPARKRUN_CACHE_DIR=f"{home}/cache", SPARKRUN_DEFAULT_REGISTRIES="",
+                   PYTHONPYCACHEPREFIX=f"{home}/pycache", SHIV_ROOT=f"{home}/shiv", PYTHONPATH=str(REPO))
+        forms = {"installed command": [args.python, "-c", "import sys, sparkrun; sys.exit(sparkrun.main())"],
+                 "python sparkrun.py": [args.python, str(REPO / "sparkrun.py")]}
+        if (REPO / "dist" / "sparkrun.pyz").exists():
+            forms["dist/sparkrun.pyz"] = [args.python, str(REPO / "dist" / "sparkrun.pyz")]
         print(f"python {args.python}, {args.runs} runs each, median:")
-        print(f"  {'python -c pass':40s} {median_ms([args.python, '-c', 'pass'], env, args.runs):6.1f} ms")
-        for extra in (["--help"], ["list"], ["show", "nemotron3-nano-30b-nvfp4-vllm"]):
-            label = "sparkrun " + " ".join(extra)
-            print(f"  {label:40s} {median_ms(script + extra, env, args.runs):6.1f} ms")
+        print(f"  {'python -c pass':48s} {command_median_ms([args.python, '-c', 'pass'], env, args.runs):6.1f} ms")
+        for form, prefix in forms.items():
+            for extra in COMMANDS:
+                label = f"{form}: sparkrun {' '.join(extra)}"
+                print(f"  {label:48s} {command_median_ms(prefix + extra, env, args.runs):6.1f} ms")
 
 
 if __name__ == "__main__":

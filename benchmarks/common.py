@@ -1,5 +1,5 @@
-"""What the benchmarks share: the test bed (simulated Sparks behind real sshd on loopback) and
-a way to run sparkrun against it as a user would."""
+"""What the benchmarks share: timing a command, the test bed (simulated Sparks behind real sshd
+on loopback), and running sparkrun against it as a user would."""
 
 import contextlib
 import os
@@ -51,3 +51,14 @@ def sparkrun(env: dict, *args, check: bool = True) -> tuple[float, subprocess.Co
 
 def median_ms(values) -> str:
     return f"{statistics.median(values) * 1000:.0f} ms"
+
+
+def command_median_ms(argv: list[str], env: dict, runs: int) -> float:
+    """Median wall time of a command, after one warm-up run."""
+    subprocess.run(argv, env=env, capture_output=True, check=True)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, capture_output=True, check=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
