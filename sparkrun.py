@@ -745,7 +745,6 @@ def git_clone(url: str, dest: Path) -> None:
 def add_source(config: dict, source: dict) -> list[dict]:
     """Clone a repository, read its registries (manifest, or name/path/mods in `source`) and add
     them to config. Nothing changes unless every one of them is valid."""
-    import shutil
     import tempfile
 
     url = source["url"]
@@ -1384,7 +1383,6 @@ def hub_offline() -> bool:
     cached = getattr(hub_offline, "answer", None)
     if cached is None:
         import socket
-        import threading
         from urllib.parse import urlsplit
 
         endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
@@ -3300,8 +3298,6 @@ def cmd_registry_list(args) -> int:
 
 
 def cmd_registry_remove(args) -> int:
-    import shutil
-
     config = load_registry_config()
     pending = [s for s in config["pending"] if args.name in (s["url"], s.get("name"))]
     if pending:  # a default registry never fetched: stop retrying it

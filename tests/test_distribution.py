@@ -130,7 +130,7 @@ def test_gguf_quant_selection_with_split_files_and_hf_rewrite(bed, hub):
     assert synced == ["Q4_K_M/Qwen3-1.7B-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/Qwen3-1.7B-Q4_K_M-00002-of-00002.gguf"]
     command = bed.bed.hosts[1].containers()[0]["command"][-1]
     assert "-hf " not in command
-    assert f"-m /root/.cache/huggingface/hub/models--Qwen--Qwen3-1.7B-GGUF/snapshots/" in command
+    assert "-m /root/.cache/huggingface/hub/models--Qwen--Qwen3-1.7B-GGUF/snapshots/" in command
     assert command.split("-m ")[1].split()[0].endswith("Q4_K_M/Qwen3-1.7B-Q4_K_M-00001-of-00002.gguf")
     local = bed.home / "hf/hub/models--Qwen--Qwen3-1.7B-GGUF/snapshots"
     assert not list(local.rglob("*Q8_0*"))  # only the one quant was downloaded

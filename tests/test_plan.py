@@ -1,6 +1,5 @@
 """The launch plan as pure data: runtimes, rendezvous, NCCL env, secrets, host strings."""
 
-import argparse
 
 import pytest
 

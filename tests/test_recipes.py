@@ -1,7 +1,6 @@
 """Recipe loading, validation, runtime resolution, templating and lookup."""
 
 import re
-from pathlib import Path
 
 import pytest
 
