@@ -178,7 +178,6 @@ def test_worker_exiting_at_once_removes_everything(lab):
     assert "exited before the server was ready" in result.stderr or "exited while waiting" in result.stderr
     assert H2 in result.stderr.splitlines()[-1] or any(l.startswith(f"Error: {H2}") for l in result.stderr.splitlines())
     everything_stopped(lab)
-    assert all(c["name"] for h in lab.bed.hosts for c in h.containers()) or True
     assert [c for h in lab.bed.hosts[:2] for c in h.containers()] == []
 
 
