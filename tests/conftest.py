@@ -10,6 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 CORPUS = Path(os.environ.get("SPARKRUN_TEST_CORPUS", REPO.parent / "shared" / "corpus"))
+# The simulated hosts: 127.0.0.11-13 unless SPARKRUN_TEST_BED_OCTET moves them (two test runs at
+# once on one machine must not share addresses).
+BED_OCTET = int(os.environ.get("SPARKRUN_TEST_BED_OCTET", "11"))
+H1, H2, H3 = (f"127.0.0.{BED_OCTET + i}" for i in range(3))
+
+
+def ib_address(host: str, port: int = 2) -> str:
+    """The bed's stand-in address of a host's first (port=1) or second RoCE port."""
+    return f"127.10.{9 + port}.{host.rsplit('.', 1)[1]}"
 for entry in (str(REPO), str(TESTS)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
@@ -61,7 +70,7 @@ def testbed(tmp_path_factory):
     """Three simulated Sparks (127.0.0.11-13) behind real sshd daemons, for the whole session."""
     from testbed import start_bed
 
-    bed = start_bed(tmp_path_factory, n=3)
+    bed = start_bed(tmp_path_factory, n=3, first_octet=BED_OCTET)
     yield bed
     bed.close_client_masters()
     bed.stop()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import H1, H2, H3
+
 from hubserver import FakeHub, make_gguf_repo, make_safetensors_repo
 from testbed.fakedocker.store import Store, normalize_ref, payload_chunks
 
-H1, H2, H3 = "127.0.0.11", "127.0.0.12", "127.0.0.13"
 VLLM_IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 LLAMA_IMAGE = "scitrera/dgx-spark-llama-cpp:b8094-cu131"
 MODEL = "Qwen/Qwen3-1.7B"

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import H1, H2, H3, ib_address, REPO
 
-H1, H2, H3 = "127.0.0.11", "127.0.0.12", "127.0.0.13"
 IMAGES = {"vllm": "scitrera/dgx-spark-vllm:0.16.0-t5", "sglang": "scitrera/dgx-spark-sglang:0.5.9-t5",
           "llama": "scitrera/dgx-spark-llama-cpp:b8094-cu131", "eugr": "vllm-node"}
 
@@ -86,7 +85,7 @@ def test_vllm_distributed_multi_node(lab, nodes):
     for rank, host in enumerate(lab.bed.hosts[:nodes]):
         (call,) = run_calls(host)
         command = call[-1]
-        assert f"--nnodes {nodes} --node-rank {rank} --master-addr 127.10.11.11 --master-port 29501" in command
+        assert f"--nnodes {nodes} --node-rank {rank} --master-addr {ib_address(H1)} --master-port 29501" in command
         assert command.endswith("--headless") == (rank > 0)
         env = env_of(call)
         # Each host's own devices, not the head's.
@@ -97,8 +96,8 @@ def test_vllm_distributed_multi_node(lab, nodes):
 
 
 def test_per_host_nccl_env_follows_each_hosts_cabling(lab):
-    lab.bed.hosts[1].set_ib([{"hca": "mlx5_7", "netdev": "ibp9s0", "ipv4": "127.10.11.12", "gid_index": 5}])
-    lab.bed.hosts[0].set_ib([{"hca": "rocep1s0f1", "netdev": "enp1s0f1np1", "ipv4": "127.10.11.11"}])
+    lab.bed.hosts[1].set_ib([{"hca": "mlx5_7", "netdev": "ibp9s0", "ipv4": ib_address(H2), "gid_index": 5}])
+    lab.bed.hosts[0].set_ib([{"hca": "rocep1s0f1", "netdev": "enp1s0f1np1", "ipv4": ib_address(H1)}])
     lab.bed.write_addrmaps()
     lifecycle(lab, "qwen3-1.7b-vllm", [H1, H2], "--tp", 2)
     head, worker = (env_of(run_calls(h)[0]) for h in lab.bed.hosts[:2])
@@ -112,7 +111,7 @@ def test_no_infiniband_means_socket_env_and_management_rendezvous(lab):
     result = lifecycle(lab, "qwen3-1.7b-vllm", [H1, H2], "--tp", 2)
     assert "no active InfiniBand/RoCE" in result.stderr
     call = run_calls(lab.bed.hosts[1])[0]
-    assert env_of(call)["NCCL_IB_DISABLE"] == "1" and "--master-addr 127.0.0.11 " in call[-1]
+    assert env_of(call)["NCCL_IB_DISABLE"] == "1" and f"--master-addr {H1} " in call[-1]
     assert "--privileged" not in call
 
 
@@ -124,13 +123,13 @@ def test_vllm_ray(lab, tmp_path):
     lifecycle(lab, recipe, [H1, H2, H3], "--tp", 3)
     head = run_calls(lab.bed.hosts[0])[0][-1]
     assert head.startswith("ray start --head --port 46379") and "--distributed-executor-backend ray" in head
-    assert run_calls(lab.bed.hosts[2])[0][-1] == "ray start --address 127.10.11.11:46379 --node-ip-address 127.10.11.13 --block"
+    assert run_calls(lab.bed.hosts[2])[0][-1] == f"ray start --address {ib_address(H1)}:46379 --node-ip-address {ib_address(H3)} --block"
 
 
 def test_sglang_solo_and_two_nodes(lab):
     lifecycle(lab, "qwen3-1.7b-sglang", [H1])
     lifecycle(lab, "qwen3-1.7b-sglang", [H2, H3], "--tp", 2)
-    assert "--dist-init-addr 127.10.11.12:25000 --nnodes 2 --node-rank 1" in run_calls(lab.bed.hosts[2])[0][-1]
+    assert f"--dist-init-addr {ib_address(H2)}:25000 --nnodes 2 --node-rank 1" in run_calls(lab.bed.hosts[2])[0][-1]
 
 
 def test_llama_cpp_solo_and_experimental_rpc(lab, tmp_path):
@@ -139,8 +138,8 @@ def test_llama_cpp_solo_and_experimental_rpc(lab, tmp_path):
                           f"container: {IMAGES['llama']}\ndefaults: {{served_model_name: qwen3-1.7b, tensor_parallel: 2}}\n"
                           "command: llama-server -hf {model} --alias {served_model_name} --host {host} --port {port}\n")
     lifecycle(lab, recipe, [H1, H2], port=8001)
-    assert run_calls(lab.bed.hosts[1])[0][-1] == "rpc-server --host 127.10.11.12 --port 50052"
-    assert run_calls(lab.bed.hosts[0])[-1][-1].endswith("--rpc 127.10.11.12:50052")
+    assert run_calls(lab.bed.hosts[1])[0][-1] == f"rpc-server --host {ib_address(H2)} --port 50052"
+    assert run_calls(lab.bed.hosts[0])[-1][-1].endswith(f"--rpc {ib_address(H2)}:50052")
 
 
 def test_eugr_recipe_with_mods_on_two_nodes(lab, tmp_path):

@@ -7,9 +7,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import H1, H2, H3, ib_address, REPO
 
-H1, H2, H3 = "127.0.0.11", "127.0.0.12", "127.0.0.13"
 ALL = f"{H1},{H2},{H3}"
 
 
@@ -76,7 +75,7 @@ def test_status_three_hosts_one_connection_each(bed):
     by_host = {h["host"]: h for h in data["hosts"]}
     assert all(h["reachable"] for h in by_host.values())
     assert by_host[H2]["hostname"] == "spark-2" and by_host[H2]["management_ip"] == H2
-    assert sorted(d["ipv4"] for d in by_host[H3]["infiniband"]) == ["127.10.10.13/24", "127.10.11.13/24"]
+    assert sorted(d["ipv4"] for d in by_host[H3]["infiniband"]) == [f"{ib_address(H3, 1)}/24", f"{ib_address(H3)}/24"]
     assert by_host[H1]["gpu"].startswith("NVIDIA GB10")
     assert [h.connection_count() for h in bed.bed.hosts] == [1, 1, 1]
     # A second command reuses the persistent masters: no new connection at all.
