@@ -1652,6 +1652,18 @@ DOCKER_HELP = ("docker is not usable by this user; add the user to the docker gr
                "sudo usermod -aG docker $USER (then log in again)")
 
 
+def docker_problem(stderr: str) -> str:
+    """What a failed docker command on a host means, and what to do."""
+    text = stderr.lower()
+    if "permission denied" in text:
+        return DOCKER_HELP
+    if "command not found" in text or "no such file" in text:
+        return "docker is not installed on this host; install Docker and the NVIDIA container toolkit"
+    if "cannot connect to the docker daemon" in text:
+        return "the docker daemon is not running; start it (sudo systemctl start docker)"
+    return f"docker failed: {' | '.join(stderr.strip().splitlines()[-2:])[:300]}"
+
+
 @dataclass(frozen=True)
 class IbDevice:
     hca: str
@@ -2355,7 +2367,7 @@ def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
 
 
 # ---------------------------------------------------------------------------
-# 9. Execution: preflight, launch, readiness, stop, logs, status
+# 9. Execution: preflight, launch, readiness, distribution, stop, logs, status
 # ---------------------------------------------------------------------------
 
 HOME_PREFIX = "~/"
@@ -2431,9 +2443,7 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
             problems.append(str(fact))
             continue
         if fact.docker_error:
-            text = fact.docker_error.lower()
-            problems.append(f"{host}: {DOCKER_HELP}" if "permission denied" in text
-                            else f"{host}: docker is not working: {fact.docker_error[:200]}")
+            problems.append(f"{host}: {docker_problem(fact.docker_error)}")
             continue
         ours = [c for c in fact.containers if label_map(c).get("sparkrun.cluster") == plan.cluster_id]
         existing += [(host, c["Names"]) for c in ours]
@@ -2607,9 +2617,7 @@ def find_workloads(ssh: SSH, hosts, *, recipe: str | None = None, port: int | No
         if isinstance(result, HostError):
             raise result
         if not result.ok:
-            text = result.stderr.lower()
-            raise RemoteFailed(host, DOCKER_HELP if "permission denied" in text
-                               else f"docker ps failed: {result.stderr_tail()}")
+            raise RemoteFailed(host, docker_problem(result.stderr))
         found[host] = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
     return found
 
@@ -3558,6 +3566,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(mask(f"Error: internal error ({type(exc).__name__}: {exc}); run again with -v for the "
+                   "traceback and report it"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

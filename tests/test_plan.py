@@ -171,3 +171,26 @@ def test_dry_run_contacts_nothing_and_prints_the_plan(cli):
                  env={"SPARKRUN_SSH_OPTS": "-o ProxyCommand=false"}, check=0)
     assert "Rendezvous:" in result.stdout and result.stdout.count("docker run -d") == 2
     assert "--node-rank 1" in result.stdout and "--headless" in result.stdout
+
+
+def test_third_party_runtime_from_an_entry_point(cli, tmp_path):
+    plugins = tmp_path / "plugins"
+    (plugins / "myrt-1.0.dist-info").mkdir(parents=True)
+    (plugins / "myrt-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: myrt\nVersion: 1.0\n")
+    (plugins / "myrt-1.0.dist-info" / "entry_points.txt").write_text("[sparkrun.runtimes]\nmy-engine = myrt\n")
+    (plugins / "myrt.py").write_text('NAME = "my-engine"\n\n\ndef plan(ctx):\n'
+                                     '    return [ctx.start(0, "my-engine-serve " + ctx.serve_command)]\n')
+    recipe = write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: my-engine\ncommand: serve {model} --port {port}\n")
+    result = cli("run", recipe, "-H", "h1", "--dry-run", env={"PYTHONPATH": str(plugins)}, check=0)
+    assert "(my-engine)" in result.stdout and "bash -c 'my-engine-serve serve org/m --port 8000'" in result.stdout
+    assert cli("run", recipe, "-H", "h1", "--dry-run").returncode == 2  # without the plugin: unknown runtime
+
+
+def test_vram_warning_and_strict(cli, tmp_path):
+    recipe = write(tmp_path, "model: org/huge\ncontainer: img:1\nruntime: vllm\n"
+                             "metadata: {model_params: 400B, model_dtype: bf16, num_layers: 80, num_kv_heads: 8, head_dim: 128}\n"
+                             "defaults: {max_model_len: 32768}\ncommand: vllm serve {model}\n")
+    result = cli("run", recipe, "-H", "h1", "--dry-run", check=0)
+    assert "Warning: recipe r may not fit:" in result.stderr and "per GPU" in result.stderr
+    strict = cli("run", recipe, "-H", "h1", "--dry-run", "--strict")
+    assert strict.returncode == 2 and "refusing because of --strict" in strict.stderr and strict.stdout == ""

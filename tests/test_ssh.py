@@ -140,3 +140,11 @@ def test_a_login_shell_that_runs_nothing_is_an_error_not_an_empty_host(bed):
     result, data = status(bed, "-H", H1, "--user", "nobody")
     assert result.returncode == 3
     assert "did not run sparkrun's script" in data["hosts"][0]["error"]
+
+
+def test_docker_missing_is_explained(bed):
+    bed.bed.hosts[0].fault("no_docker")
+    result = bed("stop", "--all", "-H", H1)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"Error: {H1}: docker is not installed on this host; install Docker and "
+                                     "the NVIDIA container toolkit")
