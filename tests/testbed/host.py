@@ -42,8 +42,14 @@ class Host:
         """Create the state dirs, tools, facts and sshd config."""
         for sub in (self.home, self.tmp, self.bin, self.sshd_dir, self.root / "faults"):
             sub.mkdir(parents=True, exist_ok=True)
+        # The host's own copy of the stand-ins: the checkout may sit under /tmp or /root, which
+        # the host's namespace replaces with its private ones.
+        code = self.root / "testbed"
+        for part in ("hostbin", "fakedocker", "engines"):
+            shutil.copytree(HERE / part, code / part, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         for tool in HOST_TOOLS:
-            (self.bin / tool).symlink_to(HERE / "hostbin" / tool)
+            (self.bin / tool).symlink_to(code / "hostbin" / tool)
         self.store = Store(self.root)
         (self.sshd_dir / "authorized_keys").write_text(client_key_pub)
         self.sshd_dir.joinpath("sshd_config").write_text(self._sshd_config())
