@@ -2263,9 +2263,9 @@ class LaunchOptions:
 
 
 def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions,
-                facts: dict | None = None, environ=os.environ, snapshot=None) -> LaunchPlan:
+                facts: dict | None = None, environ=os.environ, snapshot=None, tuning=None) -> LaunchPlan:
     """Recipe + hosts + options (+ per-host facts when detected, + the model's local snapshot
-    when known) -> the launch, as data."""
+    when known, + tuned MoE configs to mount: a TuningMount, section 10) -> the launch, as data."""
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
     runtime = recipe.runtime
@@ -2328,6 +2328,9 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         mounts = [(hf_mount, CONTAINER_HF_HOME)]
         if mods:
             mounts.append((f"{REMOTE_MODS}/{cid}", mods_mount, "ro"))
+        if tuning:
+            mounts.append((tuning.remote, tuning.container, "ro"))
+            env.append(tuning.env)
         return ContainerSpec(host=host, name=f"{cid}_{role}", role=role, image=image,
                              command=" && ".join(prefix + [f"{{ {cmd}; }}"]) if prefix else cmd,
                              env=tuple(env), secret_env=tuple(secret_env), mounts=tuple(mounts),
@@ -2341,6 +2344,8 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     readiness = "models" if EMBEDDING_HINTS.search(command) else "generate"
     if mods:
         notes.append(f"mods applied in every container before serving: {', '.join(n for n, _ in mods)}")
+    if tuning:
+        notes.append(tuning.note)
     return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
                       readiness, steps, tuple(notes), tuple(mods),
                       tuple(one_line(c) for c in recipe.post_exec))
@@ -2533,9 +2538,7 @@ def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
     script = lambda h: "".join(
         f"printf '%s %s\\n' {shlex.quote(n)} \"$(docker inspect --format '{{{{.State.Running}}}}' {shlex.quote(n)} 2>/dev/null)\"\n"
         for n in names[h])
-    for host, result in ssh.run_all(list(names), script, timeout=30).items():
-        if isinstance(result, HostError):
-            raise result
+    for host, result in raise_first(ssh.run_all(list(names), script, timeout=30)).items():
         for line in result.stdout.splitlines():
             name, _, running = line.partition(" ")
             if running.strip() != "true":
@@ -2544,32 +2547,64 @@ def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
                                          + "\n".join("    " + l for l in tail.splitlines()[-15:]))
 
 
+def step_batches(steps) -> list[list[Step]]:
+    """Consecutive starts on different hosts go together (in parallel); each wait alone."""
+    batches: list[list[Step]] = []
+    for step in steps:
+        last = batches[-1] if batches else None
+        if (step.action == "start" and last and last[0].action == "start"
+                and step.host not in {s.host for s in last}):
+            last.append(step)
+        else:
+            batches.append([step])
+    return batches
+
+
+def raise_first(results: dict) -> dict:
+    """Per-host results (from in_parallel or SSH.run_all) when no host failed; otherwise every
+    failed host's error is printed but one, which is raised (main prints it, sets the exit code)."""
+    errors = [r for r in results.values() if isinstance(r, HostError)]
+    for error in errors[1:]:
+        print(mask(f"Error: {error}"), file=sys.stderr)
+    if errors:
+        raise errors[0]
+    return results
+
+
 def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> float:
-    """Start each step in order, then wait until ready; returns the seconds spent waiting for
-    the server. On any failure or Ctrl+C before the endpoint is ready, every container this
-    launch started is removed on every host."""
+    """Start each step in order (consecutive starts on different hosts at once), then wait
+    until ready; returns the seconds spent waiting for the server (rendezvous ports included).
+    On any failure or Ctrl+C before the endpoint is ready, every container this launch started
+    is removed on every host."""
     started: dict[str, list[str]] = {}
+    waited = 0.0
     try:
-        for step in plan.steps:
-            if step.action == "start":
-                spec = step.container
-                say(f"[{spec.host}] starting {spec.role} ({spec.name})")
-                started.setdefault(spec.host, []).append(spec.name)
-                ssh.run(spec.host, start_container_script(spec), check=True, timeout=120,
-                        what=f"docker run of {spec.name}")
-            else:
-                say(f"[{step.host}] waiting for {step.address}:{step.port} ({step.reason})")
-                owner = next(s.container.name for s in plan.steps if s.host == step.host and s.container)
-                result = ssh.run(step.host, wait_port_script(step.address, step.port, owner, 600), timeout=660)
-                if result.returncode == 3:
-                    raise RemoteFailed(step.host, f"container {owner} exited while waiting for {step.reason}; "
-                                                  "last log lines:\n" + container_logs_tail(ssh, step.host, owner))
-                if not result.ok:
-                    raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
+        for batch in step_batches(plan.steps):
+            if batch[0].action == "start":
+                for step in batch:
+                    say(f"[{step.host}] starting {step.container.role} ({step.container.name})")
+                    started.setdefault(step.host, []).append(step.container.name)
+                specs = {s.host: s.container for s in batch}
+                results = in_parallel(list(specs), lambda h: ssh.run(
+                    h, start_container_script(specs[h]), check=True, timeout=120,
+                    what=f"docker run of {specs[h].name}"))
+                raise_first(results)
+                continue
+            step = batch[0]
+            say(f"[{step.host}] waiting for {step.address}:{step.port} ({step.reason})")
+            owner = next(s.container.name for s in plan.steps if s.host == step.host and s.container)
+            since = time.monotonic()
+            result = ssh.run(step.host, wait_port_script(step.address, step.port, owner, 600), timeout=660)
+            waited += time.monotonic() - since
+            if result.returncode == 3:
+                raise RemoteFailed(step.host, f"container {owner} exited while waiting for {step.reason}; "
+                                              "last log lines:\n" + container_logs_tail(ssh, step.host, owner))
+            if not result.ok:
+                raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
         say(f"waiting for {plan.endpoint} to serve {plan.served_model}")
-        waiting_since = time.monotonic()
+        since = time.monotonic()
         wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"))
-        return time.monotonic() - waiting_since
+        return waited + time.monotonic() - since
     except KeyboardInterrupt:
         say("Interrupted: removing the containers this launch started ...")
         remove_containers(ssh, started)
@@ -2613,9 +2648,7 @@ def find_workloads(ssh: SSH, hosts, *, recipe: str | None = None, port: int | No
         filters += ["--filter", f"label=sparkrun.role={role}"]
     script = shlex.join(["docker", "ps", "-a", "--no-trunc", *filters, "--format", "{{json .}}"]) + "\n"
     found = {}
-    for host, result in ssh.run_all(list(hosts), script, timeout=SSH_CONNECT_TIMEOUT + 20).items():
-        if isinstance(result, HostError):
-            raise result
+    for host, result in raise_first(ssh.run_all(list(hosts), script, timeout=SSH_CONNECT_TIMEOUT + 20)).items():
         if not result.ok:
             raise RemoteFailed(host, docker_problem(result.stderr))
         found[host] = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
@@ -2754,11 +2787,9 @@ def quote_path(path: str) -> str:
 
 def hosts_lacking_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> list[str]:
     wanted = set(snapshot.files)
-    results = ssh.run_all(list(hosts), snapshot_check_script(snapshot, root), timeout=60)
+    results = raise_first(ssh.run_all(list(hosts), snapshot_check_script(snapshot, root), timeout=60))
     lacking = []
     for host, result in results.items():
-        if isinstance(result, HostError):
-            raise result
         have = {(p, int(s)) for p, _, s in (l.partition("\t") for l in result.stdout.splitlines()) if s.isdigit()}
         if not wanted <= have:
             lacking.append(host)
@@ -2807,10 +2838,7 @@ def sync_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> dict:
         return sent
 
     try:
-        for host, result in in_parallel(lacking, push).items():
-            if isinstance(result, HostError):
-                raise result
-            moved[host] = result
+        moved.update(raise_first(in_parallel(lacking, push)))
     finally:
         pending.unlink(missing_ok=True)
         listing.unlink(missing_ok=True)
@@ -2829,9 +2857,7 @@ def sync_mods(ssh: SSH, plan: LaunchPlan) -> None:
         if done.returncode != 0:
             raise RemoteFailed(host, f"copying mods failed: {done.stderr.strip()[-300:]}")
 
-    for host, result in in_parallel(list(plan.hosts), push).items():
-        if isinstance(result, HostError):
-            raise result
+    raise_first(in_parallel(list(plan.hosts), push))
 
 
 def local_image_id(image: str) -> str:
@@ -2924,11 +2950,2255 @@ def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[s
 # ---------------------------------------------------------------------------
 # 10. Benchmark and tune
 # ---------------------------------------------------------------------------
+# benchmark: launch the recipe as `run` does (section 12's launch), run a benchmark framework on
+# this machine against the endpoint, write one YAML with what is needed to reproduce the numbers,
+# stop. A framework is a small class (llama-benchy is built in; more come from the
+# `sparkrun.benchmarking` entry points). Air-gapped by design: the tokenizer comes from the local
+# Hugging Face cache and the prompt text from a file served on 127.0.0.1.
+# tune: run an engine's fused-MoE Triton tuning script per TP size in a tuning container on one
+# host and copy the configs back to cache_dir()/tuning/<engine>; later launches of that engine
+# sync the folder to their hosts, mount it and point the engine at it (tuning_mount).
+
+BENCHMARK_TIMEOUT = 14400  # seconds, for the whole benchmark
+BENCHMARK_FRAMEWORK = "llama-benchy"
+BENCHMARK_ENTRY_POINTS = "sparkrun.benchmarking"
+PROMPT_FILE = "benchmark-prompt.txt"  # bundled with the recipes (public text written for sparkrun)
+SCHEDULE_KEYS = ("depth", "concurrency")
+BENCHMARK_STOP_GRACE = 60  # seconds a framework gets to save partial results after Ctrl+C
+# Benchmark args sparkrun decides itself; a profile or -o cannot set them.
+RESERVED_BENCH_ARGS = {"base_url", "model", "served_model_name", "save_result", "format", "framework"}
+
+LLAMA_BENCHY_MISSING = ("llama-benchy is not installed on this machine; install it with "
+                        "'python3 -m pip install llama-benchy' (or 'pipx install llama-benchy')")
+TOKENIZER_MISSING = ("no tokenizer for {name} in the local Hugging Face cache ({home}/hub) and the Hub "
+                     "cannot be reached; put the model's tokenizer.json there, or pass -o tokenizer=PATH "
+                     "(a folder with tokenizer.json, or the file)")
+NOT_RUNNING = "no running {recipe} on {hosts}; drop --skip-run to launch it"
+BENCHMARK_INTERRUPTED = "Interrupted: partial results saved to {path}"
+
+
+class BenchmarkFramework:
+    """A benchmark tool run on this machine. Subclass it in a plugin (entry point group
+    `sparkrun.benchmarking`, name = the framework's name) and override what differs."""
+
+    name = ""
+    defaults: dict = {}  # lowest-priority args
+    aliases: dict = {}  # other spellings of an arg -> its name
+    install_hint = ""  # the error when available() is false
+
+    def available(self) -> bool:
+        return True
+
+    def argv(self, job: BenchmarkJob) -> list[str]:
+        raise NotImplementedError
+
+    def env(self, job: BenchmarkJob) -> dict:
+        """Extra environment for the framework process."""
+        return {}
+
+    def rows(self, raw) -> list[dict]:
+        """Table rows from the framework's JSON: depth, concurrency, pp, tg, pp_tps, tg_tps, ttfr_ms."""
+        return []
+
+    def cleanup(self, job: BenchmarkJob) -> None:
+        """Remove what the framework left behind for this job (caches of served files)."""
+
+    def version(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class BenchmarkJob:
+    """One run of a framework: everything it needs, decided before it starts."""
+    endpoint: str  # http://head:port/v1
+    model: str  # Hugging Face id, ':QUANT' stripped
+    served_model: str  # the name the server answers to
+    args: dict  # framework args, schedule point applied
+    tokenizer: str | None  # a local folder or file, or a Hub id when the Hub is reachable
+    prompt_url: str | None  # where the framework reads its prompt text
+    result_file: Path  # where the framework writes its JSON
+    offline: bool  # nothing may be fetched from the Hub
+
+
+def bench_flag(name: str, value) -> list[str]:
+    """One arg as command-line words: lists repeat values, true is a bare flag, false is nothing,
+    a mapping becomes repeated key=value (JSON values)."""
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [flag]
+    if isinstance(value, (list, tuple)):
+        return [flag, *map(format_value, value)] if value else []
+    if isinstance(value, dict):
+        return [word for key, item in value.items() for word in (flag, f"{key}={json.dumps(item)}")]
+    return [flag, format_value(value)]
+
+
+class LlamaBenchy(BenchmarkFramework):
+    name = "llama-benchy"
+    defaults = {"pp": [2048], "tg": [128], "depth": [0], "concurrency": [1], "runs": 3}
+    aliases = {"prefix_caching": "enable_prefix_caching"}
+    install_hint = LLAMA_BENCHY_MISSING
+    negated = {"adapt_prompt"}  # on by default in llama-benchy: false becomes --no-adapt-prompt
+
+    def command(self) -> list[str]:
+        found = shutil.which("llama-benchy")
+        return [found] if found else [sys.executable, "-m", "llama_benchy"]
+
+    def available(self) -> bool:
+        import importlib.util
+
+        return bool(shutil.which("llama-benchy") or importlib.util.find_spec("llama_benchy"))
+
+    def version(self) -> str:
+        try:
+            from importlib.metadata import version
+
+            return version("llama-benchy")
+        except Exception:  # installed some other way: not worth failing over
+            return ""
+
+    def argv(self, job: BenchmarkJob) -> list[str]:
+        argv = [*self.command(), "--base-url", job.endpoint, "--model", job.model,
+                "--served-model-name", job.served_model, "--format", "json", "--save-result", str(job.result_file)]
+        if job.tokenizer:
+            argv += ["--tokenizer", job.tokenizer]
+        if job.prompt_url:
+            argv += ["--book-url", job.prompt_url]
+        for key, value in job.args.items():
+            if key in ("tokenizer", "book_url"):
+                continue
+            if key in self.negated and value is False:
+                argv.append("--no-" + key.replace("_", "-"))
+            else:
+                argv += bench_flag(key, value)
+        return argv
+
+    def env(self, job: BenchmarkJob) -> dict:
+        return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} if job.offline else {}
+
+    def rows(self, raw) -> list[dict]:
+        def mean(metric):
+            return round(metric["mean"], 3) if isinstance(metric, dict) and metric.get("mean") is not None else None
+
+        rows = []
+        for run in (raw or {}).get("benchmarks") or []:
+            rows.append({"depth": run.get("context_size"), "concurrency": run.get("concurrency"),
+                         "pp": run.get("prompt_size"), "tg": run.get("response_size"),
+                         "phase": "context" if run.get("is_context_prefill_phase") else "prompt",
+                         "pp_tps": mean(run.get("pp_throughput")), "tg_tps": mean(run.get("tg_throughput")),
+                         "peak_tg_tps": mean(run.get("peak_throughput")), "ttfr_ms": mean(run.get("ttfr")),
+                         "est_ppt_ms": mean(run.get("est_ppt")), "e2e_ttft_ms": mean(run.get("e2e_ttft"))})
+        return rows
+
+    def cleanup(self, job: BenchmarkJob) -> None:
+        # llama-benchy keeps every text it fetched in ~/.cache/llama-benchy/<md5 of the URL>.txt;
+        # ours came from a one-off local address, so its copy is of no further use.
+        if job.prompt_url and job.prompt_url.startswith("http://127.0.0.1:"):
+            import hashlib
+
+            digest = hashlib.md5(job.prompt_url.encode()).hexdigest()
+            (Path.home() / ".cache" / "llama-benchy" / f"{digest}.txt").unlink(missing_ok=True)
+
+
+BUILTIN_FRAMEWORKS = {LlamaBenchy.name: LlamaBenchy}
+
+
+def load_framework(name: str) -> BenchmarkFramework:
+    """A framework by name: built in, or from the `sparkrun.benchmarking` entry points."""
+    if name in BUILTIN_FRAMEWORKS:
+        return BUILTIN_FRAMEWORKS[name]()
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=BENCHMARK_ENTRY_POINTS):
+        if entry.name == name:
+            loaded = entry.load()
+            return loaded() if isinstance(loaded, type) else loaded
+    known = sorted(set(BUILTIN_FRAMEWORKS) | {e.name for e in entry_points(group=BENCHMARK_ENTRY_POINTS)})
+    raise UsageError(f"unknown benchmark framework '{name}' (known: {', '.join(known)})")
+
+
+@dataclass(frozen=True)
+class BenchmarkProfile:
+    name: str  # for the output file name: the profile's file stem, or "default"
+    path: str | None
+    framework: str | None
+    args: dict
+    schedule: tuple = ()  # ({"depth": d, "concurrency": c}, ...) in order
+    timeout: float | None = None
+    description: str = ""
+
+
+def read_profile(name: str | None) -> BenchmarkProfile:
+    """A profile (file, name or @registry/name) in either layout: `framework`/`args`/`schedule`/
+    `timeout` at the top, or nested under `benchmark:` as older profiles have it."""
+    if not name:
+        return BenchmarkProfile("default", None, None, {})
+    path, data = find_benchmark_profile(name)
+    body = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else data
+    args = body.get("args") if body.get("args") is not None else {}
+    if not isinstance(args, dict):
+        raise UsageError(f"{path}: 'args' must be a mapping of benchmark args")
+    schedule = body.get("schedule", data.get("schedule")) or []
+    if not isinstance(schedule, list) or not all(isinstance(p, dict) and set(p) <= set(SCHEDULE_KEYS)
+                                                 and p for p in schedule):
+        raise UsageError(f"{path}: 'schedule' must be a list of {{depth, concurrency}} points")
+    timeout = body.get("timeout", data.get("timeout"))
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise UsageError(f"{path}: 'timeout' must be a number of seconds")
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    return BenchmarkProfile(path.stem, str(path), body.get("framework"), dict(args), tuple(schedule),
+                            timeout, str(metadata.get("description", "")))
+
+
+def recipe_benchmark_block(recipe: Recipe) -> tuple[str | None, dict]:
+    """(framework, args) of a recipe's `benchmark:` block: flat keys, or an `args:` mapping."""
+    block = dict(recipe.benchmark)
+    framework = block.pop("framework", None)
+    nested = block.pop("args", None)
+    if isinstance(nested, dict):
+        block.update(nested)
+    return framework, block
+
+
+def bench_overrides(pairs: list[str]) -> dict:
+    """-o key=value for benchmark args; a comma makes a list (-o depth=0,4096)."""
+    values = {}
+    for key, value in parse_overrides(pairs).items():
+        if isinstance(value, str) and "," in value:
+            value = [coerce_value(v.strip()) for v in value.split(",") if v.strip()]
+        values[key] = value
+    return values
+
+
+def merge_bench_args(framework: BenchmarkFramework, *layers: dict) -> dict:
+    """Lowest to highest: framework defaults, recipe block, profile args, -o."""
+    merged: dict = {}
+    for layer in (framework.defaults, *layers):
+        for key, value in (layer or {}).items():
+            key = framework.aliases.get(key, key)
+            if key in RESERVED_BENCH_ARGS:
+                warn(f"benchmark arg '{key}' is set by sparkrun; ignored")
+                continue
+            merged[key] = value
+    return merged
+
+
+def schedule_points(args: dict, schedule: tuple) -> list[dict]:
+    """One args mapping per framework run: all of args at once, or one per schedule point."""
+    if not schedule:
+        return [dict(args)]
+    return [dict(args, **{k: [v] for k, v in point.items()}) for point in schedule]
+
+
+def resolve_tokenizer(name: str, home: Path) -> tuple[str, bool]:
+    """(what to pass as --tokenizer, offline?): a local path, the cached snapshot that holds
+    tokenizer.json, or the Hub id when the Hub is reachable."""
+    local = Path(os.path.expanduser(name))
+    if local.exists():
+        return str(local.resolve()), True
+    snapshot = cached_snapshot_dir(home, name.partition(":")[0])
+    if snapshot and (snapshot / "tokenizer.json").is_file():
+        return str(snapshot), True
+    if hub_offline():
+        raise SparkrunError(TOKENIZER_MISSING.format(name=name, home=home))
+    return name, False
+
+
+class PromptServer:
+    """Serves the bundled prompt text on 127.0.0.1 (an ephemeral port) while a benchmark runs."""
+
+    path = "/sparkrun-benchmark-prompt.txt"
+
+    def __init__(self, text_file: Path):
+        self.data = text_file.read_bytes()
+
+    def __enter__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        data, served_path = self.data, self.path
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                found = self.path.split("?")[0] == served_path
+                body = data if found else b"not found\n"
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def prompt_text_file() -> Path:
+    return resource_dir("recipes") / PROMPT_FILE
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """The server a benchmark measures: launched now, or found running by its labels."""
+    endpoint: str
+    served_model: str
+    runtime: str
+    cluster_id: str
+    hosts: tuple
+    image: str
+    containers: dict  # host -> [container names], the head's host first and its head container first
+    launched: bool
+
+    @property
+    def head_host(self) -> str:
+        return next(iter(self.containers))
+
+    @property
+    def head_container(self) -> str:
+        return self.containers[self.head_host][0]
+
+
+def target_from_plan(plan: LaunchPlan) -> BenchTarget:
+    names: dict = {}
+    for spec in sorted(plan.containers, key=lambda c: c.role != "head"):  # stable: host order kept
+        names.setdefault(spec.host, []).append(spec.name)
+    return BenchTarget(plan.endpoint, plan.served_model, plan.runtime, plan.cluster_id, plan.hosts,
+                       plan.containers[0].image, names, True)
+
+
+def running_target(ssh: SSH, recipe: Recipe, selection: HostSelection, port: int | None) -> BenchTarget:
+    """The launch of `recipe` already running on the selected hosts (found by its labels)."""
+    found = find_workloads(ssh, selection.hosts, recipe=recipe.name, port=port, role="head")
+    heads = [(h, c) for h, cs in found.items() for c in cs if c.get("State", "running") == "running"]
+    if not heads:
+        raise SparkrunError(NOT_RUNNING.format(recipe=recipe.name, hosts=", ".join(selection.hosts)))
+    host, container = heads[0]
+    labels = label_map(container)
+    head = labels.get("sparkrun.head", host)
+    address = head.rpartition("@")[2]
+    address = f"[{address}]" if ":" in address else address
+    endpoint = f"http://{address}:{labels.get('sparkrun.port', '8000')}/v1"
+    served = labels.get("sparkrun.served_model", recipe.model_repo)
+    hosts = tuple(h for h in labels.get("sparkrun.hosts", host).split(",") if h) or (host,)
+    why = probe_ready(endpoint, served, "models")
+    if why:
+        raise SparkrunError(f"{recipe.name} runs as {labels.get('sparkrun.cluster')} but {endpoint} is {why}")
+    return BenchTarget(endpoint, served, labels.get("sparkrun.runtime", ""), labels.get("sparkrun.cluster", ""),
+                       hosts, container.get("Image", ""), {host: [container["Names"]]}, False)
+
+
+def container_image_id(ssh: SSH, host: str, container: str) -> str:
+    try:
+        result = ssh.run(host, f"docker inspect --format '{{{{.Image}}}}' {shlex.quote(container)}\n", timeout=30)
+    except HostError:
+        return ""
+    return result.stdout.strip() if result.ok else ""
+
+
+@dataclass
+class FrameworkRun:
+    """What one framework run left: its args, exit code, JSON and rows."""
+    args: dict
+    exit_code: int | None = None
+    raw: dict | None = None
+    rows: list = field(default_factory=list)
+    status: str = "complete"  # complete, failed, interrupted, timeout
+
+
+class BenchmarkInterrupted(Exception):
+    def __init__(self, run: FrameworkRun):
+        super().__init__("interrupted")
+        self.run = run
+
+
+def run_framework(framework: BenchmarkFramework, job: BenchmarkJob, deadline: float) -> FrameworkRun:
+    """Run the framework until it ends, the deadline passes (status timeout) or Ctrl+C (raises
+    BenchmarkInterrupted with the partial results). It runs in a session of its own, so the one
+    SIGINT it gets comes from us, and it has the time to save what it measured."""
+    import signal
+
+    env = dict(os.environ)
+    env.update(framework.env(job))
+    head = job.endpoint.split("//")[1].rsplit(":", 1)[0].strip("[]")
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(filter(None, [env.get("NO_PROXY", ""), "127.0.0.1,localhost", head]))
+    argv = framework.argv(job)
+    say("$ " + shlex.join(argv))
+    run = FrameworkRun(job.args)
+    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True)
+    interrupted = False
+    try:
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                run.status = "timeout"
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        interrupted, run.status = True, "interrupted"
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(BENCHMARK_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    run.exit_code = process.returncode
+    if run.status == "complete" and run.exit_code != 0:
+        run.status = "failed"
+    try:
+        run.raw = json.loads(job.result_file.read_text())
+    except (OSError, ValueError):
+        run.raw = None
+    run.rows = framework.rows(run.raw) if run.raw else []
+    framework.cleanup(job)
+    if interrupted:
+        raise BenchmarkInterrupted(run)
+    return run
+
+
+def yaml_text(data) -> str:
+    """YAML with multi-line strings (the recipe text) as literal blocks."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+def benchmark_record(recipe: Recipe, target: BenchTarget, image_id: str, tp: int, framework: BenchmarkFramework,
+                     profile: BenchmarkProfile, args: dict, runs: list, home: Path, started: str,
+                     timeout: float) -> dict:
+    """Everything the results YAML holds: what ran, where, with which args, and what it measured."""
+    import hashlib
+
+    snapshot = cached_snapshot_dir(home, recipe.model_repo, recipe.model_revision)
+    config = read_cached_config(home, recipe.model_repo, recipe.model_revision) or {}
+    statuses = [r.status for r in runs]
+    return {
+        "sparkrun": __version__,
+        "timestamp": started,
+        "status": next((s for s in ("interrupted", "timeout", "failed") if s in statuses), "complete"),
+        "recipe": {"name": recipe.name, "registry": recipe.source, "path": str(recipe.path),
+                   "hash": "sha256:" + hashlib.sha256(recipe.text.encode()).hexdigest(), "text": recipe.text},
+        "model": {"id": recipe.model, "revision": snapshot.name if snapshot else recipe.model_revision,
+                  "dtype": recipe.metadata.get("model_dtype") or recipe.gguf_quant or config.get("torch_dtype")},
+        "container": {"image": target.image, "image_id": image_id},
+        "runtime": target.runtime,
+        "hosts": list(target.hosts),
+        "tp": tp,
+        "endpoint": target.endpoint,
+        "served_model": target.served_model,
+        "framework": {"name": framework.name, "version": framework.version()},
+        "profile": {"name": profile.name, "path": profile.path, "description": profile.description},
+        "args": args,
+        "schedule": [dict(p) for p in profile.schedule] or None,
+        "timeout": timeout,
+        "results": {
+            "rows": [row for r in runs for row in r.rows],
+            "runs": [{"args": r.args, "status": r.status, "exit_code": r.exit_code, "raw": r.raw} for r in runs],
+        },
+    }
+
+
+def format_metric(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_benchmark_table(rows: list[dict]) -> None:
+    if not rows:
+        print("No results.")
+        return
+    table = [[str(r.get("depth", "")), str(r.get("concurrency", "")), str(r.get("pp", "")), str(r.get("tg", "")),
+              format_metric(r.get("pp_tps")), format_metric(r.get("tg_tps")), format_metric(r.get("ttfr_ms"), 0),
+              "context load" if r.get("phase") == "context" else ""] for r in rows]
+    print_table(table, ["DEPTH", "CONC", "PP", "TG", "PP T/S", "TG T/S", "TTFR MS", "NOTE"])
+
+
+def default_output_name(recipe: Recipe, profile: BenchmarkProfile, tp: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name)
+    return f"benchmark_{safe}_{profile.name}_tp{tp}.yaml"
+
+
+def benchmark_tp(recipe: Recipe, args) -> int:
+    if args.solo or recipe.solo_only or recipe.mode == "solo":
+        return 1
+    values = recipe_values(recipe, typed_overrides(args))
+    try:
+        return max(1, int(values.get("tensor_parallel") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def launch_namespace(args) -> argparse.Namespace:
+    """benchmark's options as launch() reads them: -o belongs to the benchmark, not the recipe."""
+    return argparse.Namespace(**dict(vars(args), override=[], no_follow=True))
+
+
+def cmd_benchmark(args) -> int:
+    import tempfile
+
+    recipe = find_recipe(args.recipe)
+    selection = select_hosts(args)
+    profile = read_profile(args.profile)
+    block_framework, block_args = recipe_benchmark_block(recipe)
+    name = args.framework or profile.framework or block_framework or BENCHMARK_FRAMEWORK
+    if profile.framework and profile.framework != name:
+        warn(f"profile {profile.name} is for {profile.framework}; running {name} as asked")
+    framework = load_framework(name)
+    bench_args = merge_bench_args(framework, block_args, profile.args, bench_overrides(args.bench_args))
+    timeout = args.timeout or profile.timeout or BENCHMARK_TIMEOUT
+    tp = benchmark_tp(recipe, args)
+    output = Path(args.output or default_output_name(recipe, profile, tp))
+    home = hf_home(args.cache_dir)
+    points = schedule_points(bench_args, profile.schedule)
+    if args.dry_run:
+        if not args.skip_run:
+            launch(launch_namespace(args), recipe, selection)
+        preview = BenchmarkJob("http://<head>:<port>/v1", recipe.model_repo, "<served model>", {}, "<tokenizer>",
+                               str(bench_args.get("book_url") or "http://127.0.0.1:<port>" + PromptServer.path),
+                               Path("<result.json>"), True)
+        print(f"\nBenchmark ({framework.name}, {len(points)} run(s), timeout {timeout:.0f} s) -> {output}:")
+        for point in points:
+            print("  " + shlex.join(framework.argv(replace(preview, args=point))))
+        return 0
+    if not framework.available():
+        raise SparkrunError(framework.install_hint or f"benchmark framework {framework.name} is not available")
+    tokenizer, offline = resolve_tokenizer(str(bench_args.get("tokenizer") or recipe.model_repo), home)
+    if args.sync_tuning:
+        sync_registries_with_tuning()
+    if args.skip_run:
+        ssh = SSH(selection.user, args.verbose)
+        target = running_target(ssh, recipe, selection, args.port if isinstance(args.port, int) else None)
+        say(f"Benchmarking the running {target.cluster_id} at {target.endpoint}")
+    else:
+        plan, ssh = launch(launch_namespace(args), recipe, selection)
+        target = target_from_plan(plan)
+    image_id = container_image_id(ssh, target.head_host, target.head_container)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    runs: list[FrameworkRun] = []
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparkrun-bench-") as scratch, \
+                PromptServer(prompt_text_file()) as prompt:
+            deadline = time.monotonic() + timeout
+            for index, point in enumerate(points):
+                if len(points) > 1:
+                    say(f"Benchmark point {index + 1}/{len(points)}: "
+                        + ", ".join(f"{k} {point[k][0]}" for k in SCHEDULE_KEYS if k in point))
+                job = BenchmarkJob(target.endpoint, recipe.model_repo, target.served_model, point, tokenizer,
+                                   str(point.get("book_url") or prompt.url), Path(scratch) / f"result-{index}.json",
+                                   offline)
+                runs.append(run_framework(framework, job, deadline))
+                if runs[-1].status != "complete":
+                    break
+    except BenchmarkInterrupted as exc:
+        runs.append(exc.run)
+        interrupted = True
+    finally:
+        record = benchmark_record(recipe, target, image_id, tp, framework, profile, bench_args, runs, home,
+                                  started, timeout)
+        atomic_write(output, yaml_text(record))
+        if target.launched and not args.no_stop:
+            say(f"Stopping {target.cluster_id} ...")
+            remove_containers(ssh, target.containers)
+        elif target.launched:
+            say(detach_message(recipe.name, selection))
+    print_benchmark_table(record["results"]["rows"])
+    print(f"\nResults: {output}")
+    if interrupted:
+        say(BENCHMARK_INTERRUPTED.format(path=output))
+        return 130
+    if record["status"] == "timeout":
+        raise SparkrunError(f"benchmark stopped after its timeout of {timeout:.0f} s; partial results in {output}")
+    if record["status"] == "failed":
+        code = next(r.exit_code for r in runs if r.status == "failed")
+        raise SparkrunError(f"{framework.name} failed (exit {code}); see its output above and {output}")
+    return 0
+
+
+# -- Tuned MoE kernel configs: where they live, and what a launch mounts
+
+@dataclass(frozen=True)
+class TuningEngine:
+    name: str
+    package: str  # the Python package in the image, to find its source tree
+    script: str  # the tuning script, relative to the engine's repository
+    repo: str  # where the scripts come from without --skip-clone
+    repo_env: str  # environment variable that replaces `repo` (a mirror)
+    env_var: str  # what points the engine at tuned configs
+    image_dirs: tuple  # where images usually keep the engine's source
+
+
+TUNING_ENGINES = {
+    "sglang": TuningEngine("sglang", "sglang", "benchmark/kernels/fused_moe_triton/tuning_fused_moe_triton.py",
+                           "https://github.com/sgl-project/sglang.git", "SPARKRUN_SGLANG_REPO",
+                           "SGLANG_MOE_CONFIG_DIR", ("/sgl-workspace/sglang", "/workspace/sglang", "/opt/sglang")),
+    "vllm": TuningEngine("vllm", "vllm", "benchmarks/kernels/benchmark_moe.py",
+                         "https://github.com/vllm-project/vllm.git", "SPARKRUN_VLLM_REPO",
+                         "VLLM_TUNED_CONFIG_FOLDER", ("/vllm-workspace", "/workspace/vllm", "/opt/vllm")),
+}
+DEFAULT_TUNE_TP = (1, 2, 4, 8)
+TUNING_MANIFEST = "sparkrun-tuning.json"  # which model and TP size produced which config
+REMOTE_TUNING = "~/.cache/sparkrun/tuning"  # on the hosts: what launches mount
+CONTAINER_TUNING = "/root/.cache/sparkrun/tuning"
+REMOTE_TUNE_WORK = "~/.cache/sparkrun/tune"  # on the tuning host: sources, scratch, results
+CONTAINER_TUNE_WORK = "/root/.cache/sparkrun/tune"
+TUNE_JOB_TIMEOUT = 24 * 3600
+CLONE_FAILED = ("could not fetch the {engine} tuning scripts from {repo} ({reason}); without network access, "
+                "pass --skip-clone to use the scripts inside the image, or set {env} to a reachable mirror")
+SCRIPT_NOT_IN_IMAGE = ("{script} is not in the image {image} (looked in its working directory, the {package} "
+                       "package's source tree and {dirs}); drop --skip-clone to fetch it")
+
+
+def tuning_engine_of(runtime: str) -> str | None:
+    if runtime == "sglang":
+        return "sglang"
+    if runtime.startswith("vllm") or runtime == "eugr-vllm":
+        return "vllm"
+    return None
+
+
+def tuning_dir(engine: str) -> Path:
+    return cache_dir() / "tuning" / engine
+
+
+def read_tuning_manifest(folder: Path) -> dict:
+    data = _read_json(folder / TUNING_MANIFEST) or {}
+    return {"models": data.get("models") or {}, "registry_files": data.get("registry_files") or []}
+
+
+def tuned_sizes(folder: Path, model: str) -> set[int]:
+    """TP sizes tuned for `model` whose config files are all still in `folder`."""
+    entries = read_tuning_manifest(folder)["models"].get(model, {})
+    return {int(tp) for tp, entry in entries.items()
+            if entry.get("files") and all((folder / f).is_file() for f in entry["files"])}
+
+
+def sync_registry_tuning(engine: str, folder: Path) -> list[str]:
+    """Copy the enabled registries' `<tuning>/<engine>/` configs into `folder` where it has no file
+    of that name (configs tuned here win). Returns the registry files now present."""
+    manifest = read_tuning_manifest(folder)
+    present = set(manifest["registry_files"])
+    added = []
+    for root in registry_tuning_dirs():
+        source = root / engine
+        for path in sorted(source.rglob("*.json")) if source.is_dir() else []:
+            relative = path.relative_to(source).as_posix()
+            if relative not in present and not (folder / relative).exists():
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, folder / relative)
+                added.append(relative)
+                present.add(relative)
+    if added:
+        manifest["registry_files"] = sorted(present)
+        atomic_write(folder / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return sorted(f for f in present if (folder / f).is_file())
+
+
+def sync_registries_with_tuning() -> None:
+    """Fetch the newest configs of every registry that declares a tuning folder."""
+    names = [e["name"] for e in enabled_registries() if e.get("tuning")]
+    if names and not update_registries(names):
+        warn("some registries could not be updated; using their last good tuning configs")
+
+
+@dataclass(frozen=True)
+class TuningMount:
+    """Tuned configs a launch mounts: synced from `local` to `remote` on every host."""
+    engine: str
+    local: Path
+    remote: str  # on the hosts ("~/" is the remote home)
+    container: str  # mount point in the container
+    env: tuple  # (name, value) that points the engine at them
+    note: str
+
+
+def tuning_mount(recipe: Recipe) -> TuningMount | None:
+    """The engine's tuned configs when there are some for this recipe's model (or from a registry)."""
+    engine = tuning_engine_of(recipe.runtime)
+    if engine is None:
+        return None
+    folder = tuning_dir(engine)
+    # Registries are only read once configured: a launch from a file must not fetch the defaults.
+    if registries_file().exists() and registry_tuning_dirs():
+        registry_files = sync_registry_tuning(engine, folder)
+    else:
+        registry_files = [f for f in read_tuning_manifest(folder)["registry_files"] if (folder / f).is_file()]
+    tuned = sorted(tuned_sizes(folder, recipe.model_repo))
+    if not tuned and not registry_files:
+        return None
+    base = f"{CONTAINER_TUNING}/{engine}"
+    # SGLang looks in $SGLANG_MOE_CONFIG_DIR/configs/triton_<version>/; vLLM in the folder itself.
+    container = f"{base}/configs" if engine == "sglang" else base
+    what = [f"TP {', '.join(map(str, tuned))} tuned here"] if tuned else []
+    what += [f"{len(registry_files)} from registries"] if registry_files else []
+    return TuningMount(engine, folder, f"{REMOTE_TUNING}/{engine}", container,
+                       (TUNING_ENGINES[engine].env_var, base),
+                       f"tuned {engine} MoE configs mounted ({'; '.join(what)})")
+
+
+def sync_tuning(ssh: SSH, mount: TuningMount, hosts) -> None:
+    """Make every host's copy of the tuned configs equal to this machine's."""
+    remote = mount.remote.removeprefix(HOME_PREFIX)
+
+    def push(host):
+        ssh.run(host, f"mkdir -p {quote_path(remote)}\n", check=True, what="mkdir for tuned configs")
+        argv = ["rsync", "-a", "--delete", "-e", ssh.rsync_shell(), f"{mount.local}/", f"{host}:{remote}/"]
+        if ssh.verbose >= 2:
+            print(f"[{host}] {shlex.join(argv)}", file=sys.stderr)
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RemoteFailed(host, f"copying tuned configs failed: {done.stderr.strip()[-300:]}")
+
+    for host, result in in_parallel(list(hosts), push).items():
+        if isinstance(result, HostError):
+            raise result
+
+
+# -- tune: one tuning container, one job per TP size, configs copied back as each finishes
+
+@dataclass(frozen=True)
+class TunePlan:
+    engine: TuningEngine
+    host: str
+    image: str
+    model: str
+    sizes: tuple  # to tune, in order
+    skipped: tuple  # already tuned
+    parallel: int
+    output: Path
+    container: ContainerSpec
+    skip_clone: bool
+    repo: str
+    trust_remote_code: bool
+
+    @property
+    def work(self) -> str:
+        return f"{CONTAINER_TUNE_WORK}/{self.engine.name}"
+
+    def find_script(self) -> str:
+        """Runs in the container: print the folder that holds the script (cloned, or in the image:
+        its working directory, the engine package's source tree, the usual places)."""
+        e = self.engine
+        if not self.skip_clone:
+            return (f"ver=$(python3 -c 'import {e.package}; print({e.package}.__version__)' 2>/dev/null)\n"
+                    f"src={self.work}/src\n"
+                    f"if [ ! -f \"$src/{e.script}\" ]; then\n"
+                    f"  rm -rf \"$src\"\n"
+                    f"  git clone --quiet --depth 1 --branch \"v$ver\" {shlex.quote(self.repo)} \"$src\" 2>/dev/null ||\n"
+                    f"  git clone --quiet --depth 1 {shlex.quote(self.repo)} \"$src\" || exit 3\n"
+                    f"fi\n[ -f \"$src/{e.script}\" ] || exit 4\necho \"$src\"\n")
+        roots = " ".join(['"$PWD"', '"$pkg/.."', '"$pkg/../.."', *e.image_dirs])
+        return (f"pkg=$(python3 -c 'import os, {e.package}; print(os.path.dirname(os.path.abspath({e.package}.__file__)))' "
+                f"2>/dev/null)\nfor root in {roots}; do\n"
+                f"  [ -f \"$root/{e.script}\" ] && {{ cd \"$root\" && pwd; exit 0; }}\ndone\nexit 4\n")
+
+    def job(self, root: str, tp: int, subdir: str) -> str:
+        """Runs in the container: tune one TP size in a scratch folder, move the JSON configs into
+        the results folder and print their paths there."""
+        work, out = f"{self.work}/work/tp{tp}", f"{self.work}/out" + (f"/{subdir}" if subdir else "")
+        argv = ["python3", f"{root}/{self.engine.script}", "--model", self.model, "--tp-size", str(tp), "--tune"]
+        if self.engine.name == "vllm":
+            argv += ["--save-dir", work] + (["--trust-remote-code"] if self.trust_remote_code else [])
+        return (f"set -e\nrm -rf {work}\nmkdir -p {work} {out}\ncd {work}\n"
+                f"{shlex.join(argv)} > {work}.log 2>&1 || {{ rc=$?; tail -n 20 {work}.log; exit $rc; }}\n"
+                f"for f in $(find . -name '*.json'); do mv \"$f\" {out}/; "
+                f"echo \"@@config {subdir + '/' if subdir else ''}${{f##*/}}\"; done\n")
+
+    def describe(self) -> str:
+        lines = [f"Engine:      {self.engine.name}", f"Host:        {self.host}", f"Image:       {self.image}",
+                 f"Model:       {self.model}", f"TP sizes:    {', '.join(map(str, self.sizes)) or 'none'}"
+                 + (f" (already tuned: {', '.join(map(str, self.skipped))})" if self.skipped else ""),
+                 f"Parallel:    {self.parallel}", f"Output:      {self.output}",
+                 f"Scripts:     {'in the image' if self.skip_clone else self.repo}",
+                 "", "Steps:", f"  1. [{self.host}] start the tuning container", f"     {self.container.shown()}"]
+        for tp in self.sizes:
+            lines.append(f"  - [{self.host}] docker exec {self.container.name} "
+                         + shlex.join(["python3", f"<root>/{self.engine.script}", "--model", self.model,
+                                       "--tp-size", str(tp), "--tune"]))
+        lines.append(f"  then copy the configs to {self.output} and remove {self.container.name}")
+        return "\n".join(lines)
+
+
+def plan_tune(args, recipe: Recipe, selection: HostSelection) -> TunePlan:
+    import hashlib
+
+    engine = TUNING_ENGINES[args.engine]
+    if tuning_engine_of(recipe.runtime) != engine.name and not args.image:
+        raise UsageError(f"recipe {recipe.name} runs on {recipe.runtime}, not {engine.name}; "
+                         f"pass --image with a {engine.name} image to tune with it")
+    image = args.image or recipe.container
+    if not image:
+        raise UsageError(f"recipe {recipe.name} names no container image; pass --image")
+    for what, value in (("--image", image), ("--cache-dir", args.cache_dir or "")):
+        check_cli_value(what, value)
+    if args.parallel < 1:
+        raise UsageError("-j/--parallel must be at least 1")
+    sizes = tuple(dict.fromkeys(args.tp or DEFAULT_TUNE_TP))
+    if any(tp < 1 for tp in sizes):
+        raise UsageError("--tp must be at least 1")
+    output = Path(os.path.expanduser(args.output_dir)) if args.output_dir else tuning_dir(engine.name)
+    done = tuned_sizes(output, recipe.model_repo)
+    host = selection.head
+    name = "sparkrun_tune_" + hashlib.sha256(f"{engine.name}|{recipe.model}|{host}".encode()).hexdigest()[:10]
+    mounts = ((args.cache_dir or "~/.cache/huggingface", CONTAINER_HF_HOME),
+              (f"{REMOTE_TUNE_WORK}/{engine.name}", f"{CONTAINER_TUNE_WORK}/{engine.name}"))
+    env = [("HF_HOME", CONTAINER_HF_HOME)]
+    if local_snapshot(recipe, hf_home(args.cache_dir)):
+        env.append(("HF_HUB_OFFLINE", "1"))  # its config is synced to the host first
+    secret = [("HF_TOKEN", os.environ["HF_TOKEN"])] if os.environ.get("HF_TOKEN") else []
+    SECRET_VALUES.update(v for _, v in secret if len(v) >= 4)
+    spec = ContainerSpec(host=host, name=name, role="tune", image=image, command="sleep infinity", env=tuple(env),
+                         secret_env=tuple(secret), mounts=mounts,
+                         labels=(("sparkrun.tune", engine.name), ("sparkrun.model", recipe.model)))
+    return TunePlan(engine, host, image, recipe.model_repo, tuple(tp for tp in sizes if tp not in done),
+                    tuple(tp for tp in sizes if tp in done), args.parallel, output, spec, args.skip_clone,
+                    os.environ.get(engine.repo_env) or engine.repo, "--trust-remote-code" in recipe.command)
+
+
+def tune_model_files(recipe: Recipe, home: Path) -> ModelSnapshot | None:
+    """The model's small files (config, tokenizer, code): all the tuning scripts read of it."""
+    snapshot = local_snapshot(recipe, home)
+    if snapshot is None:
+        return None
+    small = tuple(f for f in snapshot.files if f[0].endswith((".json", ".py", ".txt", ".model", ".jinja")))
+    return replace(snapshot, files=small) if small else None
+
+
+def cmd_tune(args) -> int:
+    recipe = find_recipe(args.recipe)
+    selection = select_hosts(args)
+    plan = plan_tune(args, recipe, selection)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    for tp in plan.skipped:
+        say(f"TP {tp}: already tuned for {plan.model} in {plan.output}; skipped")
+    if not plan.sizes:
+        print(f"Nothing to tune: TP {', '.join(map(str, plan.skipped))} already tuned in {plan.output}.")
+        return 0
+    ssh = SSH(selection.user, args.verbose)
+    facts = probe_hosts(ssh, [plan.host], images=(plan.image,))
+    fact = facts[plan.host]
+    if isinstance(fact, HostError):
+        raise fact
+    if fact.docker_error:
+        raise RemoteFailed(plan.host, DOCKER_HELP if "permission denied" in fact.docker_error.lower()
+                           else f"docker is not working: {fact.docker_error[:200]}")
+    distribute_image(ssh, plan.image, facts, [plan.host])
+    files = tune_model_files(recipe, hf_home(args.cache_dir))
+    if files:
+        sync_model(ssh, files, [plan.host], remote_cache_root(args.cache_dir))
+    else:
+        warn(f"model {recipe.model} is not in the local Hugging Face cache; the tuning scripts on "
+             f"{plan.host} must find its config there or on the Hub")
+    plan.output.mkdir(parents=True, exist_ok=True)
+    container = plan.container.name
+    ssh.run(plan.host, f"docker rm -f {container} >/dev/null 2>&1 || true\n", timeout=60)
+    say(f"[{plan.host}] starting the tuning container {container}")
+    try:
+        ssh.run(plan.host, start_container_script(plan.container), check=True, timeout=300,
+                what=f"docker run of {container}")
+        tune_in_container(ssh, plan)
+    except KeyboardInterrupt:
+        say("Interrupted: removing the tuning container ...")
+        raise SparkrunError(f"tuning interrupted; configs finished so far are in {plan.output}") from None
+    finally:
+        remove_containers(ssh, {plan.host: [container]})
+    print(f"Tuned TP {', '.join(map(str, plan.sizes))} for {plan.model}: configs in {plan.output}")
+    return 0
+
+
+def exec_in(container: str, script: str) -> str:
+    return shlex.join(["docker", "exec", container, "bash", "-c", script]) + "\n"
+
+
+def tune_in_container(ssh: SSH, plan: TunePlan) -> None:
+    """Find (or fetch) the script, then run one job per TP size, `plan.parallel` at a time."""
+    import queue
+
+    container, host, engine = plan.container.name, plan.host, plan.engine
+    found = ssh.run(host, exec_in(container, plan.find_script()), timeout=1800)
+    if found.returncode == 3:
+        reason = found.stderr.strip().splitlines()[-1] if found.stderr.strip() else "git clone failed"
+        raise SparkrunError(CLONE_FAILED.format(engine=engine.name, repo=plan.repo,
+                                                reason=reason.removeprefix("fatal: "), env=engine.repo_env))
+    if not found.ok or not found.stdout.strip():
+        raise SparkrunError(SCRIPT_NOT_IN_IMAGE.format(script=engine.script, image=plan.image, package=engine.package,
+                                                       dirs=", ".join(engine.image_dirs)) if plan.skip_clone else
+                            f"{plan.repo} has no {engine.script}; check {engine.repo_env}")
+    root = found.stdout.strip().splitlines()[-1]
+    subdir = ""
+    if engine.name == "sglang":  # SGLang reads configs/triton_<version>/ (plain configs/ before that)
+        version = ssh.run(host, exec_in(container, "python3 -c 'import triton; print(triton.__version__)' 2>/dev/null"),
+                          timeout=120).stdout.strip()
+        subdir = "triton_" + version.replace(".", "_") if re.fullmatch(r"[0-9][0-9A-Za-z.+_-]*", version) else ""
+    say(f"Tuning {plan.model} for TP {', '.join(map(str, plan.sizes))} on {host}, {plan.parallel} at a time "
+        f"(scripts in {root})")
+    todo: queue.Queue = queue.Queue()
+    for tp in plan.sizes:
+        todo.put(tp)
+    lock = threading.Lock()
+    failures: list[str] = []
+    crashed: list[BaseException] = []
+
+    def worker():
+        while not failures and not crashed:
+            try:
+                tp = todo.get_nowait()
+            except queue.Empty:
+                return
+            start = time.monotonic()
+            say(f"[{host}] TP {tp}: tuning ...")
+            try:
+                result = ssh.run(host, exec_in(container, plan.job(root, tp, subdir)), timeout=TUNE_JOB_TIMEOUT)
+                if not result.ok:
+                    failures.append(f"TP {tp} failed (exit {result.returncode}): "
+                                    + " | ".join((result.stdout + result.stderr).strip().splitlines()[-5:]))
+                    continue
+                configs = [line.split(None, 1)[1] for line in result.stdout.splitlines()
+                           if line.startswith("@@config ")]
+                with lock:
+                    collect_tuned(ssh, plan, tp, configs)
+                say(f"[{host}] TP {tp}: done in {time.monotonic() - start:.0f} s ({len(configs)} config(s))")
+            except HostError as exc:
+                failures.append(f"TP {tp}: {exc}")
+            except BaseException as exc:  # re-raised in the main thread
+                crashed.append(exc)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(plan.parallel, len(plan.sizes)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)  # short joins keep Ctrl+C responsive
+    if crashed:
+        raise crashed[0]
+    if failures:
+        raise SparkrunError("tuning failed: " + "; ".join(failures))
+
+
+def collect_tuned(ssh: SSH, plan: TunePlan, tp: int, configs: list[str]) -> None:
+    """Copy this TP size's configs here and record them in the manifest."""
+    remote = f"{REMOTE_TUNE_WORK.removeprefix(HOME_PREFIX)}/{plan.engine.name}/out/"
+    listing = cache_dir() / f"tune-{os.getpid()}-{tp}.list"
+    atomic_write(listing, "".join(f"{c}\n" for c in configs))
+    argv = ["rsync", "-a", f"--files-from={listing}", "-e", ssh.rsync_shell(), f"{plan.host}:{remote}",
+            f"{plan.output}/"]
+    if ssh.verbose >= 2:
+        print(f"[{plan.host}] {shlex.join(argv)}", file=sys.stderr)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    finally:
+        listing.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RemoteFailed(plan.host, f"copying tuned configs back failed: {done.stderr.strip()[-300:]}")
+    manifest = read_tuning_manifest(plan.output)
+    manifest["models"].setdefault(plan.model, {})[str(tp)] = {
+        "files": sorted(configs), "image": plan.image, "tuned": time.strftime("%Y-%m-%d %H:%M")}
+    atomic_write(plan.output / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+# -- CLI: registered by build_parser (section 12)
+
+def add_benchmark_parsers(sub, command, host_options) -> None:
+    """`benchmark` (sharing run's launch options) and `tune`; `run` gets --no-sync-tuning."""
+    run = sub.choices["run"]
+    run.add_argument("--no-sync-tuning", action="store_true",
+                     help="do not mount tuned MoE configs (from 'sparkrun tune' and registries)")
+    p = command("benchmark", cmd_benchmark, "Benchmark a recipe: run it, wait until ready, run the benchmark "
+                                            "from this machine, write the results, stop it.")
+    p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
+    host_options(p)
+    shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
+              "no_sync", "strict", "ready_timeout", "init_port", "ray_port", "dashboard", "dashboard_port",
+              "no_sync_tuning"}
+    for action in run._actions:
+        if action.dest in shared:
+            p._add_action(action)  # run's own definitions (as argparse's parents= does): they cannot drift
+    p.add_argument("--profile", help="benchmark profile: a name, @registry/name, or a YAML file")
+    p.add_argument("--framework", help=f"benchmark framework (default {BENCHMARK_FRAMEWORK}; more through the "
+                                       f"'{BENCHMARK_ENTRY_POINTS}' entry points)")
+    p.add_argument("--out", "--output", dest="output", metavar="FILE",
+                   help="results YAML (default benchmark_<recipe>_<profile>_tp<N>.yaml)")
+    p.add_argument("-o", dest="bench_args", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a benchmark arg, e.g. -o depth=0,4096 -o runs=1 (repeatable)")
+    p.add_argument("--no-stop", action="store_true", help="leave the server running afterwards")
+    p.add_argument("--skip-run", action="store_true",
+                   help="benchmark the instance of this recipe that is already running (found by its labels)")
+    p.add_argument("--sync-tuning", action="store_true",
+                   help="update the registries' tuning configs before launching")
+    p.add_argument("--timeout", type=float, help=f"seconds for the whole benchmark (default {BENCHMARK_TIMEOUT}, "
+                                                 "or the profile's)")
+
+    p = command("tune", cmd_tune, "Tune an engine's fused-MoE Triton kernels for a recipe's model on one "
+                                  "host; later runs mount the configs.")
+    p.add_argument("engine", choices=sorted(TUNING_ENGINES), help="the engine to tune for")
+    p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
+    host_options(p, solo=False)
+    p.add_argument("--tp", type=int, action="append", metavar="N",
+                   help="a TP size to tune (repeatable; default 1, 2, 4, 8)")
+    p.add_argument("-j", "--parallel", type=int, default=1, metavar="N", help="tuning jobs at a time (1)")
+    p.add_argument("--image", help="container image instead of the recipe's")
+    p.add_argument("--output-dir", help="where the configs go (default <cache>/tuning/<engine>, which "
+                                        "later runs mount)")
+    p.add_argument("--cache-dir", help="Hugging Face cache on the host (default ~/.cache/huggingface)")
+    p.add_argument("--skip-clone", action="store_true",
+                   help="use the tuning scripts inside the image instead of fetching them")
+    p.add_argument("-n", "--dry-run", action="store_true", help="print what would run; contact no host")
 
 
 # ---------------------------------------------------------------------------
 # 11. Setup: install, completion, update, SSH mesh, CX7 networking, permissions, page cache
 # ---------------------------------------------------------------------------
+# One-time lab chores. Each is safe to run twice: it looks first, changes only what is missing,
+# says what it changed, and never removes a key, an entry or a working setting. Remote work goes
+# through SSH.run like everything else. A command that needs root runs as root directly, else
+# through `sudo -n`, else with the sudo password typed once here and sent on ssh's stdin after
+# the script (never in an argv). Remote scripts are one function called on their last line, so
+# bash has read the whole script before anything reads stdin.
+
+SHELLS = ("bash", "zsh", "fish")
+COMPLETE_COMMAND = "__complete"  # hidden: `sparkrun __complete SHELL WORD...` prints candidates
+PYZ_TARGET = Path("~/.local/bin/sparkrun")
+UV_HINT = ("uv is not installed. Get it with 'curl -LsSf https://astral.sh/uv/install.sh | sh' "
+           "(or 'pipx install uv') and run 'sparkrun setup install' again; or build the single-file "
+           "sparkrun.pyz (./build_zipapp.sh) and run 'dist/sparkrun.pyz setup install', which needs no uv")
+SUDO_NEEDS_TTY = ("sudo on {hosts} asks for a password: run this on a terminal to type it once, or save "
+                  "a rule with --save-sudo from a terminal first")
+SUDO_BAD_PASSWORD = "sudo did not accept the password"
+MESH_UNCHANGED = "SSH mesh already complete: nothing changed."
+MESH_DONE = "SSH mesh complete: every host reaches every other host with BatchMode=yes."
+NOT_CONFIRMED = "nothing applied: pass --yes, or run on a terminal to confirm"
+NETPLAN_FILE = "90-sparkrun-cx7.yaml"  # sorts after the distribution's files, so its settings win
+CX7_SUBNETS = ("192.168.100.0/24", "192.168.101.0/24")
+MELLANOX_VENDOR = "0x15b3"
+SUDOERS_DIR = "/etc/sudoers.d"
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+# Characters a sudoers command argument may hold here. Wildcards (* ? [ ]) and spaces never pass,
+# so a saved rule allows exactly one command line.
+SUDOERS_SAFE = re.compile(r"[A-Za-z0-9._/+@:=,-]+")
+UNIX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+PUBKEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( [^\n]*)?")
+
+
+# -- install and update --------------------------------------------------------
+
+def install_record_path() -> Path:
+    return config_dir() / "install.json"
+
+
+def read_install_record() -> dict:
+    try:
+        data = json.loads(install_record_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def running_pyz() -> Path | None:
+    """The zipapp this process runs from. shiv unpacks the code elsewhere, so argv[0] tells."""
+    import zipfile
+
+    first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if first is None or first.suffix == ".py" or not first.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(first) as archive:
+            return first.resolve() if "__main__.py" in archive.namelist() else None
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def installation() -> tuple[str, Path]:
+    """How this sparkrun runs: ("pyz", file), ("checkout", folder), ("uv", folder) or ("pip", folder)."""
+    pyz = running_pyz()
+    if pyz:
+        return "pyz", pyz
+    if (HERE / "pyproject.toml").is_file():
+        return "checkout", HERE
+    return ("uv" if "/uv/tools/" in str(HERE) else "pip"), HERE
+
+
+def run_tool(argv: list[str], what: str) -> None:
+    """A local installer command, its output shown as it goes."""
+    say(f"$ {shlex.join(argv)}")
+    try:
+        code = subprocess.run(argv, stdin=subprocess.DEVNULL).returncode
+    except FileNotFoundError:
+        raise SparkrunError(f"{argv[0]} is not installed") from None
+    if code:
+        raise SparkrunError(f"{what} failed (exit {code})")
+
+
+def copy_pyz(source: Path) -> bool:
+    """Copy the zipapp to ~/.local/bin/sparkrun (atomically); False when it is already there."""
+    target = PYZ_TARGET.expanduser()
+    if target.exists() and (target.resolve() == source.resolve() or target.read_bytes() == source.read_bytes()):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return True
+
+
+def path_hint(folder: Path) -> None:
+    if str(folder) not in os.environ.get("PATH", "").split(os.pathsep):
+        warn(f"{folder} is not on your PATH; add it (e.g. in ~/.profile: export PATH=\"{folder}:$PATH\")")
+
+
+def cmd_setup_install(args) -> int:
+    method, where = installation()
+    if method == "pyz":
+        changed = copy_pyz(where)
+        target = PYZ_TARGET.expanduser()
+        print(f"Installed {where} as {target}" if changed else f"sparkrun is already installed as {target}")
+        atomic_write(install_record_path(), json.dumps({"method": "pyz", "source": str(where)}) + "\n")
+        path_hint(target.parent)
+    elif method == "checkout":
+        uv = shutil.which("uv")
+        if not uv:
+            raise SparkrunError(UV_HINT)
+        run_tool([uv, "tool", "install", str(where)], "uv tool install")
+        atomic_write(install_record_path(), json.dumps({"method": "uv", "source": str(where)}) + "\n")
+        print(f"Installed sparkrun from {where} as a uv tool")
+    else:
+        print(f"sparkrun is already installed ({method}, {where})")
+    if not args.no_completion:
+        try:
+            install_completion(default_shell())
+        except UsageError as exc:
+            warn(f"{exc}; shell completion not set up")
+    return 0
+
+
+def pull_checkout(folder: Path) -> None:
+    """git pull --ff-only in a clean clone that tracks a branch; anything else is left alone."""
+    if not (folder / ".git").exists():
+        return
+    try:
+        git("rev-parse", "--abbrev-ref", "@{upstream}", cwd=folder)
+    except GitError:
+        say(f"{folder}: no upstream branch; installing it as it is")
+        return
+    if git("status", "--porcelain", "--untracked-files=no", cwd=folder).strip():
+        warn(f"{folder} has local changes; not pulling, installing it as it is")
+        return
+    before = git("rev-parse", "--short", "HEAD", cwd=folder).strip()
+    git("pull", "--quiet", "--ff-only", cwd=folder)
+    after = git("rev-parse", "--short", "HEAD", cwd=folder).strip()
+    say(f"{folder}: " + (f"up to date ({after})" if before == after else f"updated {before} -> {after}"))
+
+
+def cmd_setup_update(args) -> int:
+    record = read_install_record()
+    method, where = installation()
+    wanted = record.get("method") or method
+    source = Path(record["source"]) if record.get("source") else None
+    if wanted == "uv":
+        uv = shutil.which("uv")
+        if not uv:
+            raise SparkrunError(UV_HINT)
+        if source and source.is_dir():
+            pull_checkout(source)
+            run_tool([uv, "tool", "install", "--force", str(source)], "uv tool install")
+        else:
+            run_tool([uv, "tool", "upgrade", "sparkrun"], "uv tool upgrade")
+    elif wanted == "pyz":
+        if source and source.is_file() and copy_pyz(source):
+            print(f"Updated {PYZ_TARGET.expanduser()} from {source}")
+        else:
+            print(f"sparkrun.pyz is up to date; to upgrade, run a newer sparkrun.pyz with 'setup install'")
+    elif wanted == "checkout":
+        print(f"sparkrun runs from the checkout {where}; update it with git there "
+              "(or 'sparkrun setup install' to install it as a uv tool)")
+    else:
+        print(f"sparkrun was installed with pip at {where}; upgrade it with pip")
+    if args.no_update_registries:
+        return 0
+    return 0 if update_registries() else 1
+
+
+# -- shell completion ----------------------------------------------------------
+# The shell scripts call `sparkrun __complete SHELL WORD...` (the words after the program name,
+# the last one being completed). That path is checked first in main(): no argparse parser is built
+# (its shape is cached as JSON per sparkrun file), no YAML is parsed (names come from file listings
+# and the parsed-YAML cache), and nothing is ever printed but candidates.
+
+BASH_COMPLETION = r'''# sparkrun completion for bash (written by 'sparkrun setup completion')
+_sparkrun() {
+    local IFS=$'\n' program=${COMP_WORDS[0]/#\~/$HOME}
+    COMPREPLY=($(command "$program" __complete bash "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
+}
+complete -o default -o bashdefault -F _sparkrun sparkrun sparkrun.pyz
+'''
+
+ZSH_COMPLETION = r'''#compdef sparkrun sparkrun.pyz
+# sparkrun completion for zsh (written by 'sparkrun setup completion')
+_sparkrun() {
+    local -a candidates
+    candidates=("${(@f)$(command ${~words[1]} __complete zsh "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+    if [[ -n ${candidates[1]} ]]; then
+        compadd -- "${candidates[@]}"
+    else
+        _files
+    fi
+}
+if [[ $funcstack[1] == _sparkrun ]]; then _sparkrun "$@"; else compdef _sparkrun sparkrun sparkrun.pyz; fi
+'''
+
+FISH_COMPLETION = r'''# sparkrun completion for fish (written by 'sparkrun setup completion')
+function __sparkrun_complete
+    set -l words (commandline -opc)
+    set -l current (commandline -ct)
+    set -l candidates (command $words[1] __complete fish $words[2..-1] $current 2>/dev/null)
+    if test (count $candidates) -eq 0
+        __fish_complete_path $current
+    else
+        printf '%s\n' $candidates
+    end
+end
+complete -c sparkrun -f -a '(__sparkrun_complete)'
+complete -c sparkrun.pyz -f -a '(__sparkrun_complete)'
+'''
+
+COMPLETION_SCRIPTS = {"bash": BASH_COMPLETION, "zsh": ZSH_COMPLETION, "fish": FISH_COMPLETION}
+BASH_WORDBREAKS = "\"'><=;|&(:"
+
+
+def default_shell() -> str:
+    name = Path(os.environ.get("SHELL", "")).name
+    if name not in SHELLS:
+        raise UsageError(f"cannot tell your shell from SHELL={os.environ.get('SHELL', '')!r}; "
+                         "pass --shell bash, zsh or fish")
+    return name
+
+
+def completion_path(shell: str) -> Path:
+    home = Path(os.path.expanduser("~"))
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return {"bash": data / "bash-completion" / "completions" / "sparkrun",
+            "zsh": Path(os.environ.get("ZDOTDIR") or home) / ".zfunc" / "_sparkrun",
+            "fish": config / "fish" / "completions" / "sparkrun.fish"}[shell]
+
+
+def completion_hint(shell: str, path: Path) -> str | None:
+    """What the user must add to their shell's start-up file, if anything."""
+    if shell == "bash" and not any(Path(p).is_file() for p in ("/usr/share/bash-completion/bash_completion",
+                                                                  "/etc/bash_completion")):
+        return f"bash-completion is not installed; add to ~/.bashrc: source {path}"
+    if shell == "zsh":
+        rc = Path(os.environ.get("ZDOTDIR") or os.path.expanduser("~")) / ".zshrc"
+        text = rc.read_text() if rc.is_file() else ""
+        if str(path.parent) not in text and ".zfunc" not in text:
+            return (f"add to {rc}, before compinit: fpath=({path.parent} $fpath); autoload -Uz compinit && compinit")
+    return None
+
+
+def install_completion(shell: str) -> None:
+    path = completion_path(shell)
+    script = COMPLETION_SCRIPTS[shell]
+    if path.is_file() and path.read_text() == script:
+        print(f"{shell} completion is already installed: {path}")
+    else:
+        atomic_write(path, script)
+        print(f"{shell} completion installed: {path} (new shells complete sparkrun)")
+    hint = completion_hint(shell, path)
+    if hint:
+        print(f"Note: {hint}")
+
+
+def cmd_setup_completion(args) -> int:
+    shell = args.shell or default_shell()
+    if args.print:
+        sys.stdout.write(COMPLETION_SCRIPTS[shell])
+        return 0
+    install_completion(shell)
+    return 0
+
+
+def completion_kind(path: tuple, action) -> object:
+    """What values an argument takes: a list of choices, a kind of name, or "" (anything)."""
+    if action.choices:
+        return [str(c) for c in action.choices]
+    dest = action.dest
+    if dest in ("recipe", "recipes"):
+        return "recipe"
+    if dest == "cluster" or (path[:1] == ("cluster",) and dest == "name" and path[-1] != "create"):
+        return "cluster"
+    if path[:1] == ("registry",) and dest in ("name", "names") and not action.option_strings:
+        return "registry"
+    if dest == "runtime":
+        return sorted(set(RUNTIMES) | {"vllm"})
+    return ""
+
+
+def completion_tree(parser: argparse.ArgumentParser, path: tuple = ()) -> dict:
+    """The commands, options and positionals of a parser, as plain data."""
+    node = {"commands": {}, "options": {}, "positionals": []}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            hidden = {a.dest for a in action._choices_actions if a.help == argparse.SUPPRESS}
+            for name, sub in action.choices.items():
+                if name not in hidden:
+                    node["commands"][name] = completion_tree(sub, path + (name,))
+        elif action.help != argparse.SUPPRESS:
+            kind = completion_kind(path, action)
+            if action.option_strings:
+                for option in action.option_strings:
+                    node["options"][option] = None if action.nargs == 0 else kind
+            else:
+                node["positionals"].append([kind, action.nargs in ("*", "+")])
+    return node
+
+
+def cached_completion_tree() -> dict:
+    """completion_tree(build_parser()), kept in the cache per sparkrun file and version."""
+    me = Path(__file__)
+    try:
+        stat = me.stat()
+        stamp = f"{__version__}:{me.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    except OSError:
+        stamp = None
+    path = cache_dir() / "completion.json"
+    try:
+        cached = json.loads(path.read_text())
+        if stamp and cached.get("stamp") == stamp:
+            return cached["tree"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    tree = completion_tree(build_parser())
+    if stamp:
+        try:
+            atomic_write(path, json.dumps({"stamp": stamp, "tree": tree}))
+        except OSError:
+            pass
+    return tree
+
+
+def recipe_names(current: str) -> list[str]:
+    """Bundled and registry recipe names (`@registry/name` once the word starts with @)."""
+    refs = bundled_refs()
+    if registries_file().exists():  # never the first-use fetch from a completion
+        refs += registry_refs()
+    if current.startswith("@"):
+        return [f"@{r.source}/{r.name}" for r in refs]
+    return [r.name for r in refs if r.visible]
+
+
+def completion_values(kind, current: str) -> list[str]:
+    if isinstance(kind, list):
+        return kind
+    if kind == "recipe":
+        return recipe_names(current)
+    if kind == "cluster":
+        return sorted(read_clusters()["clusters"])
+    if kind == "registry" and registries_file().exists():
+        _, data = read_yaml_file(registries_file())
+        return [e["name"] for e in (data or {}).get("registries") or [] if isinstance(e, dict) and "name" in e]
+    return []
+
+
+def join_bash_words(words: list[str]) -> tuple[list[str], int]:
+    """bash splits `--opt=val` and `a:b` into several words; put them back together. Returns the
+    words and how many characters of the last one bash does not count as the current word."""
+    joined: list[str] = []
+    glue = False
+    for word in words:
+        if joined and (glue or (word and word[0] in BASH_WORDBREAKS.replace("'", "").replace('"', ""))):
+            joined[-1] += word
+        else:
+            joined.append(word)
+        glue = bool(word) and word[-1] in "=:"
+    head = len(joined[-1]) - len(words[-1]) if joined else 0
+    return joined, head
+
+
+def complete_words(tree: dict, words: list[str]) -> list[str]:
+    """Candidates for the last of `words` (the arguments after the program name)."""
+    *done, current = words or [""]
+    node, expecting, positional = tree, None, 0
+    options = dict(tree["options"])
+    for word in done:
+        if expecting is not None:
+            expecting = None
+        elif word.startswith("-") and word != "-":
+            if "=" not in word and options.get(word) is not None:
+                expecting = options[word]
+        elif positional == 0 and word in node["commands"]:
+            node = node["commands"][word]
+            options.update(node["options"])
+        else:
+            positional += 1
+    if expecting is not None:
+        values = completion_values(expecting, current)
+    elif current.startswith("--") and "=" in current:
+        option, _, value = current.partition("=")
+        kind = options.get(option)
+        values = [f"{option}={v}" for v in completion_values(kind, value)] if kind is not None else []
+    elif current.startswith("-"):
+        values = sorted(node["options"])
+    else:
+        values = sorted(node["commands"]) if positional == 0 else []
+        slots = node["positionals"]
+        if slots:
+            kind, repeats = slots[min(positional, len(slots) - 1)]
+            if positional < len(slots) or repeats:
+                values += completion_values(kind, current)
+    return sorted({v for v in values if v.startswith(current)})
+
+
+def run_completion(argv: list[str]) -> int:
+    """The hidden entry point: never fails, never prints anything but candidates."""
+    try:
+        shell, words = (argv[0], argv[1:]) if argv and argv[0] in SHELLS else ("bash", argv)
+        head = 0
+        if shell == "bash" and words:
+            words, head = join_bash_words(words)
+        for candidate in complete_words(cached_completion_tree(), words):
+            print(candidate[head:])
+        YAML_CACHE.save()
+    except Exception:  # a completion must never show a traceback in the middle of a command line
+        pass
+    return 0
+
+
+# -- running things as root on the hosts ---------------------------------------
+
+AS_ROOT_SH = r'''
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; return; fi
+  local err rc
+  err=$(mktemp) || return 1
+  if [ -n "$SUDO_PW" ] && [ -z "$SUDO_CHECKED" ]; then
+    if ! printf '%s\n' "$SUDO_PW" | sudo -S -p '' -v 2>"$err"; then
+      echo "@@badpw" >&2; cat "$err" >&2; rm -f "$err"; exit 43
+    fi
+    SUDO_CHECKED=1
+  fi
+  sudo -n -- "$@" 2>"$err"; rc=$?
+  if [ $rc -ne 0 ] && grep -q "password is required" "$err"; then rm -f "$err"; echo "@@needpw" >&2; exit 42; fi
+  cat "$err" >&2; rm -f "$err"; return $rc
+}
+'''
+
+
+def root_script(body: str, *helpers: str) -> str:
+    """A remote script whose `as_root CMD...` runs CMD as root (see AS_ROOT_SH); stdin may carry
+    the sudo password after the script. helpers: more bash functions the body calls."""
+    return ("main() {\n  IFS= read -r SUDO_PW || SUDO_PW=\n" + body.rstrip() + "\n}\n"
+            + AS_ROOT_SH + "".join(helpers) + "main\n")
+
+
+def ask_sudo_password(hosts: list[str], user: str | None) -> str:
+    if not sys.stdin.isatty():
+        raise SparkrunError(SUDO_NEEDS_TTY.format(hosts=", ".join(hosts)))
+    import getpass
+
+    who = user or "your user"
+    password = getpass.getpass(f"sudo password for {who} on {', '.join(hosts)}: ")
+    if password:
+        SECRET_VALUES.add(password)
+    return password
+
+
+def run_as_root(ssh: SSH, hosts: list[str], script_for, *, what: str, timeout: float = 300) -> dict:
+    """Run root_script()s; hosts whose sudo wants a password get it, asked once, on a second try.
+    Returns each host's RemoteResult, or its HostError (sudo refusals included)."""
+    results = ssh.run_all(hosts, script_for, timeout=timeout)
+    need = [h for h, r in results.items() if isinstance(r, RemoteResult) and r.returncode == 42
+            and "@@needpw" in r.stderr]
+    if need:
+        password = ask_sudo_password(need, ssh.user)
+        results.update(ssh.run_all(need, script_for, timeout=timeout, stdin_data=(password + "\n").encode()))
+    for host, result in results.items():
+        if isinstance(result, HostError) or result.ok:
+            continue
+        if "@@badpw" in result.stderr:
+            results[host] = RemoteFailed(host, SUDO_BAD_PASSWORD)
+        elif "@@needpw" in result.stderr:
+            results[host] = RemoteFailed(host, "sudo still asks for a password")
+        else:
+            results[host] = RemoteFailed(host, f"{what} failed (exit {result.returncode}): "
+                                               f"{result.stderr_tail() or result.stdout.strip()[-300:]}")
+    return results
+
+
+
+
+
+def sudoers_word(word: str) -> str:
+    """One sudoers command word, escaped; anything that could widen the rule is refused."""
+    if not SUDOERS_SAFE.fullmatch(word):
+        raise UsageError(f"cannot write a sudo rule for {word!r}: only letters, digits and ._/+@-:=, are allowed")
+    return re.sub(r"([\\,:=])", r"\\\1", word)
+
+
+def sudoers_rule(user: str, argv: list[str], purpose: str) -> str:
+    """The whole sudoers.d file: exactly one command line, as root, without a password."""
+    if not UNIX_NAME.fullmatch(user):
+        raise UsageError(f"cannot write a sudo rule for user {user!r}")
+    if not argv or not argv[0].startswith("/"):
+        raise UsageError("a sudo rule needs the command's absolute path")
+    command = " ".join(sudoers_word(a) for a in argv)
+    return (f"# Written by 'sparkrun setup ... --save-sudo': {purpose}.\n"
+            f"# Allows exactly this command line, nothing else; delete this file to revoke it.\n"
+            f"{user} ALL=(root) NOPASSWD: {command}\n")
+
+
+def sudoers_file(user: str, purpose: str) -> str:
+    """sudo skips names with a dot, so the user name is folded to letters, digits, - and _."""
+    return f"{SUDOERS_DIR}/sparkrun-{purpose}-{re.sub(r'[^A-Za-z0-9_-]', '_', user)}"
+
+
+SAVE_SUDO_SH = r'''
+save_sudo() {  # save_sudo DEST RULE: check with visudo, then move into place with mode 0440
+  local dest=$1 tmp
+  tmp=$(mktemp) || return 1
+  printf '%s' "$2" > "$tmp"
+  if ! as_root visudo -cf "$tmp" >/dev/null; then rm -f "$tmp"; echo "@@sudo-invalid"; return 1; fi
+  as_root install -m 0440 -o root -g root "$tmp" "$(dirname "$dest")/.$(basename "$dest").new" || { rm -f "$tmp"; return 1; }
+  rm -f "$tmp"
+  as_root mv -f "$(dirname "$dest")/.$(basename "$dest").new" "$dest" || return 1
+  if ! as_root visudo -c >/dev/null 2>&1; then as_root rm -f "$dest"; echo "@@sudo-invalid"; return 1; fi
+  echo "@@sudo-saved $dest"
+}
+'''
+
+
+@dataclass(frozen=True)
+class SudoFacts:
+    """Who the ssh user is on a host, and the absolute paths of the commands a rule would name."""
+    user: str
+    group: str
+    uid: int
+    commands: dict  # name -> absolute path
+    extra: dict  # what the caller's probe added (@@key value lines)
+    allowed: bool  # sudo already runs the exact command without a password
+
+
+def sudo_probe_script(commands: tuple, check_argv: str, extra: str = "") -> str:
+    """Facts for SudoFacts. check_argv is the exact command (bash words, may use $user, $group and
+    the probed paths) that `sudo -n -l` is asked about."""
+    lookups = "".join(f'  {c}_bin=$(command -v {c} 2>/dev/null || echo /usr/bin/{c}); echo "@@cmd {c} ${c}_bin"\n'
+                      for c in commands)
+    return ("main() {\n  user=$(id -un); group=$(id -gn)\n"
+            '  echo "@@user $user"; echo "@@group $group"; echo "@@uid $(id -u)"\n'
+            + lookups + extra
+            + f'  if [ "$(id -u)" != 0 ] && sudo -n -l -- {check_argv} >/dev/null 2>&1; then echo "@@allowed 1"; fi\n'
+            + "}\nmain\n")
+
+
+def parse_sudo_facts(host: str, output: str) -> SudoFacts:
+    fields: dict = {}
+    commands = {}
+    for line in output.splitlines():
+        if line.startswith("@@cmd "):
+            _, name, path = line.split(" ", 2)
+            commands[name] = path
+        elif line.startswith("@@"):
+            key, _, value = line[2:].partition(" ")
+            fields[key] = value
+    if "user" not in fields or not fields.get("uid", "").isdigit():
+        raise RemoteFailed(host, f"the host did not answer sparkrun's probe: {output.strip()[-200:]}")
+    extra = {k: v for k, v in fields.items() if k not in ("user", "group", "uid", "allowed")}
+    return SudoFacts(fields["user"], fields.get("group", fields["user"]), int(fields["uid"]), commands, extra,
+                     fields.get("allowed") == "1")
+
+
+def probe_sudo(ssh: SSH, hosts: list[str], script_for) -> dict:
+    results = ssh.run_all(hosts, script_for, timeout=120)
+    facts = {}
+    for host, result in results.items():
+        if isinstance(result, HostError):
+            facts[host] = result
+        else:
+            try:
+                facts[host] = parse_sudo_facts(host, result.stdout)
+            except HostError as exc:
+                facts[host] = exc
+    return facts
+
+
+def save_sudo_lines(facts: SudoFacts, argv: list[str], purpose: str, text: str) -> str:
+    """The script lines that install the rule for argv (nothing for root or when sudo already
+    allows it without a password)."""
+    if facts.uid == 0:
+        return '  echo "@@sudo-root"\n'
+    if facts.allowed:
+        return '  echo "@@sudo-present"\n'
+    rule = sudoers_rule(facts.user, argv, text)
+    return f"  save_sudo {shlex.quote(sudoers_file(facts.user, purpose))} {shlex.quote(rule)} || exit 1\n"
+
+
+def sudo_outcome(result: RemoteResult) -> str:
+    out = result.stdout
+    if "@@sudo-root" in out:
+        return "root needs no sudo rule"
+    if "@@sudo-present" in out:
+        return "sudo already allows it without a password; no rule needed"
+    saved = re.search(r"@@sudo-saved (\S+)", out)
+    return f"sudo rule saved: {saved[1]}" if saved else ""
+
+
+# -- fix-permissions -------------------------------------------------------------
+
+def cache_dir_expr(cache_dir_option: str | None) -> str:
+    """The hosts' HF cache as a bash expression ($HOME-relative unless absolute)."""
+    root = remote_cache_root(cache_dir_option)
+    root = root[2:] if root.startswith("~/") else root
+    check_cli_value("--cache-dir", root)
+    return quote_path(root)
+
+
+def fix_permissions_probe(cache_expr: str) -> str:
+    extra = (f"  dir={cache_expr}\n"
+             '  if [ ! -d "$dir" ]; then echo "@@missing $dir"; return; fi\n'
+             '  dir=$(cd "$dir" && pwd -P); echo "@@dir $dir"\n'
+             '  [ -d "$dir/hub" ] && echo "@@hub 1"\n'
+             '  echo "@@foreign $(find "$dir" \\( ! -user "$user" -o ! -group "$group" \\) -print 2>/dev/null | wc -l)"\n')
+    return sudo_probe_script(("chown",), '"$chown_bin" -hR "$user:$group" "$dir"', extra)
+
+
+UNSAFE_CACHE_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
+                     "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"}
+
+
+def chown_argv(facts: SudoFacts) -> list[str]:
+    folder = facts.extra["dir"]
+    if folder in UNSAFE_CACHE_DIRS or folder.count("/") < 2 or "hub" not in facts.extra:
+        raise UsageError(f"{folder} does not look like a Hugging Face cache (no hub/ folder inside); "
+                         "refusing to chown it: pass the folder that holds hub/ with --cache-dir")
+    return [facts.commands["chown"], "-hR", f"{facts.user}:{facts.group}", folder]
+
+
+def cmd_setup_fix_permissions(args) -> int:
+    selection = select_hosts(args)
+    hosts = list(selection.hosts)
+    ssh = SSH(selection.user, args.verbose)
+    cache_expr = cache_dir_expr(args.cache_dir)
+    facts = probe_sudo(ssh, hosts, fix_permissions_probe(cache_expr))
+    raise_first(facts)
+    scripts, plans = {}, {}
+    for host, fact in facts.items():
+        if "missing" in fact.extra:
+            print(f"{host}: no cache at {fact.extra['missing']}; nothing to do")
+            continue
+        argv = chown_argv(fact)
+        foreign = int(fact.extra.get("foreign", "0") or 0)
+        body = f"  echo '@@chowned'\n  as_root {shlex.join(argv)} || exit 1\n" if foreign else ""
+        if args.save_sudo:
+            body += save_sudo_lines(fact, argv, "chown-cache",
+                                    f"gives {fact.user} back the Hugging Face cache {argv[-1]}")
+        plans[host] = (argv, foreign)
+        if body:
+            scripts[host] = root_script(body, SAVE_SUDO_SH)
+        else:
+            print(f"{host}: {argv[-1]} already belongs to {fact.user}:{fact.group}; nothing changed")
+    if not scripts:
+        return 0
+    results = run_as_root(ssh, list(scripts), scripts.get, what="chown")
+    for host, result in results.items():
+        if isinstance(result, HostError):
+            continue
+        argv, foreign = plans[host]
+        done = [f"{foreign} entries given back to {argv[2]}"] if foreign else []
+        done += [s for s in [sudo_outcome(result)] if s]
+        print(f"{host}: {argv[-1]}: {'; '.join(done)}")
+    raise_first(results)
+    return 0
+
+
+# -- clear-cache -------------------------------------------------------------------
+
+def drop_caches_target() -> str:
+    """The kernel file; SPARKRUN_DROP_CACHES replaces it on the test bed's simulated hosts."""
+    return '"${SPARKRUN_DROP_CACHES:-' + DROP_CACHES + '}"'
+
+
+def cmd_setup_clear_cache(args) -> int:
+    selection = select_hosts(args)
+    hosts = list(selection.hosts)
+    ssh = SSH(selection.user, args.verbose)
+    target = drop_caches_target()
+    extra = f"  echo \"@@target {target[1:-1]}\"\n"
+    facts = probe_sudo(ssh, hosts, sudo_probe_script(("tee",), f'"$tee_bin" {target}', extra))
+    raise_first(facts)
+    scripts = {}
+    for host, fact in facts.items():
+        argv = [fact.commands["tee"], fact.extra["target"]]
+        body = ("  before=$(awk '/^Cached:/ {print $2}' /proc/meminfo)\n  sync\n"
+                f"  printf '3\\n' | as_root {shlex.join(argv)} >/dev/null || exit $?\n"
+                "  echo \"@@cached $before $(awk '/^Cached:/ {print $2}' /proc/meminfo)\"\n")
+        if args.save_sudo:
+            body += save_sudo_lines(fact, argv, "drop-caches", f"lets {fact.user} drop the page cache")
+        scripts[host] = root_script(body, SAVE_SUDO_SH)
+    results = run_as_root(ssh, hosts, scripts.get, what="dropping the page cache")
+    for host, result in results.items():
+        if isinstance(result, HostError):
+            continue
+        cached = re.search(r"@@cached (\d+) (\d+)", result.stdout)
+        sizes = f" (page cache {int(cached[1]) / 2**20:.1f} -> {int(cached[2]) / 2**20:.1f} GiB)" if cached else ""
+        extra = sudo_outcome(result)
+        print(f"{host}: synced and dropped the page cache{sizes}" + (f"; {extra}" if extra else ""))
+    raise_first(results)
+    return 0
+
+
+# -- SSH mesh ---------------------------------------------------------------------
+# Members: every host, plus this machine (run locally as "localhost") unless --no-include-self.
+# 1. contact: each member gets ~/.ssh/id_ed25519 if it has none and reports its public key and
+#    the addresses of the ssh connection; this machine's key is authorized at the same time (a
+#    host that refuses our key gets a password prompt on the terminal, once).
+# 2. mesh: each member appends the others' public keys to authorized_keys and learns the others'
+#    host keys (ssh-keyscan from that member, written under every name used for it) when missing.
+# 3. check: each member logs in to every host by address with BatchMode=yes.
+
+THIS_MACHINE = "localhost"
+
+MESH_CONTACT_SH = r'''
+main() {
+  umask 077
+  key="$HOME/.ssh/id_ed25519"
+  [ -d "$HOME/.ssh" ] || mkdir -p "$HOME/.ssh" || exit 1
+  if [ ! -f "$key" ]; then
+    ssh-keygen -q -t ed25519 -N '' -C "$(id -un)@$(hostname)" -f "$key" </dev/null >/dev/null || exit 1
+    echo "@@created"
+  elif [ ! -f "$key.pub" ]; then
+    ssh-keygen -y -P '' -f "$key" > "$key.pub" 2>/dev/null </dev/null || { echo "@@nopub"; rm -f "$key.pub"; exit 1; }
+  fi
+  echo "@@pub $(head -n 1 "$key.pub")"
+  echo "@@conn $SSH_CONNECTION"
+  added_keys=0
+  AUTHORIZE
+  echo "@@authorized $added_keys"
+}
+'''
+
+MESH_FILES_SH = r'''
+ak="$HOME/.ssh/authorized_keys"
+kh="$HOME/.ssh/known_hosts"
+newline_end() {  # before appending: ~/.ssh exists, and the file ends with a newline
+  [ -d "${1%/*}" ] || mkdir -p "${1%/*}"
+  [ -s "$1" ] && [ -n "$(tail -c 1 "$1")" ] && echo >> "$1"; return 0
+}
+authorize() {  # authorize PUBKEY: append it to authorized_keys unless its key is there
+  local blob
+  blob=$(printf '%s\n' "$1" | awk '{print $2}')
+  [ -f "$ak" ] && grep -qF -- "$blob" "$ak" && return 0
+  newline_end "$ak"; printf '%s\n' "$1" >> "$ak"; added_keys=$((added_keys + 1))
+}
+learn() {  # learn PORT ADDRESS NAME...: scan ADDRESS, record its keys under each NAME if missing
+  local port=$1 address=$2 keys name entry found type blob
+  shift 2
+  keys=$(ssh-keyscan -T 5 -p "$port" -t rsa,ecdsa,ed25519 "$address" 2>/dev/null </dev/null | grep -v '^#')
+  if [ -z "$keys" ]; then echo "@@noscan $address"; return 0; fi
+  while read -r _ type blob _; do
+    [ -n "$blob" ] || continue
+    for name in "$@"; do
+      entry=$name; [ "$port" = 22 ] || entry="[$name]:$port"
+      found=$(ssh-keygen -F "$entry" -f "$kh" 2>/dev/null | grep -v '^#')
+      printf '%s\n' "$found" | grep -qF -- "$blob" && continue
+      if printf '%s\n' "$found" | awk -v t="$type" '$2 == t || $3 == t {f = 1} END {exit !f}'; then
+        echo "@@conflict $entry $type"; continue
+      fi
+      newline_end "$kh"; printf '%s %s %s\n' "$entry" "$type" "$blob" >> "$kh"; added_hosts=$((added_hosts + 1))
+    done
+  done <<< "$keys"
+}
+'''
+
+
+@dataclass(frozen=True)
+class MeshMember:
+    name: str  # as given, or THIS_MACHINE
+    pubkey: str
+    created: bool
+    authorized: int  # this machine's key, authorized during contact
+    address: str = ""  # the host's address on the connection from here (SSH_CONNECTION)
+    port: int = 22
+    peer: str = ""  # this machine's address as the host sees it
+    login: str | None = None  # user for logging in to it, when not the default
+
+    @property
+    def local(self) -> bool:
+        return self.name in LOCAL_HOSTS
+
+    def names(self) -> list[str]:
+        """Names its host key is recorded under: its address, and the name given if different."""
+        given = self.name.rpartition("@")[2].strip("[]")
+        return list(dict.fromkeys([self.address, given]))
+
+
+def mesh_contact_script(authorize: list[str]) -> str:
+    lines = "".join(f"  authorize {shlex.quote(k)}\n" for k in authorize)
+    return MESH_FILES_SH + MESH_CONTACT_SH.replace("  AUTHORIZE\n", lines) + "main\n"
+
+
+def parse_contact(host: str, output: str, login: str | None) -> MeshMember:
+    values = {}
+    for line in output.splitlines():
+        if line.startswith("@@"):
+            key, _, value = line[2:].partition(" ")
+            values[key] = value.strip()
+    pubkey = values.get("pub", "")
+    if not PUBKEY_RE.fullmatch(pubkey):
+        raise RemoteFailed(host, f"could not read or create ~/.ssh/id_ed25519.pub: {output.strip()[-200:]}")
+    conn = values.get("conn", "").split()
+    member = MeshMember(host, pubkey, "created" in values, int(values.get("authorized") or 0), login=login)
+    if host in LOCAL_HOSTS:
+        return member  # run here, not over ssh: a SSH_CONNECTION would be the user's own session
+    if len(conn) == 4 and conn[3].isdigit():
+        return replace(member, address=conn[2], port=int(conn[3]), peer=conn[0])
+    return replace(member, address=host.rpartition("@")[2])
+
+
+def mesh_script(member: MeshMember, members: list[MeshMember]) -> str:
+    """Authorize every other member's key and learn every other member's host key."""
+    lines = []
+    for other in members:
+        if other.pubkey != member.pubkey:
+            lines.append(f"  authorize {shlex.quote(other.pubkey)}\n")
+    for other in members:
+        if other is member or other.pubkey == member.pubkey:
+            continue
+        if other.local:  # this machine, as this host sees it (it may run no ssh server)
+            if member.peer:
+                lines.append(f"  learn 22 {shlex.quote(member.peer)} {shlex.quote(member.peer)}\n")
+            continue
+        names = " ".join(shlex.quote(n) for n in other.names())
+        lines.append(f"  learn {other.port} {shlex.quote(other.address)} {names}\n")
+    body = "main() {\n  umask 077\n  added_keys=0; added_hosts=0\n" + "".join(lines) + \
+           '  echo "@@added $added_keys $added_hosts"\n}\n'
+    return MESH_FILES_SH + body + "main\n"
+
+
+def mesh_check_script(targets: list[MeshMember]) -> str:
+    """Log in to each target with this member's own key and known_hosts, never prompting."""
+    lines = []
+    for t in targets:
+        login = f"-l {shlex.quote(t.login)} " if t.login else ""
+        lines.append(f"  check {login}-p {t.port} {shlex.quote(t.address)}\n")
+    return ("check() {\n"
+            '  local out; out=$(ssh -n -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=yes '
+            '-o UpdateHostKeys=no -o ControlMaster=no -o ControlPath=none -o IdentitiesOnly=yes '
+            '-i "$HOME/.ssh/id_ed25519" -o UserKnownHostsFile="$HOME/.ssh/known_hosts" "$@" true 2>&1) '
+            '&& echo "@@ok ${@: -1}" || echo "@@fail ${@: -1} $(printf "%s" "$out" | tail -n 1)"\n}\n'
+            "main() {\n" + "".join(lines) + "  :\n}\nmain\n")
+
+
+class PromptingSSH(SSH):
+    """The same ssh, allowed to ask for a password on the user's terminal (first contact only).
+    ssh takes the first value of an option, so BatchMode=no goes first."""
+
+    def argv(self, host: str, remote: list[str], *, stream: bool = False) -> list[str]:
+        argv = super().argv(host, remote, stream=stream)
+        return [argv[0], "-o", "BatchMode=no", *argv[1:]]
+
+
+def mesh_hosts(args, selection: HostSelection) -> list[str]:
+    hosts = list(selection.hosts)
+    for extra in parse_host_list(args.extra_hosts or ""):
+        if extra not in hosts:
+            hosts.append(extra)
+    return hosts
+
+
+def cmd_setup_ssh(args) -> int:
+    selection = select_hosts(args)
+    hosts = mesh_hosts(args, selection)
+    ssh = SSH(selection.user, args.verbose)
+    include_self = not args.no_include_self and THIS_MACHINE not in hosts
+    members: dict[str, MeshMember] = {}
+    if include_self:
+        result = ssh.run(THIS_MACHINE, mesh_contact_script([]), check=True, what="creating this machine's key")
+        members[THIS_MACHINE] = parse_contact(THIS_MACHINE, result.stdout, None)
+    authorize = [members[THIS_MACHINE].pubkey] if include_self else []
+    contact = mesh_contact_script(authorize)
+    say(f"Contacting {len(hosts)} hosts ...")
+    results = ssh.run_all(hosts, contact, timeout=60)
+    refused = [h for h, r in results.items() if isinstance(r, (AuthRefused, HostKeyMismatch))]
+    if refused and sys.stdin.isatty():
+        prompting = PromptingSSH(selection.user, args.verbose)
+        for host in refused:  # one at a time: each may ask for a password
+            say(f"{host}: first contact; ssh may ask to confirm the host key and for the password, once")
+            try:
+                results[host] = prompting.run(host, contact, timeout=300)
+            except HostError as exc:
+                results[host] = exc
+    for host, result in results.items():
+        if isinstance(result, AuthRefused):
+            results[host] = AuthRefused(host, "ssh refused our key; run 'sparkrun setup ssh' on a terminal to type "
+                                              "the password once, or install a key first (ssh-copy-id)")
+        elif isinstance(result, RemoteResult) and not result.ok:
+            results[host] = RemoteFailed(host, f"setting up ~/.ssh failed (exit {result.returncode}): "
+                                               f"{result.stderr_tail() or result.stdout.strip()[-200:]}")
+    raise_first(results)
+    for host, result in results.items():
+        login = host.partition("@")[0] if "@" in host else selection.user
+        members[host] = parse_contact(host, result.stdout, login)
+    everyone = list(members.values())
+
+    mesh = ssh.run_all(list(members), lambda name: mesh_script(members[name], everyone), timeout=300)
+    for name, result in mesh.items():
+        if isinstance(result, RemoteResult) and not result.ok:
+            mesh[name] = RemoteFailed(name, f"updating ~/.ssh failed: {result.stderr_tail()}")
+    raise_first(mesh)
+
+    changed = False
+    for name, member in members.items():
+        out = mesh[name].stdout
+        added = re.search(r"@@added (\d+) (\d+)", out)
+        keys, known = (int(added[1]), int(added[2])) if added else (0, 0)
+        keys += member.authorized
+        notes = (["key created"] if member.created else []) + \
+                ([f"+{keys} authorized key{'s' * (keys != 1)}"] if keys else []) + \
+                ([f"+{known} known_hosts entr{'ies' if known != 1 else 'y'}"] if known else [])
+        changed = changed or bool(notes)
+        label = "this machine" if member.local else name
+        print(f"{label:<24} {', '.join(notes) or 'unchanged'}")
+        for entry, key_type in re.findall(r"@@conflict (\S+) (\S+)", out):
+            warn(f"{label}: known_hosts already has a different {key_type} key for {entry}; left alone "
+                 f"(if that host was reinstalled: ssh-keygen -R {entry})")
+        for address in re.findall(r"@@noscan (\S+)", out):
+            if member.peer and address == member.peer:
+                say(f"{label}: no ssh server answers at this machine's address {address} "
+                    "(hosts cannot log in here; sparkrun does not need them to)")
+            else:
+                warn(f"{label}: no ssh server answered at {address}")
+
+    remote = [m for m in everyone if not m.local]
+    checks = ssh.run_all(list(members), lambda name: mesh_check_script(
+        [m for m in remote if m is not members[name]]), timeout=120)
+    failures = []
+    for name, result in checks.items():
+        label = "this machine" if members[name].local else name
+        if isinstance(result, HostError):
+            failures.append(str(result))
+            continue
+        failures += [f"{label} -> {t}: {why.strip() or 'refused'}"
+                     for t, why in re.findall(r"@@fail (\S+) ?(.*)", result.stdout)]
+    if failures:
+        for failure in failures[:-1]:
+            print(f"Error: {failure}", file=sys.stderr)
+        raise SparkrunError(f"{failures[-1]} (the mesh is incomplete; fix it and run 'sparkrun setup ssh' again)")
+    print(MESH_DONE if changed else MESH_UNCHANGED)
+    return 0
+
+
+# -- CX7 networking -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cx7Port:
+    name: str
+    pci: str
+    state: str
+    mtu: int
+    carrier: bool
+    addresses: tuple = ()  # address/prefix
+
+
+@dataclass(frozen=True)
+class Cx7Host:
+    host: str
+    address: str  # the address this machine reaches it at (SSH_CONNECTION)
+    port: int  # its ssh port
+    ports: tuple  # Cx7Port, sorted by PCI address
+    netplan_files: tuple = ()  # other netplan files naming a CX7 port
+
+    @property
+    def chosen(self) -> list[Cx7Port]:
+        """The two ports to configure: the ones with a link when any has one."""
+        linked = [p for p in self.ports if p.carrier]
+        return (linked or list(self.ports))[:2]
+
+
+CX7_PROBE_SH = r'''
+main() {
+  sysfs=${SPARKRUN_SYSFS:-/sys}
+  netplan_dir=${SPARKRUN_NETPLAN_DIR:-/etc/netplan}
+  echo "@@conn $SSH_CONNECTION"
+  names=
+  for d in "$sysfs"/class/net/*; do
+    [ "$(cat "$d/device/vendor" 2>/dev/null)" = MELLANOX ] || continue
+    n=${d##*/}; names="$names $n"
+    echo "@@port $n $(basename "$(readlink -f "$d/device")") $(cat "$d/operstate" 2>/dev/null || echo unknown) $(cat "$d/mtu" 2>/dev/null || echo 0) $(cat "$d/carrier" 2>/dev/null || echo 0)"
+  done
+  ip -o -4 addr show 2>/dev/null | awk '{print "@@addr", $2, $4}'
+  for f in "$netplan_dir"/*.yaml; do
+    [ -f "$f" ] && [ "${f##*/}" != NETPLAN_FILE ] || continue
+    for n in $names; do grep -qw -- "$n" "$f" 2>/dev/null && { echo "@@netplan $f"; break; }; done
+  done
+}
+main
+'''
+
+
+def parse_cx7(host: str, output: str) -> Cx7Host:
+    ports, addrs, files, address, ssh_port = [], {}, [], host.rpartition("@")[2], 22
+    for line in output.splitlines():
+        words = line.split()
+        if line.startswith("@@conn ") and len(words) == 5:
+            address, ssh_port = words[3], int(words[4]) if words[4].isdigit() else 22
+        elif line.startswith("@@port ") and len(words) == 6:
+            ports.append((words[1], words[2], words[3], int(words[4]) if words[4].isdigit() else 0, words[5] == "1"))
+        elif line.startswith("@@addr ") and len(words) == 3:
+            addrs.setdefault(words[1], []).append(words[2])
+        elif line.startswith("@@netplan "):
+            files.append(line.split(" ", 1)[1])
+    cx7 = sorted((Cx7Port(n, pci, state, mtu, carrier, tuple(addrs.get(n, ()))) for n, pci, state, mtu, carrier in ports),
+                 key=lambda p: p.pci)
+    return Cx7Host(host, address, ssh_port, tuple(cx7), tuple(files))
+
+
+def check_subnet(text: str, option: str):
+    import ipaddress
+
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise UsageError(f"{option}: {text!r} is not a subnet like 192.168.100.0/24") from None
+    if net.version != 4 or net.prefixlen != 24:
+        raise UsageError(f"{option}: {text} must be an IPv4 /24 (each host takes its own last octet)")
+    return net
+
+
+def host_octets(hosts: list[Cx7Host]) -> dict[str, int]:
+    """Each host's last octet: that of its address when these are IPv4 and distinct, else 1..N."""
+    import ipaddress
+
+    octets = {}
+    for h in hosts:
+        try:
+            ip = ipaddress.ip_address(h.address)
+            octets[h.host] = int(str(ip).rsplit(".", 1)[1]) if ip.version == 4 else None
+        except ValueError:
+            octets[h.host] = None
+    values = list(octets.values())
+    if None in values or len(set(values)) != len(values) or not all(1 <= v <= 254 for v in values):
+        say("hosts' addresses do not give distinct last octets; numbering them 1..N in the order given")
+        return {h.host: i for i, h in enumerate(hosts, start=1)}
+    return octets
+
+
+def cx7_assignments(hosts: list[Cx7Host], subnets: list, octets: dict) -> dict[str, list[tuple[Cx7Port, str]]]:
+    return {h.host: [(port, f"{net.network_address + octets[h.host]}/24") for port, net in zip(h.chosen, subnets)]
+            for h in hosts}
+
+
+def existing_cx7(hosts: list[Cx7Host], mtu: int) -> list | None:
+    """The subnets already in use when every host's chosen ports are consistently configured
+    (one address each, port k of every host in subnet k, distinct subnets and addresses, the MTU)."""
+    import ipaddress
+
+    subnets: list = []
+    seen = set()
+    for h in hosts:
+        for k, port in enumerate(h.chosen):
+            if len(port.addresses) != 1 or port.mtu != mtu:
+                return None
+            iface = ipaddress.ip_interface(port.addresses[0])
+            if len(subnets) <= k:
+                subnets.append(iface.network)
+            if iface.network != subnets[k] or iface.ip in seen:
+                return None
+            seen.add(iface.ip)
+    return subnets if len(set(subnets)) == len(subnets) and subnets else None
+
+
+def netplan_text(assigned: list[tuple[Cx7Port, str]], mtu: int) -> str:
+    lines = ["# Written by 'sparkrun setup cx7': the ConnectX-7 ports on the cluster subnets.",
+             "network:", "  version: 2", "  ethernets:"]
+    for port, address in assigned:
+        lines += [f"    {port.name}:", "      dhcp4: false", "      dhcp6: false",
+                  f"      addresses: [{address}]", f"      mtu: {mtu}"]
+    return "\n".join(lines) + "\n"
+
+
+def cx7_changes(hosts: list[Cx7Host], assigned: dict, mtu: int) -> dict[str, str]:
+    """The netplan file of each host whose ports differ from their assignment. A host reached
+    through a port whose address would change is refused: applying would cut this connection."""
+    todo = {}
+    for h in hosts:
+        wanted = assigned[h.host]
+        if all(p.addresses == (a,) and p.mtu == mtu for p, a in wanted):
+            continue
+        for port, address in wanted:
+            if h.address in {x.split("/")[0] for x in port.addresses} and h.address != address.split("/")[0]:
+                raise UsageError(f"{h.host}: this machine reaches it through {port.name}, whose address would "
+                                 "change and cut the connection; run again with the hosts' management addresses")
+        todo[h.host] = netplan_text(wanted, mtu)
+    return todo
+
+
+def cx7_apply_script(text: str) -> str:
+    body = f"""\
+  dir=${{SPARKRUN_NETPLAN_DIR:-/etc/netplan}}
+  dest="$dir/{NETPLAN_FILE}"
+  tmp=$(mktemp) || exit 1
+  cat > "$tmp" <<'SPARKRUN_NETPLAN'
+{text}SPARKRUN_NETPLAN
+  had=0
+  if [ -e "$dest" ]; then had=1; as_root cp -p "$dest" "$dest.prev" || exit 1; fi
+  restore() {{ if [ $had = 1 ]; then as_root mv -f "$dest.prev" "$dest"; else as_root rm -f "$dest"; fi; }}
+  as_root install -m 0600 "$tmp" "$dest.new" && as_root mv -f "$dest.new" "$dest" || {{ rm -f "$tmp"; exit 1; }}
+  rm -f "$tmp"
+  if ! as_root netplan generate; then restore; echo "@@invalid"; exit 3; fi
+  if ! as_root netplan apply; then restore; as_root netplan apply; echo "@@apply-failed"; exit 4; fi
+  [ $had = 0 ] || as_root rm -f "$dest.prev"
+  echo "@@applied $dest"
+"""
+    return root_script(body)
+
+
+def confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def learn_names_script(targets: list[tuple[int, str, list[str]]]) -> str:
+    lines = "".join(f"  learn {port} {shlex.quote(address)} {' '.join(shlex.quote(n) for n in names)}\n"
+                    for port, address, names in targets)
+    return (MESH_FILES_SH + "main() {\n  umask 077\n  added_hosts=0\n" + lines
+            + '  echo "@@added 0 $added_hosts"\n}\nmain\n')
+
+
+def learn_cx7_addresses(ssh: SSH, hosts: list[Cx7Host], assigned: dict) -> None:
+    """Every host and this machine record each host's key under its CX7 addresses, scanned at
+    the address used to reach it (the CX7 links need not be up yet)."""
+    targets = {h.host: (h.port, h.address, [a.split("/")[0] for _, a in assigned[h.host]]) for h in hosts}
+    members = [THIS_MACHINE] + [h.host for h in hosts]
+    results = ssh.run_all(members, lambda name: learn_names_script(
+        [target for host, target in targets.items() if host != name]), timeout=120)
+    for name, result in results.items():
+        label = "this machine" if name == THIS_MACHINE else name
+        if isinstance(result, HostError) or not result.ok:
+            warn(f"{label}: could not update known_hosts: {result if isinstance(result, HostError) else result.stderr_tail()}")
+            continue
+        added = re.search(r"@@added \d+ (\d+)", result.stdout)
+        count = int(added[1]) if added else 0
+        print(f"{label}: known_hosts " + (f"+{count} CX7 address entries" if count else "already knows the CX7 addresses"))
+
+
+def show_cx7(hosts: list[Cx7Host]) -> None:
+    rows = [[h.host, p.name, p.state + ("" if p.carrier else " (no link)"), str(p.mtu), ", ".join(p.addresses) or "-"]
+            for h in hosts for p in h.ports]
+    print_table(rows, ["HOST", "PORT", "STATE", "MTU", "ADDRESSES"])
+
+
+def cmd_setup_cx7(args) -> int:
+    selection = select_hosts(args)
+    hosts = list(selection.hosts)
+    if args.mtu < 1280 or args.mtu > 9216:
+        raise UsageError("--mtu must be between 1280 and 9216")
+    if bool(args.subnet1) != bool(args.subnet2):
+        raise UsageError("--subnet1 and --subnet2 go together")
+    subnets = [check_subnet(args.subnet1 or CX7_SUBNETS[0], "--subnet1"),
+               check_subnet(args.subnet2 or CX7_SUBNETS[1], "--subnet2")]
+    if subnets[0] == subnets[1]:
+        raise UsageError("--subnet1 and --subnet2 must differ")
+    ssh = SSH(selection.user, args.verbose)
+    probe = CX7_PROBE_SH.replace("MELLANOX", MELLANOX_VENDOR).replace("NETPLAN_FILE", NETPLAN_FILE)
+    results = ssh.run_all(hosts, probe, timeout=60)
+    raise_first(results)
+    found = [parse_cx7(h, results[h].stdout) for h in hosts]
+    missing = [h.host for h in found if not h.ports]
+    if missing:
+        raise UsageError(f"no ConnectX-7 ports (PCI vendor {MELLANOX_VENDOR}) found on {', '.join(missing)}")
+    show_cx7(found)
+    existing = existing_cx7(found, args.mtu)
+    if existing and not args.force:
+        nets = ", ".join(str(n) for n in existing)
+        print(f"\nCX7 networking is already configured ({nets}, MTU {args.mtu}); kept (--force replaces it).")
+        assigned = {h.host: [(p, p.addresses[0]) for p in h.chosen] for h in found}
+        if not args.dry_run:
+            learn_cx7_addresses(ssh, found, assigned)
+        return 0
+    assigned = cx7_assignments(found, subnets, host_octets(found))
+    todo = cx7_changes(found, assigned, args.mtu)
+    for h in found:
+        if h.host not in todo:
+            shown = ", ".join(f"{p.name} {a}" for p, a in assigned[h.host])
+            print(f"\n{h.host}: already matches ({shown}); unchanged")
+            continue
+        print(f"\n{h.host}: /etc/netplan/{NETPLAN_FILE}")
+        print(todo[h.host].rstrip())
+        for other in h.netplan_files:
+            warn(f"{h.host}: {other} also names a CX7 port; {NETPLAN_FILE} is read after it and wins")
+    if args.dry_run or not todo:
+        if not todo and not args.dry_run:
+            learn_cx7_addresses(ssh, found, assigned)
+        return 0
+    if not args.yes and not confirm(f"\nWrite and apply this on {len(todo)} host{'s' * (len(todo) != 1)}?"):
+        raise UsageError(NOT_CONFIRMED)
+    applied = run_as_root(ssh, list(todo), lambda host: cx7_apply_script(todo[host]), what="netplan")
+    for host, result in applied.items():
+        if isinstance(result, RemoteResult):
+            print(f"{host}: netplan applied")
+    raise_first(applied)
+    learn_cx7_addresses(ssh, found, assigned)
+    return 0
+
+
+# -- the parsers ----------------------------------------------------------------------
+
+def add_setup_parsers(sub, command, host_options) -> None:
+    text = "One-time set-up: install, completion, update, SSH mesh, CX7 networking, permissions, page cache."
+    setup = sub.add_parser("setup", help=text, description=text)
+    add_common(setup)
+    ssub = setup.add_subparsers(dest="setup_command", metavar="SUBCOMMAND", required=True)
+    p = command("install", cmd_setup_install, "Install sparkrun for this user (uv tool, or the .pyz copied to "
+                                              "~/.local/bin), then shell completion.", ssub)
+    p.add_argument("--no-completion", action="store_true", help="do not set up shell completion")
+    p = command("completion", cmd_setup_completion, "Install shell completion (commands, options, recipe, "
+                                                    "cluster and registry names).", ssub)
+    p.add_argument("--shell", choices=SHELLS, help="default: from $SHELL")
+    p.add_argument("--print", action="store_true", help="print the script instead of installing it")
+    p = command("update", cmd_setup_update, "Upgrade sparkrun the way it was installed, then the registries.", ssub)
+    p.add_argument("--no-update-registries", action="store_true", help="only upgrade sparkrun")
+    p = command("ssh", cmd_setup_ssh, "Full SSH mesh: keys, authorized_keys and known_hosts on every host "
+                                      "(and this machine); adds only what is missing.", ssub)
+    host_options(p, solo=False)
+    p.add_argument("--extra-hosts", metavar="H,...", help="more hosts to join the mesh")
+    p.add_argument("--no-include-self", action="store_true", help="leave this machine out of the mesh")
+    p = command("cx7", cmd_setup_cx7, "Show the ConnectX-7 ports and put them on two /24 subnets with netplan.", ssub)
+    host_options(p, solo=False)
+    p.add_argument("--subnet1", metavar="CIDR", help=f"first port's /24 (default {CX7_SUBNETS[0]})")
+    p.add_argument("--subnet2", metavar="CIDR", help=f"second port's /24 (default {CX7_SUBNETS[1]})")
+    p.add_argument("--mtu", type=int, default=9000, help="MTU of the ports (default 9000)")
+    p.add_argument("--force", action="store_true", help="replace a valid existing configuration")
+    p.add_argument("-n", "--dry-run", action="store_true", help="print each host's netplan file; change nothing")
+    p.add_argument("-y", "--yes", action="store_true", help="apply without asking")
+    p = command("fix-permissions", cmd_setup_fix_permissions, "Give the ssh user back the Hugging Face cache on "
+                                                              "each host (files containers wrote as root).", ssub)
+    host_options(p, solo=False)
+    p.add_argument("--cache-dir", help="the hosts' cache (default ~/.cache/huggingface)")
+    p.add_argument("--save-sudo", action="store_true", help="install a sudoers rule allowing exactly this chown")
+    p = command("clear-cache", cmd_setup_clear_cache, "sync and drop the page cache on each host.", ssub)
+    host_options(p, solo=False)
+    p.add_argument("--save-sudo", action="store_true",
+                   help="install a sudoers rule allowing exactly this write to /proc/sys/vm/drop_caches")
 
 
 # ---------------------------------------------------------------------------
@@ -3071,9 +5341,10 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         warn(message)
     ssh = SSH(selection.user, args.verbose)
     local_home = hf_home(args.cache_dir)
+    tuning = None if getattr(args, "no_sync_tuning", False) else tuning_mount(recipe)
     if args.dry_run and not args.detect:
         snapshot = local_snapshot(recipe, local_home)
-        print(plan_launch(recipe, selection, options, snapshot=snapshot).describe())
+        print(plan_launch(recipe, selection, options, snapshot=snapshot, tuning=tuning).describe())
         return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
@@ -3082,7 +5353,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         options = replace(options, overrides=dict(options.overrides, port=port))
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
     snapshot = local_snapshot(recipe, local_home) if args.dry_run or args.no_sync else resolve_model(recipe, local_home)
-    plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot)
+    plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     if args.dry_run:
         print(plan.describe())
         return None, ssh
@@ -3097,6 +5368,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         sync_model(ssh, snapshot, plan.hosts, remote_cache_root(args.cache_dir))
     if plan.mods:
         sync_mods(ssh, plan)
+    if tuning:
+        sync_tuning(ssh, tuning, plan.hosts)
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     for command in plan.post_exec:
@@ -3546,10 +5819,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show-benchmark-profile", cmd_registry_show_profile, "Show a benchmark profile.", gsub)
     p.add_argument("profile", help="profile name, @registry/name, or a path to a YAML file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_benchmark_parsers(sub, command, host_options)
+    add_setup_parsers(sub, command, host_options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [COMPLETE_COMMAND]:  # shell completion: before any parser is built
+        return run_completion(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
