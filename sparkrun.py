@@ -2376,7 +2376,7 @@ def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
 # ---------------------------------------------------------------------------
 
 HOME_PREFIX = "~/"
-READY_POLL_S = 1.0
+READY_POLL_S = (0.2, 1.0)  # seconds between readiness checks: first minute, then on
 
 
 def remote_join(argv: list[str]) -> str:
@@ -2514,7 +2514,8 @@ def probe_ready(plan_endpoint: str, served: str, readiness: str) -> str:
 
 
 def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> None:
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     names = {c.host: [] for c in plan.containers}
     for spec in plan.containers:
         names[spec.host].append(spec.name)
@@ -2531,7 +2532,7 @@ def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> 
         if now > deadline:
             raise SparkrunError(f"{plan.head}: not ready after {timeout_s:.0f} s ({why}); "
                                 f"see 'sparkrun logs {plan.recipe}'")
-        time.sleep(READY_POLL_S)
+        time.sleep(READY_POLL_S[0] if now - started < 60 else READY_POLL_S[1])
 
 
 def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:

@@ -288,3 +288,19 @@ def test_secrets_never_visible(lab, tmp_path):
     assert container_env.split() == list(secrets.values())
     assert list((host.tmp).glob("tmp.*")) == []  # the 0600 env file is gone
     lab("stop", recipe, "-H", H1, check=0)
+
+
+def test_logs_follows_and_ctrl_c_leaves_the_job_running(lab):
+    run_ok(lab, "qwen3-1.7b-vllm", "-H", H1)
+    process = popen(lab, "logs", "qwen3-1.7b-vllm", "-H", H1, "--tail", "5")
+    wait_for_line(process.stdout, "Uvicorn running")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and "Stopped following; qwen3-1.7b-vllm keeps running." in err
+    assert [c["running"] for c in lab.bed.hosts[0].containers()] == [True]
+    # The remote `docker logs -f` ended with us: nothing of it is left on the host.
+    deadline = time.monotonic() + 5
+    while "logs -f" in lab.bed.hosts[0].ssh("ps -eo args").stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "logs -f" not in lab.bed.hosts[0].ssh("ps -eo args").stdout
+    lab("stop", "qwen3-1.7b-vllm", "-H", H1, check=0)
