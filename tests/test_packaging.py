@@ -71,3 +71,14 @@ def test_zipapp_is_portable_and_runs_on_system_python(zipapp, tmp_path):
     assert "qwen3-1.7b-sglang" in result.stdout
     result = run([SYSTEM_PYTHON, str(zipapp), "show", "nemotron3-nano-30b-nvfp4-vllm", "--no-vram"], env)
     assert "Container:    scitrera/dgx-spark-vllm:0.16.0-t5" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"],
+                                  ["cluster", "list"], ["run", "qwen3-1.7b-llama-cpp", "-H", "h1", "--dry-run"]])
+def test_quick_commands_import_neither_huggingface_hub_nor_network_libraries(cli, args):
+    env = dict(cli.env, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "sparkrun.py"), *args],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"huggingface_hub", "httpx", "requests", "urllib.request", "http.client", "socket"}
