@@ -4125,7 +4125,7 @@ def cmd_setup_update(args) -> int:
         if source and source.is_file() and copy_pyz(source):
             print(f"Updated {PYZ_TARGET.expanduser()} from {source}")
         else:
-            print(f"sparkrun.pyz is up to date; to upgrade, run a newer sparkrun.pyz with 'setup install'")
+            print("sparkrun.pyz is up to date; to upgrade, run a newer sparkrun.pyz with 'setup install'")
     elif wanted == "checkout":
         print(f"sparkrun runs from the checkout {where}; update it with git there "
               "(or 'sparkrun setup install' to install it as a uv tool)")
@@ -4442,9 +4442,6 @@ def run_as_root(ssh: SSH, hosts: list[str], script_for, *, what: str, timeout: f
     return results
 
 
-
-
-
 def sudoers_word(word: str) -> str:
     """One sudoers command word, escaped; anything that could widen the rule is refused."""
     if not SUDOERS_SAFE.fullmatch(word):
@@ -4471,13 +4468,14 @@ def sudoers_file(user: str, purpose: str) -> str:
 
 SAVE_SUDO_SH = r'''
 save_sudo() {  # save_sudo DEST RULE: check with visudo, then move into place with mode 0440
-  local dest=$1 tmp
+  local dest=$1 tmp new
+  new="$(dirname "$dest")/.$(basename "$dest").new"  # sudo skips names with a dot
   tmp=$(mktemp) || return 1
   printf '%s' "$2" > "$tmp"
   if ! as_root visudo -cf "$tmp" >/dev/null; then rm -f "$tmp"; echo "@@sudo-invalid"; return 1; fi
-  as_root install -m 0440 -o root -g root "$tmp" "$(dirname "$dest")/.$(basename "$dest").new" || { rm -f "$tmp"; return 1; }
+  as_root install -m 0440 -o root -g root "$tmp" "$new" || { rm -f "$tmp"; return 1; }
   rm -f "$tmp"
-  as_root mv -f "$(dirname "$dest")/.$(basename "$dest").new" "$dest" || return 1
+  as_root mv -f "$new" "$dest" || return 1
   if ! as_root visudo -c >/dev/null 2>&1; then as_root rm -f "$dest"; echo "@@sudo-invalid"; return 1; fi
   echo "@@sudo-saved $dest"
 }
@@ -4574,7 +4572,8 @@ def fix_permissions_probe(cache_expr: str) -> str:
              '  if [ ! -d "$dir" ]; then echo "@@missing $dir"; return; fi\n'
              '  dir=$(cd "$dir" && pwd -P); echo "@@dir $dir"\n'
              '  [ -d "$dir/hub" ] && echo "@@hub 1"\n'
-             '  echo "@@foreign $(find "$dir" \\( ! -user "$user" -o ! -group "$group" \\) -print 2>/dev/null | wc -l)"\n')
+             '  foreign=$(find "$dir" \\( ! -user "$user" -o ! -group "$group" \\) -print 2>/dev/null | wc -l)\n'
+             '  echo "@@foreign $foreign"\n')
     return sudo_probe_script(("chown",), '"$chown_bin" -hR "$user:$group" "$dir"', extra)
 
 
@@ -4940,7 +4939,9 @@ main() {
   for d in "$sysfs"/class/net/*; do
     [ "$(cat "$d/device/vendor" 2>/dev/null)" = MELLANOX ] || continue
     n=${d##*/}; names="$names $n"
-    echo "@@port $n $(basename "$(readlink -f "$d/device")") $(cat "$d/operstate" 2>/dev/null || echo unknown) $(cat "$d/mtu" 2>/dev/null || echo 0) $(cat "$d/carrier" 2>/dev/null || echo 0)"
+    pci=$(basename "$(readlink -f "$d/device")")
+    state=$(cat "$d/operstate" 2>/dev/null || echo unknown)
+    echo "@@port $n $pci $state $(cat "$d/mtu" 2>/dev/null || echo 0) $(cat "$d/carrier" 2>/dev/null || echo 0)"
   done
   ip -o -4 addr show 2>/dev/null | awk '{print "@@addr", $2, $4}'
   for f in "$netplan_dir"/*.yaml; do
@@ -4964,8 +4965,8 @@ def parse_cx7(host: str, output: str) -> Cx7Host:
             addrs.setdefault(words[1], []).append(words[2])
         elif line.startswith("@@netplan "):
             files.append(line.split(" ", 1)[1])
-    cx7 = sorted((Cx7Port(n, pci, state, mtu, carrier, tuple(addrs.get(n, ()))) for n, pci, state, mtu, carrier in ports),
-                 key=lambda p: p.pci)
+    cx7 = sorted((Cx7Port(n, pci, state, mtu, carrier, tuple(addrs.get(n, ())))
+                  for n, pci, state, mtu, carrier in ports), key=lambda p: p.pci)
     return Cx7Host(host, address, ssh_port, tuple(cx7), tuple(files))
 
 
@@ -5095,11 +5096,13 @@ def learn_cx7_addresses(ssh: SSH, hosts: list[Cx7Host], assigned: dict) -> None:
     for name, result in results.items():
         label = "this machine" if name == THIS_MACHINE else name
         if isinstance(result, HostError) or not result.ok:
-            warn(f"{label}: could not update known_hosts: {result if isinstance(result, HostError) else result.stderr_tail()}")
+            why = result if isinstance(result, HostError) else result.stderr_tail()
+            warn(f"{label}: could not update known_hosts: {why}")
             continue
         added = re.search(r"@@added \d+ (\d+)", result.stdout)
         count = int(added[1]) if added else 0
-        print(f"{label}: known_hosts " + (f"+{count} CX7 address entries" if count else "already knows the CX7 addresses"))
+        print(f"{label}: known_hosts " + (f"+{count} CX7 address entries" if count
+                                          else "already knows the CX7 addresses"))
 
 
 def show_cx7(hosts: list[Cx7Host]) -> None:

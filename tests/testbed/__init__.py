@@ -15,8 +15,13 @@ sshd's SetEnv gives every session:
     TESTBED_HOST_ID    spark-N
     TESTBED_STATE      <root> (the host's state dir, same path on both sides)
     SPARKRUN_SYSFS     <root>/sysfs (fake class/infiniband and class/net)
+    SPARKRUN_NETPLAN_DIR, SPARKRUN_DROP_CACHES
+                       <root>/etc/netplan and <root>/drop_caches (setup cx7 and
+                       clear-cache write these, not the machine's real files)
     TESTBED_RUN        token of this bed (every process carrying it is
                        killed by bed.stop())
+With a private /root, sshd also accepts keys in the host's own
+~/.ssh/authorized_keys (setup ssh builds the mesh there).
 
 Containers. The docker stand-in keeps its state in <root>/docker and runs
 container commands as real processes (own session/process group) with

@@ -40,7 +40,8 @@ class Host:
     # -- setup -------------------------------------------------------------
     def prepare(self, client_key_pub):
         """Create the state dirs, tools, facts and sshd config."""
-        for sub in (self.home, self.tmp, self.bin, self.sshd_dir, self.root / "faults"):
+        for sub in (self.home, self.tmp, self.bin, self.sshd_dir, self.root / "faults",
+                    self.root / "etc" / "netplan"):
             sub.mkdir(parents=True, exist_ok=True)
         # The host's own copy of the stand-ins: the checkout may sit under /tmp or /root, which
         # the host's namespace replaces with its private ones.
@@ -58,16 +59,22 @@ class Host:
     def _sshd_config(self):
         env = {"PATH": f"{self.bin}:{SYSTEM_PATH}", "TESTBED_HOST_ADDR": self.addr,
                "TESTBED_HOST_ID": self.id, "TESTBED_STATE": str(self.root),
-               "SPARKRUN_SYSFS": str(self.root / "sysfs"), "TESTBED_RUN": self.bed.token}
+               "SPARKRUN_SYSFS": str(self.root / "sysfs"), "TESTBED_RUN": self.bed.token,
+               # setup cx7 / clear-cache write these instead of the machine's real files.
+               "SPARKRUN_NETPLAN_DIR": str(self.root / "etc" / "netplan"),
+               "SPARKRUN_DROP_CACHES": str(self.root / "drop_caches")}
         if not self.bed.isolated:
             env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
+        # With a private /root, the host's own ~/.ssh/authorized_keys counts too (setup ssh
+        # fills it); without one, %h would be the real /root, so only the bed's file counts.
+        keys = f"{self.sshd_dir / 'authorized_keys'}" + (" .ssh/authorized_keys" if self.bed.isolated else "")
         setenv = " ".join(f'"{k}={v}"' for k, v in env.items())
         return "\n".join([
             f"ListenAddress {self.addr}:22",
             f"HostKey {self.sshd_dir / 'host_ed25519'}",
             "PidFile none", "UsePAM no", "PermitRootLogin prohibit-password",
             "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            f"AuthorizedKeysFile {self.sshd_dir / 'authorized_keys'}",
+            f"AuthorizedKeysFile {keys}",
             "LogLevel VERBOSE", "UseDNS no", "MaxStartups 64", "PrintMotd no",
             "PrintLastLog no", "X11Forwarding no", "Subsystem sftp internal-sftp",
             f"SetEnv {setenv}", ""])
