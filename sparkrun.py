@@ -25,7 +25,6 @@ Sections, in data-flow order:
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import math
@@ -532,7 +531,7 @@ def node_count(recipe: Recipe, values: dict) -> int:
 # 4. Catalog: bundled recipes, registries, lookup
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RecipeRef:
     """Where a recipe lives, before it is parsed."""
     name: str
@@ -950,7 +949,7 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
     return recipe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RecipeSummary:
     """What `list` and `search` show."""
     name: str
@@ -1215,7 +1214,7 @@ def _max_context_tokens(arch: ModelArch, dtype_bytes: float, tp: int, available:
     return math.floor((available - sliding_rate * window) / full_rate) if full_rate else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VramEstimate:
     model_dtype: str | None
     params: int | None
@@ -1499,7 +1498,7 @@ def read_hosts_file(path: str) -> list[str]:
     return parse_host_list(",".join(e for e in entries if e))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RemoteResult:
     host: str
     returncode: int
@@ -1664,7 +1663,7 @@ def docker_problem(stderr: str) -> str:
     return f"docker failed: {' | '.join(stderr.strip().splitlines()[-2:])[:300]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class IbDevice:
     hca: str
     state: str
@@ -1673,7 +1672,7 @@ class IbDevice:
     gid_index: int | None  # the RoCE v2 GID of an IPv4 address
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HostFacts:
     """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
     host: str
@@ -1856,7 +1855,7 @@ def get_cluster(name: str, data: dict | None = None) -> dict:
     return clusters[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HostSelection:
     hosts: tuple[str, ...]
     user: str | None
@@ -2022,7 +2021,7 @@ EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|clas
                              r"--embedding\b|--reranking\b|--pooling\b")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ContainerSpec:
     host: str
     name: str
@@ -2056,7 +2055,7 @@ class ContainerSpec:
         return remote_join(argv) + "".join(f"\n      secret {k}=***" for k, _ in self.secret_env)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Step:
     """One thing the launch does, in order: start a container, or wait for a port."""
     action: str  # "start" | "wait_port"
@@ -2072,7 +2071,7 @@ class Step:
         return f"[{self.host}] wait until {self.address}:{self.port} listens ({self.reason})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LaunchContext:
     """What a runtime module gets: the rendered command and everything around it."""
     recipe: Recipe
@@ -2098,7 +2097,7 @@ class LaunchContext:
         return Step("wait_port", self.hosts[rank], address=address, port=port, reason=reason)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LaunchPlan:
     recipe: str
     runtime: str
@@ -2248,7 +2247,7 @@ def choose_rendezvous(hosts, facts: dict) -> tuple[str, str, dict]:
     return addresses[head], "management network (no InfiniBand subnet shared by all nodes)", addresses
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LaunchOptions:
     """What `run` takes from the command line, after parsing."""
     overrides: dict
@@ -2682,7 +2681,7 @@ def pending_operations() -> list[dict]:
 
 # -- Image and model distribution: from the control machine to the hosts that lack them, once.
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelSnapshot:
     """A model as it sits in the local Hugging Face cache, and the files a launch needs."""
     repo: str
@@ -3008,7 +3007,7 @@ class BenchmarkFramework:
         return ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BenchmarkJob:
     """One run of a framework: everything it needs, decided before it starts."""
     endpoint: str  # http://head:port/v1
@@ -3120,7 +3119,7 @@ def load_framework(name: str) -> BenchmarkFramework:
     raise UsageError(f"unknown benchmark framework '{name}' (known: {', '.join(known)})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BenchmarkProfile:
     name: str  # for the output file name: the profile's file stem, or "default"
     path: str | None
@@ -3248,7 +3247,7 @@ def prompt_text_file() -> Path:
     return resource_dir("recipes") / PROMPT_FILE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BenchTarget:
     """The server a benchmark measures: launched now, or found running by its labels."""
     endpoint: str
@@ -3444,9 +3443,9 @@ def benchmark_tp(recipe: Recipe, args) -> int:
         return 1
 
 
-def launch_namespace(args) -> argparse.Namespace:
+def launch_namespace(args):
     """benchmark's options as launch() reads them: -o belongs to the benchmark, not the recipe."""
-    return argparse.Namespace(**dict(vars(args), override=[], no_follow=True))
+    return type(args)(**dict(vars(args), override=[], no_follow=True))
 
 
 def cmd_benchmark(args) -> int:
@@ -3533,7 +3532,7 @@ def cmd_benchmark(args) -> int:
 
 # -- Tuned MoE kernel configs: where they live, and what a launch mounts
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TuningEngine:
     name: str
     package: str  # the Python package in the image, to find its source tree
@@ -3617,7 +3616,7 @@ def sync_registries_with_tuning() -> None:
         warn("some registries could not be updated; using their last good tuning configs")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TuningMount:
     """Tuned configs a launch mounts: synced from `local` to `remote` on every host."""
     engine: str
@@ -3672,7 +3671,7 @@ def sync_tuning(ssh: SSH, mount: TuningMount, hosts) -> None:
 
 # -- tune: one tuning container, one job per TP size, configs copied back as each finishes
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TunePlan:
     engine: TuningEngine
     host: str
@@ -4251,8 +4250,10 @@ def completion_kind(path: tuple, action) -> object:
     return ""
 
 
-def completion_tree(parser: argparse.ArgumentParser, path: tuple = ()) -> dict:
+def completion_tree(parser, path: tuple = ()) -> dict:
     """The commands, options and positionals of a parser, as plain data."""
+    import argparse
+
     node = {"commands": {}, "options": {}, "positionals": []}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -4482,7 +4483,7 @@ save_sudo() {  # save_sudo DEST RULE: check with visudo, then move into place wi
 '''
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SudoFacts:
     """Who the ssh user is on a host, and the absolute paths of the commands a rule would name."""
     user: str
@@ -4726,7 +4727,7 @@ learn() {  # learn PORT ADDRESS NAME...: scan ADDRESS, record its keys under eac
 '''
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MeshMember:
     name: str  # as given, or THIS_MACHINE
     pubkey: str
@@ -4905,7 +4906,7 @@ def cmd_setup_ssh(args) -> int:
 
 # -- CX7 networking -----------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cx7Port:
     name: str
     pci: str
@@ -4915,7 +4916,7 @@ class Cx7Port:
     addresses: tuple = ()  # address/prefix
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cx7Host:
     host: str
     address: str  # the address this machine reaches it at (SSH_CONNECTION)
@@ -5651,13 +5652,17 @@ def cmd_registry_show_profile(args) -> int:
     return 0
 
 
-def add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
+def add_common(parser, top: bool = False) -> None:
+    import argparse
+
     # Subcommands must not reset a count given before the command name.
     parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
                         help="more output; -v shows tracebacks, -vv shows every remote command")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    import argparse  # here, not at the top: shell completion never builds a parser
+
     parser = argparse.ArgumentParser(
         prog="sparkrun",
         description="Launch, watch and stop LLM inference servers on DGX Spark hosts over SSH.")
