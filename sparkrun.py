@@ -25,7 +25,6 @@ Sections, in data-flow order:
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -940,7 +939,11 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
     if not matches:
         wanted = name.lstrip("@").rpartition("/")[2]
         known = sorted({r.name for r in refs})
-        close = [n for n in known if wanted in n][:3] or difflib.get_close_matches(wanted, known, n=3, cutoff=0.5)
+        close = [n for n in known if wanted in n][:3]
+        if not close:
+            import difflib
+
+            close = difflib.get_close_matches(wanted, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see 'sparkrun list'"
         raise UsageError(f"no recipe named '{name}'{hint}")
     ref = matches[0]
@@ -5660,15 +5663,42 @@ def add_common(parser, top: bool = False) -> None:
                         help="more output; -v shows tracebacks, -vv shows every remote command")
 
 
-def build_parser():
+class UnbuiltParser:
+    """Stands in for the parser of a command this invocation does not run: every call on it
+    is accepted and ignored."""
+
+    _actions = ()  # read by parsers that share another command's options
+
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: self
+
+
+BUILT_WITH = {"benchmark": {"run"}}  # commands whose parser reuses another command's options
+
+
+def build_parser(argv: list[str] | None = None):
+    """The CLI. Given argv, only the parser of the command in it is built (building them all
+    costs more than the rest of start-up); without argv, or for top-level help, all of them."""
     import argparse  # here, not at the top: shell completion never builds a parser
+
+    class Subcommands(argparse._SubParsersAction):
+        only: set | None = None
+
+        def add_parser(self, name, **kwargs):
+            if self.only is None or name in self.only:
+                return super().add_parser(name, **kwargs)
+            self.choices[name] = UnbuiltParser()  # still a valid choice, and listed on errors
+            return self.choices[name]
 
     parser = argparse.ArgumentParser(
         prog="sparkrun",
         description="Launch, watch and stop LLM inference servers on DGX Spark hosts over SSH.")
     parser.add_argument("--version", action="version", version=f"sparkrun {__version__}")
     add_common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=Subcommands)
+    wanted = next((a for a in argv or () if not a.startswith("-")), None)
+    if wanted:
+        sub.only = {wanted} | BUILT_WITH.get(wanted, set())
 
     def command(name, func, help_text, parent=sub):
         p = parent.add_parser(name, help=help_text, description=help_text)
@@ -5837,7 +5867,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [COMPLETE_COMMAND]:  # shell completion: before any parser is built
         return run_completion(argv[1:])
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

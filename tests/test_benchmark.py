@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CORPUS, REPO, TESTS
+from conftest import H1, H2, CORPUS, REPO, TESTS
 import sparkrun as sr
 
-H1, H2 = "127.0.0.11", "127.0.0.12"
 VLLM_IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 LLAMA_IMAGE = "sparkrun-test/llama-cpp-python:0.3.36"
 PLUGIN = TESTS / "bench_data" / "plugin"
@@ -195,7 +194,7 @@ def test_launch_benchmark_stop_and_no_stop(lab, tmp_path):
     out = tmp_path / "one.yaml"
     result = fake_bench(lab, "-H", H1, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "Ready: http://127.0.0.11:8000/v1" in result.stdout and running(lab.bed.hosts[0]) == []
+    assert f"Ready: http://{H1}:8000/v1" in result.stdout and running(lab.bed.hosts[0]) == []
     record = yaml.safe_load(out.read_text())
     assert record["status"] == "complete" and record["tp"] == 1 and len(record["results"]["rows"]) == 1
     assert record["args"] == {"depth": [0], "concurrency": [1], "tokenizer": str(lab.tokenizer)}

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import H1, H2
+
 import sparkrun as sr
 
-H1, H2 = "127.0.0.11", "127.0.0.12"
 SGLANG_IMAGE = "scitrera/dgx-spark-sglang:0.5.9-t5"
 VLLM_IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 MODEL = "test-org/tiny-moe"
