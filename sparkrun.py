@@ -2850,17 +2850,23 @@ def sync_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> dict:
 
 def sync_mods(ssh: SSH, plan: LaunchPlan) -> None:
     """Copy the recipe's mod folders to every host, where containers mount them read-only."""
-    remote = f"{REMOTE_MODS.removeprefix(HOME_PREFIX)}/{plan.cluster_id}/"
+    mirror_folders(ssh, plan.hosts, [str(path) for _, path in plan.mods],
+                   f"{REMOTE_MODS.removeprefix(HOME_PREFIX)}/{plan.cluster_id}", "mods")
 
+
+def mirror_folders(ssh: SSH, hosts, sources: list[str], remote: str, what: str) -> None:
+    """rsync -a --delete of local folders to `remote` (under the remote home unless absolute) on
+    every host at once, over the hosts' master connections."""
     def push(host):
-        ssh.run(host, f"mkdir -p {quote_path(remote)}\n", check=True, what="mkdir for mods")
-        argv = ["rsync", "-a", "--delete", "-e", ssh.rsync_shell(), *[str(path) for _, path in plan.mods],
-                f"{host}:{remote}"]
+        ssh.run(host, f"mkdir -p {quote_path(remote)}\n", check=True, what=f"mkdir for {what}")
+        argv = ["rsync", "-a", "--delete", "-e", ssh.rsync_shell(), *sources, f"{host}:{remote}/"]
+        if ssh.verbose >= 2:
+            print(f"[{host}] {shlex.join(argv)}", file=sys.stderr)
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RemoteFailed(host, f"copying mods failed: {done.stderr.strip()[-300:]}")
+            raise RemoteFailed(host, f"copying {what} failed: {done.stderr.strip()[-300:]}")
 
-    raise_first(in_parallel(list(plan.hosts), push))
+    raise_first(in_parallel(list(hosts), push))
 
 
 def local_image_id(image: str) -> str:
@@ -3656,20 +3662,7 @@ def tuning_mount(recipe: Recipe) -> TuningMount | None:
 
 def sync_tuning(ssh: SSH, mount: TuningMount, hosts) -> None:
     """Make every host's copy of the tuned configs equal to this machine's."""
-    remote = mount.remote.removeprefix(HOME_PREFIX)
-
-    def push(host):
-        ssh.run(host, f"mkdir -p {quote_path(remote)}\n", check=True, what="mkdir for tuned configs")
-        argv = ["rsync", "-a", "--delete", "-e", ssh.rsync_shell(), f"{mount.local}/", f"{host}:{remote}/"]
-        if ssh.verbose >= 2:
-            print(f"[{host}] {shlex.join(argv)}", file=sys.stderr)
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RemoteFailed(host, f"copying tuned configs failed: {done.stderr.strip()[-300:]}")
-
-    for host, result in in_parallel(list(hosts), push).items():
-        if isinstance(result, HostError):
-            raise result
+    mirror_folders(ssh, hosts, [f"{mount.local}/"], mount.remote.removeprefix(HOME_PREFIX), "tuned configs")
 
 
 # -- tune: one tuning container, one job per TP size, configs copied back as each finishes
