@@ -1709,14 +1709,21 @@ class HostFacts:
 
 
 def probe_script(images: tuple = ()) -> str:
-    """One bash script that reports everything HostFacts holds, in marked sections."""
+    """One bash script that reports everything HostFacts holds, in marked sections. The slow
+    tools (nvidia-smi, docker) run at the same time; their output is printed in order."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format '{{{{.Id}}}}' "
         f"{shlex.quote(i)} 2>/dev/null)\"\n" for i in images)
     return f"""\
 sysfs=${{SPARKRUN_SYSFS:-/sys}}
+out=$(mktemp -d) || exit 1
+trap 'rm -rf "$out"' EXIT
+ip -o -4 addr show 2>/dev/null | awk '{{print $2, $4}}' > "$out/addrs" &
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1 > "$out/gpu" &
+{{ docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo "@@docker_failed"; }} > "$out/docker" &
+{{ {inspect.strip() or ":"}
+}} > "$out/images" &
 echo @@hostname; hostname
-echo @@addrs; ip -o -4 addr show 2>/dev/null | awk '{{print $2, $4}}'
 echo @@ib
 for hca in "$sysfs"/class/infiniband/*; do
   [ -d "$hca" ] || continue
@@ -1728,11 +1735,10 @@ for hca in "$sysfs"/class/infiniband/*; do
   done
   echo "${{hca##*/}}|$(cat "$hca/ports/1/state" 2>/dev/null)|$(ls "$hca/device/net" 2>/dev/null | head -1)|$gid"
 done
-echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
-echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo "@@docker_failed"
 echo @@listen; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4=="0A" {{print $2}}'
-echo @@images
-{inspect}echo @@end
+wait
+for section in addrs gpu docker images; do echo "@@$section"; cat "$out/$section"; done
+echo @@end
 """
 
 
