@@ -5677,7 +5677,7 @@ BUILT_WITH = {"benchmark": {"run"}}  # commands whose parser reuses another comm
 
 def build_parser(argv: list[str] | None = None):
     """The CLI. Given argv, only the parser of the command in it is built (building them all
-    costs more than the rest of start-up); without argv, or for top-level help, all of them."""
+    costs more than the rest of start-up); without argv, all of them (for completion)."""
     import argparse  # here, not at the top: shell completion never builds a parser
 
     class Subcommands(argparse._SubParsersAction):
@@ -5687,6 +5687,8 @@ def build_parser(argv: list[str] | None = None):
             if self.only is None or name in self.only:
                 return super().add_parser(name, **kwargs)
             self.choices[name] = UnbuiltParser()  # still a valid choice, and listed on errors
+            if "help" in kwargs:  # and in the top-level help
+                self._choices_actions.append(self._ChoicesPseudoAction(name, (), kwargs["help"]))
             return self.choices[name]
 
     parser = argparse.ArgumentParser(
@@ -5695,9 +5697,9 @@ def build_parser(argv: list[str] | None = None):
     parser.add_argument("--version", action="version", version=f"sparkrun {__version__}")
     add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=Subcommands)
-    wanted = next((a for a in argv or () if not a.startswith("-")), None)
-    if wanted:
-        sub.only = {wanted} | BUILT_WITH.get(wanted, set())
+    if argv is not None:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+        sub.only = {wanted, *BUILT_WITH.get(wanted, ())} if wanted else set()
 
     def command(name, func, help_text, parent=sub):
         p = parent.add_parser(name, help=help_text, description=help_text)
