@@ -26,7 +26,9 @@ def bed(n_hosts: int, first_octet: int):
             home.mkdir()
             env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARKRUN_", "HF_", "XDG_"))}
             env.update(testbed.env())
+            env.pop("PYTHONDONTWRITEBYTECODE", None)  # run as an installed command: bytecode cached
             env.update({"HOME": str(home), "SPARKRUN_CONFIG_DIR": str(home / "config"),
+                        "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(Path(work) / "pycache"),
                         "SPARKRUN_CACHE_DIR": str(testbed.control_home / ".cache" / "sparkrun"),
                         "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "SPARKRUN_DEFAULT_REGISTRIES": "",
                         "PATH": f"{REPO / 'tests' / 'testbed' / 'hostbin'}:{os.environ['PATH']}",
@@ -38,11 +40,15 @@ def bed(n_hosts: int, first_octet: int):
             testbed.stop()
 
 
+PYTHON = os.environ.get("SPARKRUN_BENCH_PYTHON", sys.executable)
+
+
 def sparkrun(env: dict, *args, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
-    """(wall seconds, result) of one `python sparkrun.py ...`."""
+    """(wall seconds, result) of one sparkrun command, run as the installed command runs
+    (`import sparkrun`, bytecode cached) by SPARKRUN_BENCH_PYTHON (default: this Python)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(REPO / "sparkrun.py"), *map(str, args)], env=env,
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = subprocess.run([PYTHON, "-c", "import sys, sparkrun; sys.exit(sparkrun.main())", *map(str, args)],
+                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
     if check and result.returncode != 0:
         raise SystemExit(f"sparkrun {' '.join(map(str, args))} failed:\n{result.stderr}")

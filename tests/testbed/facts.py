@@ -132,7 +132,8 @@ def net_facts(number, addr, ib):
 
 
 def write_facts(root, number, addr, ib, gpu):
-    """sysfs/, facts/net.json and facts/gpu.json for one host."""
+    """sysfs/, facts/net.json and facts/gpu.json for one host (and no stale memo of them)."""
+    shutil.rmtree(root / "facts" / "memo", ignore_errors=True)
     write_sysfs(root / "sysfs", number, ib)
     write(root / "facts" / "net.json", json.dumps(net_facts(number, addr, ib), indent=1))
     write(root / "facts" / "gpu.json", json.dumps(gpu, indent=1))
