@@ -1727,13 +1727,16 @@ echo @@hostname; hostname
 echo @@ib
 for hca in "$sysfs"/class/infiniband/*; do
   [ -d "$hca" ] || continue
-  gid=
-  for t in "$hca"/ports/1/gid_attrs/types/*; do
-    [ "$(cat "$t" 2>/dev/null)" = "RoCE v2" ] || continue
+  gid= state= netdev=
+  for t in "$hca"/ports/1/gid_attrs/types/*; do  # builtins only: a port has many GID entries
+    read -r kind < "$t" 2>/dev/null && [ "$kind" = "RoCE v2" ] || continue
     n=${{t##*/}}
-    case "$(cat "$hca/ports/1/gids/$n" 2>/dev/null)" in 0000:0000:0000:0000:0000:ffff:*) gid=$n; break;; esac
+    read -r value < "$hca/ports/1/gids/$n" 2>/dev/null || continue
+    case "$value" in 0000:0000:0000:0000:0000:ffff:*) gid=$n; break;; esac
   done
-  echo "${{hca##*/}}|$(cat "$hca/ports/1/state" 2>/dev/null)|$(ls "$hca/device/net" 2>/dev/null | head -1)|$gid"
+  read -r state < "$hca/ports/1/state" 2>/dev/null
+  for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
+  echo "${{hca##*/}}|$state|$netdev|$gid"
 done
 echo @@listen; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4=="0A" {{print $2}}'
 wait
