@@ -5373,6 +5373,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
     for note in plan.notes:
         say(note)
+    distribution_started = time.monotonic()
     distribute_image(ssh, image, facts, plan.hosts)
     if not args.no_sync:
         sync_model(ssh, snapshot, plan.hosts, remote_cache_root(args.cache_dir))
@@ -5380,6 +5381,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         sync_mods(ssh, plan)
     if tuning:
         sync_tuning(ssh, tuning, plan.hosts)
+    distribution = time.monotonic() - distribution_started
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     for command in plan.post_exec:
@@ -5390,7 +5392,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if args.verbose:
         total = time.monotonic() - started
         say(f"timings: {total:.2f} s in all: {waited:.2f} s waiting for the server, "
-            f"{total - waited:.2f} s sparkrun's own")
+            f"{total - waited:.2f} s sparkrun's own (of which {distribution:.2f} s image and model distribution)")
     return plan, ssh
 
 

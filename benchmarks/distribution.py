@@ -73,9 +73,10 @@ def main() -> None:
         moved = sum(int(n.replace(",", "")) for n in re.findall(r"model synced: ([\d,.]+) MiB", result.stderr))
         skipped = "already on every host" in result.stderr
         waited = float(re.search(r"([\d.]+) s waiting for the server", result.stderr)[1])
+        distribution = float(re.search(r"of which ([\d.]+) s image and model distribution", result.stderr)[1])
         sparkrun(env, "stop", recipe, "-H", hosts)
-        print(f"second run: {moved} bytes of model moved (skipped: {skipped}); {wall:.2f} s wall, of which "
-              f"{wall - waited:.2f} s sparkrun's own")
+        print(f"second run: {moved} bytes of model moved (skipped: {skipped}); distribution step {distribution:.2f} s; "
+              f"{wall:.2f} s wall for the whole launch, of which {wall - waited:.2f} s sparkrun's own")
 
 
 if __name__ == "__main__":
