@@ -1619,15 +1619,19 @@ def in_parallel(hosts: list[str], work) -> dict:
         except BaseException as exc:  # re-raised in the caller's thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
+    run_threads([threading.Thread(target=one, args=(h,), daemon=True) for h in hosts])
+    if failures:
+        raise failures[0]
+    return {h: results[h] for h in hosts}
+
+
+def run_threads(threads: list) -> None:
+    """Start the threads and wait for all of them; short joins keep Ctrl+C responsive."""
     for thread in threads:
         thread.start()
     for thread in threads:
         while thread.is_alive():
-            thread.join(0.2)  # short joins keep Ctrl+C responsive
-    if failures:
-        raise failures[0]
-    return {h: results[h] for h in hosts}
+            thread.join(0.2)
 
 
 def classify_ssh_failure(result: RemoteResult, user: str | None) -> None:
@@ -3885,12 +3889,7 @@ def tune_in_container(ssh: SSH, plan: TunePlan) -> None:
             except BaseException as exc:  # re-raised in the main thread
                 crashed.append(exc)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(plan.parallel, len(plan.sizes)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.2)  # short joins keep Ctrl+C responsive
+    run_threads([threading.Thread(target=worker, daemon=True) for _ in range(min(plan.parallel, len(plan.sizes)))])
     if crashed:
         raise crashed[0]
     if failures:

@@ -37,8 +37,6 @@ def make_repo(path: Path, folders: list[str]) -> None:
         subprocess.run([*GIT, *args], cwd=path, check=True)
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21)

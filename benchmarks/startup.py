@@ -19,8 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 COMMANDS = (["--help"], ["list"], ["show", "nemotron3-nano-30b-nvfp4-vllm"])
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21)
