@@ -4016,11 +4016,11 @@ def read_install_record() -> dict:
 
 def running_pyz() -> Path | None:
     """The zipapp this process runs from. shiv unpacks the code elsewhere, so argv[0] tells."""
-    import zipfile
-
     first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if first is None or first.suffix == ".py" or not first.is_file():
         return None
+    import zipfile
+
     try:
         with zipfile.ZipFile(first) as archive:
             return first.resolve() if "__main__.py" in archive.namelist() else None
@@ -4140,50 +4140,192 @@ def cmd_setup_update(args) -> int:
 
 
 # -- shell completion ----------------------------------------------------------
-# The shell scripts call `sparkrun __complete SHELL WORD...` (the words after the program name,
-# the last one being completed). That path is checked first in main(): no argparse parser is built
-# (its shape is cached as JSON per sparkrun file), no YAML is parsed (names come from file listings
-# and the parsed-YAML cache), and nothing is ever printed but candidates.
+# A completion must take well under 50 ms, and importing this file alone takes about that long.
+# So the shell scripts first run COMPLETION_PROGRAM, a small stdlib-only program they embed, as
+# `python -I -S -c PROGRAM SHELL WORD...` (the words after the program name, the last one being
+# completed). It answers from cache_dir()/completion.json: the command tree, the recipe, cluster
+# and registry names, and the size, mtime and inode of every file and folder those come from (this
+# file or the zipapp, clusters.yaml, registries.yaml, the recipe folders); when anything changed
+# since, it exits STALE and the script runs `sparkrun __complete SHELL WORD...` (checked first in
+# main()), which writes the data again and answers from it through the same program, so both
+# answer alike. That path builds the argparse parser only when sparkrun itself changed and reads
+# YAML through the parsed-YAML cache; nothing is ever printed but candidates. The program holds
+# no ' and no backslash: the scripts quote it in single quotes, in every shell.
 
+COMPLETION_PROGRAM = r'''"""sparkrun shell completion: the candidates for the last word typed after sparkrun."""
+import json, os, sys
+
+FORMAT = 1  # of the data file: data of another format is stale
+STALE = 3  # exit status: no fresh data, ask sparkrun (which writes it again)
+CONFIG_ENV = ("SPARKRUN_CONFIG_DIR", "XDG_CONFIG_HOME", "HOME")  # where the config files are
+WORDBREAKS = "><=;|&(:"  # bash splits words there (its COMP_WORDBREAKS, quotes aside)
+
+
+def data_file():
+    """completion.json in sparkrun cache_dir()."""
+    env = os.environ.get
+    cache = env("SPARKRUN_CACHE_DIR") or os.path.join(env("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                                      "sparkrun")
+    return os.path.join(cache, "completion.json")
+
+
+def identity(path):
+    """[size, mtime_ns, inode] of a file or folder (a file replaced whole has another inode); None
+    when there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def fresh(data):
+    """Nothing the data was made from has changed since."""
+    return (data.get("format") == FORMAT and data["env"] == {name: os.environ.get(name) for name in CONFIG_ENV}
+            and all(identity(path) == known for path, known in data["files"].items()))
+
+
+def values(data, kind, current):
+    """What an argument takes: its choices, the names of a kind (recipe, cluster, registry), or nothing."""
+    if isinstance(kind, list):
+        return kind
+    if kind == "recipe" and current.startswith("@"):
+        kind = "@recipe"  # @registry/name
+    return data["names"].get(kind, [])
+
+
+def join_bash_words(words):
+    """bash splits --opt=val and a:b into several words; put them back together. Returns the
+    words and how many characters of the last one bash does not count as the current word."""
+    joined = []
+    glue = False
+    for word in words:
+        if joined and (glue or (word and word[0] in WORDBREAKS)):
+            joined[-1] += word
+        else:
+            joined.append(word)
+        glue = bool(word) and word[-1] in "=:"
+    head = len(joined[-1]) - len(words[-1]) if joined else 0
+    return joined, head
+
+
+def complete_words(data, words):
+    """Candidates for the last of words (the arguments after the program name)."""
+    *done, current = words or [""]
+    node, expecting, positional = data["tree"], None, 0
+    options = dict(node["options"])
+    for word in done:
+        if expecting is not None:
+            expecting = None
+        elif word.startswith("-") and word != "-":
+            if "=" not in word and options.get(word) is not None:
+                expecting = options[word]
+        elif positional == 0 and word in node["commands"]:
+            node = node["commands"][word]
+            options.update(node["options"])
+        else:
+            positional += 1
+    if expecting is not None:
+        found = values(data, expecting, current)
+    elif current.startswith("--") and "=" in current:
+        option, _, value = current.partition("=")
+        kind = options.get(option)
+        found = [option + "=" + v for v in values(data, kind, value)] if kind is not None else []
+    elif current.startswith("-"):
+        found = list(node["options"])
+    else:
+        found = list(node["commands"]) if positional == 0 else []
+        slots = node["positionals"]
+        if slots:
+            kind, repeats = slots[min(positional, len(slots) - 1)]
+            if positional < len(slots) or repeats:
+                found += values(data, kind, current)
+    return sorted({v for v in found if v.startswith(current)})
+
+
+def candidates(data, shell, words):
+    """What the shell offers for the last of words."""
+    head = 0
+    if shell == "bash" and words:
+        words, head = join_bash_words(words)
+    return [candidate[head:] for candidate in complete_words(data, words)]
+
+
+def main(argv):
+    """SHELL WORD...: print the candidates, or exit STALE when the data is missing or stale."""
+    try:
+        with open(data_file()) as handle:
+            data = json.load(handle)
+        if not fresh(data):
+            return STALE
+        found = candidates(data, argv[0], argv[1:])
+    except Exception:  # no data yet, or not readable as such
+        return STALE
+    for candidate in found:
+        print(candidate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+'''
+
+# The scripts: @PYTHON@ is the Python that ran `setup completion` (python3 when it is gone).
 BASH_COMPLETION = r'''# sparkrun completion for bash (written by 'sparkrun setup completion')
+# _sparkrun_fast answers from the data sparkrun keeps for completion without starting sparkrun;
+# when that data is missing or out of date, sparkrun answers itself (and writes it again).
 _sparkrun() {
-    local IFS=$'\n' program=${COMP_WORDS[0]/#\~/$HOME}
-    COMPREPLY=($(command "$program" __complete bash "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
+    local IFS=$'\n' program=${COMP_WORDS[0]/#\~/$HOME} python=@PYTHON@
+    [[ -x $python ]] || python=python3
+    COMPREPLY=($("$python" -I -S -c "$_sparkrun_fast" bash "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null ||
+               command "$program" __complete bash "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
 }
 complete -o default -o bashdefault -F _sparkrun sparkrun sparkrun.pyz
+_sparkrun_fast='@PROGRAM@'
 '''
 
 ZSH_COMPLETION = r'''#compdef sparkrun sparkrun.pyz
 # sparkrun completion for zsh (written by 'sparkrun setup completion')
+# _sparkrun_fast answers from the data sparkrun keeps for completion without starting sparkrun;
+# when that data is missing or out of date, sparkrun answers itself (and writes it again).
 _sparkrun() {
     local -a candidates
-    candidates=("${(@f)$(command ${~words[1]} __complete zsh "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+    local python=@PYTHON@
+    [[ -x $python ]] || python=python3
+    candidates=("${(@f)$("$python" -I -S -c "$_sparkrun_fast" zsh "${(@)words[2,CURRENT]}" 2>/dev/null ||
+                        command ${~words[1]} __complete zsh "${(@)words[2,CURRENT]}" 2>/dev/null)}")
     if [[ -n ${candidates[1]} ]]; then
         compadd -- "${candidates[@]}"
     else
         _files
     fi
 }
+typeset -g _sparkrun_fast='@PROGRAM@'
 if [[ $funcstack[1] == _sparkrun ]]; then _sparkrun "$@"; else compdef _sparkrun sparkrun sparkrun.pyz; fi
 '''
 
 FISH_COMPLETION = r'''# sparkrun completion for fish (written by 'sparkrun setup completion')
+# __sparkrun_fast answers from the data sparkrun keeps for completion without starting sparkrun;
+# when that data is missing or out of date, sparkrun answers itself (and writes it again).
 function __sparkrun_complete
     set -l words (commandline -opc)
     set -l current (commandline -ct)
-    set -l candidates (command $words[1] __complete fish $words[2..-1] $current 2>/dev/null)
+    set -l python @PYTHON@
+    test -x "$python"; or set python python3
+    set -l candidates ($python -I -S -c $__sparkrun_fast fish $words[2..-1] $current 2>/dev/null
+                       or command $words[1] __complete fish $words[2..-1] $current 2>/dev/null)
     if test (count $candidates) -eq 0
         __fish_complete_path $current
     else
         printf '%s\n' $candidates
     end
 end
+set -g __sparkrun_fast '@PROGRAM@'
 complete -c sparkrun -f -a '(__sparkrun_complete)'
 complete -c sparkrun.pyz -f -a '(__sparkrun_complete)'
 '''
 
 COMPLETION_SCRIPTS = {"bash": BASH_COMPLETION, "zsh": ZSH_COMPLETION, "fish": FISH_COMPLETION}
-BASH_WORDBREAKS = "\"'><=;|&(:"
 
 
 def default_shell() -> str:
@@ -4216,14 +4358,26 @@ def completion_hint(shell: str, path: Path) -> str | None:
     return None
 
 
+def completion_script(shell: str) -> str:
+    """The script for `shell`, with COMPLETION_PROGRAM in it, run by this Python."""
+    python = sys.executable or "python3"
+    quoted = ("'" + python.replace("\\", "\\\\").replace("'", "\\'") + "'" if shell == "fish"
+              else shlex.quote(python))
+    return COMPLETION_SCRIPTS[shell].replace("@PYTHON@", quoted).replace("@PROGRAM@", COMPLETION_PROGRAM)
+
+
 def install_completion(shell: str) -> None:
     path = completion_path(shell)
-    script = COMPLETION_SCRIPTS[shell]
+    script = completion_script(shell)
     if path.is_file() and path.read_text() == script:
         print(f"{shell} completion is already installed: {path}")
     else:
         atomic_write(path, script)
         print(f"{shell} completion installed: {path} (new shells complete sparkrun)")
+    try:
+        write_completion_data()  # the first completion is fast too
+    except Exception:
+        pass
     hint = completion_hint(shell, path)
     if hint:
         print(f"Note: {hint}")
@@ -4232,7 +4386,7 @@ def install_completion(shell: str) -> None:
 def cmd_setup_completion(args) -> int:
     shell = args.shell or default_shell()
     if args.print:
-        sys.stdout.write(COMPLETION_SCRIPTS[shell])
+        sys.stdout.write(completion_script(shell))
         return 0
     install_completion(shell)
     return 0
@@ -4275,112 +4429,86 @@ def completion_tree(parser, path: tuple = ()) -> dict:
     return node
 
 
-def cached_completion_tree() -> dict:
-    """completion_tree(build_parser()), kept in the cache per sparkrun file and version."""
-    me = Path(__file__)
-    try:
-        stat = me.stat()
-        stamp = f"{__version__}:{me.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
-    except OSError:
-        stamp = None
-    path = cache_dir() / "completion.json"
-    try:
-        cached = json.loads(path.read_text())
-        if stamp and cached.get("stamp") == stamp:
-            return cached["tree"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    tree = completion_tree(build_parser())
-    if stamp:
+_COMPLETION: dict = {}
+
+
+def completion_program() -> dict:
+    """COMPLETION_PROGRAM's names (candidates, identity, data_file, FORMAT, ...), for sparkrun."""
+    if not _COMPLETION:
+        _COMPLETION["__name__"] = "sparkrun_completion"  # not "__main__": it defines, runs nothing
+        exec(COMPLETION_PROGRAM, _COMPLETION)
+    return _COMPLETION
+
+
+def completion_names(files: dict) -> dict:
+    """The recipe, cluster and registry names to complete. Adds to `files` the identity of each
+    file and folder they come from, taken before reading it: a change meanwhile leaves the data
+    stale, never wrong."""
+    identity = completion_program()["identity"]
+
+    def watch(*paths: Path) -> None:
+        files.update((str(path), identity(path)) for path in paths)
+
+    def attempt(produce) -> list:  # a file that cannot be read leaves out its own names only
         try:
-            atomic_write(path, json.dumps({"stamp": stamp, "tree": tree}))
+            return produce()
+        except Exception:
+            return []
+
+    def registry_names() -> list:
+        data = read_yaml_file(registries_file())[1] or {}
+        return [str(e["name"]) for e in data.get("registries") or [] if isinstance(e, dict) and "name" in e]
+
+    watch(clusters_path(), registries_file(), resource_dir("recipes"))
+    has_registries = registries_file().exists()  # never the first-use fetch from a completion
+    roots = attempt(lambda: [registry_folder(e, "recipes") for e in enabled_registries()]) if has_registries else []
+    for root in filter(None, roots):  # registry_refs() reads the subfolders too
+        watch(root, *(Path(folder) for folder, _, _ in os.walk(root)))
+    refs = bundled_refs() + (attempt(registry_refs) if has_registries else [])
+    return {"recipe": [r.name for r in refs if r.visible], "@recipe": [f"@{r.source}/{r.name}" for r in refs],
+            "cluster": attempt(lambda: sorted(map(str, read_clusters()["clusters"]))),
+            "registry": attempt(registry_names) if has_registries else []}
+
+
+def write_completion_data() -> dict:
+    """Write, and return, the data COMPLETION_PROGRAM answers from (see there). The command tree
+    is built again only when this sparkrun file changed; the names every time."""
+    import contextlib
+    import io
+
+    program = completion_program()
+    path = Path(program["data_file"]())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("format") != program["FORMAT"]:
+        old = {"files": {}}
+    # The zipapp rather than this file: an updated zipapp unpacks elsewhere, leaving this one as it was.
+    me = str(running_pyz() or Path(__file__).resolve())
+    files = {me: program["identity"](me)}
+    unchanged = files[me] is not None and old["files"].get(me) == files[me]
+    tree = old["tree"] if unchanged else completion_tree(build_parser())
+    with contextlib.redirect_stderr(io.StringIO()):  # warnings (a registry not fetched) are for other commands
+        names = completion_names(files)
+    data = {"format": program["FORMAT"], "env": {name: os.environ.get(name) for name in program["CONFIG_ENV"]},
+            "files": files, "names": names, "tree": tree}
+    YAML_CACHE.save()
+    if data != old:
+        try:
+            atomic_write(path, json.dumps(data))
         except OSError:
-            pass
-    return tree
-
-
-def recipe_names(current: str) -> list[str]:
-    """Bundled and registry recipe names (`@registry/name` once the word starts with @)."""
-    refs = bundled_refs()
-    if registries_file().exists():  # never the first-use fetch from a completion
-        refs += registry_refs()
-    if current.startswith("@"):
-        return [f"@{r.source}/{r.name}" for r in refs]
-    return [r.name for r in refs if r.visible]
-
-
-def completion_values(kind, current: str) -> list[str]:
-    if isinstance(kind, list):
-        return kind
-    if kind == "recipe":
-        return recipe_names(current)
-    if kind == "cluster":
-        return sorted(read_clusters()["clusters"])
-    if kind == "registry" and registries_file().exists():
-        _, data = read_yaml_file(registries_file())
-        return [e["name"] for e in (data or {}).get("registries") or [] if isinstance(e, dict) and "name" in e]
-    return []
-
-
-def join_bash_words(words: list[str]) -> tuple[list[str], int]:
-    """bash splits `--opt=val` and `a:b` into several words; put them back together. Returns the
-    words and how many characters of the last one bash does not count as the current word."""
-    joined: list[str] = []
-    glue = False
-    for word in words:
-        if joined and (glue or (word and word[0] in BASH_WORDBREAKS.replace("'", "").replace('"', ""))):
-            joined[-1] += word
-        else:
-            joined.append(word)
-        glue = bool(word) and word[-1] in "=:"
-    head = len(joined[-1]) - len(words[-1]) if joined else 0
-    return joined, head
-
-
-def complete_words(tree: dict, words: list[str]) -> list[str]:
-    """Candidates for the last of `words` (the arguments after the program name)."""
-    *done, current = words or [""]
-    node, expecting, positional = tree, None, 0
-    options = dict(tree["options"])
-    for word in done:
-        if expecting is not None:
-            expecting = None
-        elif word.startswith("-") and word != "-":
-            if "=" not in word and options.get(word) is not None:
-                expecting = options[word]
-        elif positional == 0 and word in node["commands"]:
-            node = node["commands"][word]
-            options.update(node["options"])
-        else:
-            positional += 1
-    if expecting is not None:
-        values = completion_values(expecting, current)
-    elif current.startswith("--") and "=" in current:
-        option, _, value = current.partition("=")
-        kind = options.get(option)
-        values = [f"{option}={v}" for v in completion_values(kind, value)] if kind is not None else []
-    elif current.startswith("-"):
-        values = sorted(node["options"])
-    else:
-        values = sorted(node["commands"]) if positional == 0 else []
-        slots = node["positionals"]
-        if slots:
-            kind, repeats = slots[min(positional, len(slots) - 1)]
-            if positional < len(slots) or repeats:
-                values += completion_values(kind, current)
-    return sorted({v for v in values if v.startswith(current)})
+            pass  # a read-only cache only costs speed
+    return data
 
 
 def run_completion(argv: list[str]) -> int:
-    """The hidden entry point: never fails, never prints anything but candidates."""
+    """The hidden entry point, for when the data is missing or stale: writes it and answers from
+    it as the scripts do. Never fails, never prints anything but candidates."""
     try:
         shell, words = (argv[0], argv[1:]) if argv and argv[0] in SHELLS else ("bash", argv)
-        head = 0
-        if shell == "bash" and words:
-            words, head = join_bash_words(words)
-        for candidate in complete_words(cached_completion_tree(), words):
-            print(candidate[head:])
-        YAML_CACHE.save()
+        for candidate in completion_program()["candidates"](write_completion_data(), shell, words):
+            print(candidate)
     except Exception:  # a completion must never show a traceback in the middle of a command line
         pass
     return 0

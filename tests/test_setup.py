@@ -100,14 +100,14 @@ def test_completion_install_is_idempotent_and_prints(cli):
     first = cli("setup", "completion", "--shell", "bash", check=0)
     path = cli.home / ".local" / "share" / "bash-completion" / "completions" / "sparkrun"
     assert f"bash completion installed: {path}" in first.stdout
-    assert path.read_text() == sparkrun.BASH_COMPLETION
+    assert path.read_text() == sparkrun.completion_script("bash")
     again = cli("setup", "completion", "--shell", "bash", check=0)
     assert "already installed" in again.stdout
     for shell, where in (("zsh", ".zfunc/_sparkrun"), ("fish", ".config/fish/completions/sparkrun.fish")):
         cli("setup", "completion", "--shell", shell, check=0)
-        assert (cli.home / where).read_text() == sparkrun.COMPLETION_SCRIPTS[shell]
+        assert (cli.home / where).read_text() == sparkrun.completion_script(shell)
     printed = cli("setup", "completion", "--print", env={"SHELL": "/usr/bin/fish"}, check=0)
-    assert printed.stdout == sparkrun.FISH_COMPLETION
+    assert printed.stdout == sparkrun.completion_script("fish")
     bad = cli("setup", "completion", env={"SHELL": "/bin/tcsh"})
     assert bad.returncode == 2 and "pass --shell bash, zsh or fish" in bad.stderr
 
@@ -137,6 +137,12 @@ def test_completion_never_prints_errors(cli):
     (cli.home / "config" / "clusters.yaml").write_text("clusters: [not: a: mapping")
     result = cli("__complete", "bash", "run", "x", "--cluster", "")
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+    # A registry not fetched yet: other commands warn about it, a completion does not.
+    (cli.home / "config" / "registries.yaml").write_text(
+        "registries:\n- {name: team, url: /nowhere, clone: team, recipes: recipes, enabled: true}\n")
+    result = cli("__complete", "bash", "run", "qwen3-1.7b-v")
+    assert result.returncode == 0 and result.stdout == "qwen3-1.7b-vllm\n" and result.stderr == ""
+    assert "Warning" not in cli("setup", "completion", "--shell", "bash", check=0).stderr
 
 
 def test_bash_completes_real_command_lines(shell_env, tmp_path):
@@ -177,6 +183,141 @@ def test_fish_completes_command_lines(shell_env):
     assert setup == {"clear-cache", "completion", "cx7"}
     assert recipes == {"qwen3-1.7b-vllm"}
     assert clusters == {"lab", "office"}
+
+
+@pytest.fixture
+def spied(tmp_path):
+    """A user whose `sparkrun` is a copy of sparkrun.py (a file of its own, to touch) that logs
+    every `__complete` call, i.e. every time the fast path found no fresh data; completion
+    installed for every shell by that copy. Commands other than `setup` print their argv; calling
+    the fixture runs the checkout's sparkrun.py, as `cli` does."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = Cli(home)
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(REPO / "sparkrun.py", app / "sparkrun.py")
+    for folder in ("recipes", "runtimes"):
+        (app / folder).symlink_to(REPO / folder)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "fallbacks"
+    (bin_dir / "sparkrun").write_text(
+        f'#!/bin/sh\ncase "$1" in\n  __complete) echo "$*" >> {log};;\n  setup) ;;\n  *) echo "ARGV: $*"; exit;;\n'
+        f'esac\nexec {sys.executable} {app}/sparkrun.py "$@"\n')
+    (bin_dir / "sparkrun").chmod(0o755)
+    env = dict(cli.env, PATH=f"{bin_dir}:{os.environ['PATH']}", SHELL="/bin/bash")
+    for shell in sparkrun.SHELLS:
+        subprocess.run(["sparkrun", "setup", "completion", "--shell", shell], env=env, check=True,
+                       capture_output=True)
+    cli.env = env
+    cli.app = app
+    cli.fallbacks = lambda: log.read_text().splitlines() if log.exists() else []
+    return cli
+
+
+def test_completion_program_fits_in_single_quotes_and_finds_the_cache(monkeypatch, tmp_path):
+    assert "'" not in sparkrun.COMPLETION_PROGRAM and "\\" not in sparkrun.COMPLETION_PROGRAM
+    program = sparkrun.completion_program()
+    for env in ({"SPARKRUN_CACHE_DIR": str(tmp_path / "c")}, {"XDG_CACHE_HOME": str(tmp_path / "x")},
+                {"HOME": str(tmp_path / "h")}):
+        for name in ("SPARKRUN_CACHE_DIR", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert program["data_file"]() == str(sparkrun.cache_dir() / "completion.json")
+
+
+def test_fast_path_answers_without_sparkrun(spied, tmp_path):
+    assert bash_complete(spied.env, installed(spied.env, "bash"), "run", "qwen3-1.7b-v") == ["qwen3-1.7b-vllm"]
+    assert bash_complete(spied.env, installed(spied.env, "bash"), "setup", "completion", "--shell", "=", "z") == ["zsh"]
+    if shutil.which("fish"):
+        out = subprocess.run(["fish", "--no-config", "-c", f"source {installed(spied.env, 'fish')}; "
+                              "complete -C 'sparkrun setup cx'"], env=spied.env, capture_output=True, text=True,
+                             timeout=30).stdout
+        assert out.split() == ["cx7"]
+    if shutil.which("zsh"):
+        zdot = tmp_path / "zdot"
+        zdot.mkdir()
+        (zdot / ".zshrc").write_text(f"PS1='$ '\nunsetopt zle_bracketed_paste 2>/dev/null\n"
+                                     f"fpath=({installed(spied.env, 'zsh').parent} $fpath)\n"
+                                     "autoload -Uz compinit && compinit -u\n")
+        out = type_into_shell(["zsh", "-i"], dict(spied.env, ZDOTDIR=str(zdot), TERM="xterm"),
+                              "sparkrun run qwen3-1.7b-vl\t\n", expect="ARGV: run qwen3-1.7b-vllm")
+        assert "ARGV: run qwen3-1.7b-vllm" in out
+    assert spied.fallbacks() == []
+    # Without the Python that installed the scripts, python3 runs the fast path.
+    script = tmp_path / "gone-python"
+    script.write_text(installed(spied.env, "bash").read_text().replace(f"python={sys.executable}",
+                                                                      "python=/nonexistent/python3"))
+    assert "python=/nonexistent/python3" in script.read_text()
+    assert bash_complete(spied.env, script, "run", "qwen3-1.7b-v") == ["qwen3-1.7b-vllm"]
+    assert spied.fallbacks() == []
+
+
+def test_completion_data_follows_changes(spied, tmp_path):
+    script = installed(spied.env, "bash")
+
+    def complete(*words, env=spied.env):
+        return bash_complete(env, script, *words)
+
+    assert complete("cluster", "show", "") == [] and spied.fallbacks() == []
+    spied("cluster", "create", "lab", "-H", H1, check=0)
+    assert complete("cluster", "show", "") == ["lab"]  # stale: sparkrun answered, and wrote the data again
+    assert spied.fallbacks() == ["__complete bash cluster show "]
+    assert complete("run", "x", "--cluster", "l") == ["lab"] and len(spied.fallbacks()) == 1
+    # A registry as `registry add` leaves it, then a `registry update` that brings recipes in a
+    # new subfolder, then one more in that subfolder only.
+    recipes = Path(spied.env["SPARKRUN_CACHE_DIR"]) / "registries" / "team" / "recipes"
+    recipes.mkdir(parents=True)
+    shutil.copy(REPO / "recipes" / "qwen3-1.7b-vllm.yaml", recipes / "team-special.yaml")
+    (Path(spied.env["SPARKRUN_CONFIG_DIR"]) / "registries.yaml").write_text(
+        "registries:\n- {name: team, url: /nowhere, clone: team, recipes: recipes, enabled: true, visible: true}\n")
+    assert complete("show", "@te") == ["@team/team-special"] and len(spied.fallbacks()) == 2
+    (recipes / "more").mkdir()
+    shutil.copy(recipes / "team-special.yaml", recipes / "more" / "team-extra.yaml")
+    assert complete("run", "team-") == ["team-extra", "team-special"] and len(spied.fallbacks()) == 3
+    shutil.copy(recipes / "team-special.yaml", recipes / "more" / "team-third.yaml")
+    assert complete("run", "team-") == ["team-extra", "team-special", "team-third"]
+    assert complete("registry", "remove", "") == ["team"] and len(spied.fallbacks()) == 4
+    # Another config folder: other names.
+    other = dict(spied.env, SPARKRUN_CONFIG_DIR=str(tmp_path / "other"))
+    assert complete("cluster", "show", "", env=other) == [] and len(spied.fallbacks()) == 5
+    assert complete("cluster", "show", "") == ["lab"] and len(spied.fallbacks()) == 6
+    # sparkrun itself changed: it answers once, and writes the data (its tree too) again.
+    data_file = Path(spied.env["SPARKRUN_CACHE_DIR"]) / "completion.json"
+    me = str(spied.app / "sparkrun.py")
+    before = json.loads(data_file.read_text())["files"][me]
+    stat = os.stat(me)
+    os.utime(me, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert complete("setup", "cx") == ["cx7"] and len(spied.fallbacks()) == 7
+    after = json.loads(data_file.read_text())["files"][me]
+    assert after != before and after[1] == stat.st_mtime_ns + 10**9
+    assert complete("setup", "cx") == ["cx7"] and len(spied.fallbacks()) == 7
+
+
+def test_completion_follows_registry_add_and_update(spied, tmp_path):
+    git = ["git", "-c", "user.name=Test", "-c", "user.email=test@example.invalid", "-c", "init.defaultBranch=main"]
+    repo = tmp_path / "team-repo"
+    (repo / "recipes").mkdir(parents=True)
+    shutil.copy(REPO / "recipes" / "qwen3-1.7b-vllm.yaml", repo / "recipes" / "team-special.yaml")
+
+    def commit():
+        for args in (["add", "-A"], ["commit", "-q", "-m", "recipes"]):
+            subprocess.run([*git, *args], cwd=repo, check=True, capture_output=True)
+
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    commit()
+    script = installed(spied.env, "bash")
+    assert bash_complete(spied.env, script, "run", "team-") == []
+    spied("registry", "add", repo, "--name", "team", "--path", "recipes", check=0)
+    assert bash_complete(spied.env, script, "run", "team-") == ["team-special"]
+    shutil.copy(REPO / "recipes" / "qwen3-1.7b-vllm.yaml", repo / "recipes" / "team-extra.yaml")
+    commit()
+    spied("registry", "update", check=0)
+    assert bash_complete(spied.env, script, "run", "team-") == ["team-extra", "team-special"]
+    assert bash_complete(spied.env, script, "registry", "update", "t") == ["team"]
+    assert len(spied.fallbacks()) == 2
 
 
 # -- install and update -------------------------------------------------------------
