@@ -30,13 +30,30 @@ import math
 import os
 import re
 import shlex
-import shutil
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+
+class LazyModule:
+    """A standard-library module imported on first use: `list`, `show` and completion start no
+    process and copy no file, and these imports cost as much as the rest of start-up."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attribute: str):
+        import importlib
+
+        module = importlib.import_module(self.name)
+        globals()[self.name] = module  # later uses go straight to the module
+        return getattr(module, attribute)
+
+
+subprocess = LazyModule("subprocess")
+shutil = LazyModule("shutil")
 
 if __name__ == "__main__":
     # Runtime modules do `from sparkrun import ...`; let them find this module, not a second copy.
