@@ -59,6 +59,16 @@ def median_ms(values) -> str:
     return f"{statistics.median(values) * 1000:.0f} ms"
 
 
+def timing_args(doc: str):
+    """--runs and --python, the options every timing script takes; doc's first line describes it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--python", default=sys.executable)
+    return parser.parse_args()
+
+
 def command_median_ms(argv: list[str], env: dict, runs: int) -> float:
     """Median wall time of a command, after one warm-up run."""
     subprocess.run(argv, env=env, capture_output=True, check=True)

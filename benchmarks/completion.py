@@ -8,14 +8,14 @@ built too, as after sparkrun itself changed).
 Usage: python3 benchmarks/completion.py [--runs N] [--python PATH]
 """
 
-import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import timing_args
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("run", "qw")
@@ -39,10 +39,7 @@ def median_ms(argv: list[str], env: dict, runs: int, before=None) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=21)
-    parser.add_argument("--python", default=sys.executable)
-    args = parser.parse_args()
+    args = timing_args(__doc__)
     with tempfile.TemporaryDirectory() as home:
         bin_dir = Path(home) / "bin"
         bin_dir.mkdir()

@@ -8,15 +8,13 @@ machine), adds them as registries, then times `sparkrun list` run as the install
 Also prints the interpreter's own start-up time for reference.
 """
 
-import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import command_median_ms
+from common import command_median_ms, timing_args
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("SPARKRUN_TEST_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -38,10 +36,7 @@ def make_repo(path: Path, folders: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=21)
-    parser.add_argument("--python", default=sys.executable)
-    args = parser.parse_args()
+    args = timing_args(__doc__)
     with tempfile.TemporaryDirectory() as home:
         # Bytecode cached (in the temporary folder), as for an installed package.
         env = dict(os.environ, HOME=home, SPARKRUN_CONFIG_DIR=f"{home}/config", PYTHONPATH=str(REPO),

@@ -7,23 +7,18 @@ every start: Python never caches a script's own bytecode).
 Usage: python3 benchmarks/startup.py [--runs N] [--python PATH]
 """
 
-import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from common import command_median_ms
+from common import command_median_ms, timing_args
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = (["--help"], ["list"], ["show", "nemotron3-nano-30b-nvfp4-vllm"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=21)
-    parser.add_argument("--python", default=sys.executable)
-    args = parser.parse_args()
+    args = timing_args(__doc__)
     with tempfile.TemporaryDirectory() as home:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env.update(HOME=home, HF_HUB_OFFLINE="1", SPARKRUN_CONFIG_DIR=f"{home}/config",
