@@ -148,3 +148,19 @@ def test_docker_missing_is_explained(bed):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"Error: {H1}: docker is not installed on this host; install Docker and "
                                      "the NVIDIA container toolkit")
+
+
+def test_changed_host_key_is_named_with_the_fix(bed, tmp_path):
+    """A host whose key is not the one known (reinstalled, or someone in the middle)."""
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{H1} {(tmp_path / 'other_key.pub').read_text().split(' ', 2)[0]} "
+                     f"{(tmp_path / 'other_key.pub').read_text().split(' ', 2)[1]}\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(bed.bed.ssh_config.read_text().replace(str(bed.bed.known_hosts), str(known)))
+    result = bed("stop", "--all", "-H", H1, env={"SPARKRUN_SSH_OPTS": f"-F {config}",
+                                                  "SPARKRUN_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"Error: {H1}: host key mismatch or unknown host key; if the host was "
+                                     f"reinstalled, run: ssh-keygen -R {H1}")
