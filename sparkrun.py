@@ -2161,6 +2161,10 @@ class LaunchPlan:
     def containers(self) -> list[ContainerSpec]:
         return [s.container for s in self.steps if s.container]
 
+    @property
+    def head_container(self) -> ContainerSpec:
+        return next(c for c in self.containers if c.role == "head")
+
     def describe(self) -> str:
         lines = [f"Recipe:      {self.recipe} ({self.runtime})",
                  f"Model:       {self.model} (served as {self.served_model})",
@@ -5468,9 +5472,8 @@ def cmd_run(args) -> int:
     plan, ssh = launch(args, recipe, selection)
     if plan is None or args.no_follow:
         return 0
-    head = next(c for c in plan.containers if c.role == "head")
     try:
-        follow_logs(ssh, plan.head, head.name)
+        follow_logs(ssh, plan.head, plan.head_container.name)
     except KeyboardInterrupt:
         say(detach_message(plan.recipe, selection))
     return 0
@@ -5529,8 +5532,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     for command in plan.post_exec:
-        head_name = next(c.name for c in plan.containers if c.role == "head")
-        ssh.run(plan.head, shlex.join(["docker", "exec", head_name, "bash", "-c", command]) + "\n",
+        ssh.run(plan.head, shlex.join(["docker", "exec", plan.head_container.name, "bash", "-c", command]) + "\n",
                 check=True, what=f"post_exec '{command}'")
     print(ready_banner(plan))
     if args.verbose:
