@@ -33,7 +33,6 @@ import shlex
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
@@ -54,6 +53,57 @@ class LazyModule:
 
 subprocess = LazyModule("subprocess")
 shutil = LazyModule("shutil")
+
+
+class Record:
+    """Base of the plain data classes below. `dataclasses` would do the same, but it costs about
+    25 ms of start-up: it imports `inspect` and compiles an `__init__` for every class.
+
+    A subclass's annotations are its fields, in order; a class attribute is that field's default,
+    and a list or dict default is copied for each instance. Instances are immutable unless the
+    class is declared `Record, mutable=True`. Equality is identity."""
+
+    _fields: tuple[str, ...] = ()
+    _defaults: dict = {}
+    _mutable = False
+
+    def __init_subclass__(cls, mutable: bool = False):
+        super().__init_subclass__()
+        cls._fields = tuple(cls.__dict__.get("__annotations__", ()))
+        cls._defaults = {name: cls.__dict__[name] for name in cls._fields if name in cls.__dict__}
+        cls._mutable = mutable
+
+    def __init__(self, *args, **kwargs):
+        cls = type(self)
+        if len(args) > len(cls._fields):
+            raise TypeError(f"{cls.__name__}() takes {len(cls._fields)} fields, got {len(args)}")
+        values = dict(zip(cls._fields, args))
+        for name, value in kwargs.items():
+            if name not in cls._fields or name in values:
+                raise TypeError(f"{cls.__name__}() got an unexpected or repeated field {name!r}")
+            values[name] = value
+        for name in cls._fields:
+            if name not in values:
+                if name not in cls._defaults:
+                    raise TypeError(f"{cls.__name__}() is missing field {name!r}")
+                default = cls._defaults[name]
+                values[name] = default.copy() if isinstance(default, (list, dict)) else default
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value) -> None:
+        if not self._mutable:
+            raise AttributeError(f"{type(self).__name__} is immutable; use .replace({name}=...)")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._fields)})"
+
+    def replace(self, **changes):
+        """A copy with some fields changed."""
+        return type(self)(**{**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self._fields}
 
 if __name__ == "__main__":
     # Runtime modules do `from sparkrun import ...`; let them find this module, not a second copy.
@@ -196,8 +246,7 @@ TYPED_FLAGS = {  # CLI flag destination -> recipe default it overrides
 }
 
 
-@dataclass
-class Recipe:
+class Recipe(Record, mutable=True):
     name: str
     path: Path
     source: str  # "Local" for bundled or a file path, else the registry name
@@ -211,16 +260,16 @@ class Recipe:
     solo_only: bool = False
     cluster_only: bool = False
     container: str = ""
-    metadata: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)
-    env: dict = field(default_factory=dict)
+    metadata: dict = {}
+    defaults: dict = {}
+    env: dict = {}
     command: str = ""
-    runtime_config: dict = field(default_factory=dict)
-    benchmark: dict = field(default_factory=dict)
-    mods: list = field(default_factory=list)
-    build_args: list = field(default_factory=list)
-    pre_exec: list = field(default_factory=list)
-    post_exec: list = field(default_factory=list)
+    runtime_config: dict = {}
+    benchmark: dict = {}
+    mods: list = []
+    build_args: list = []
+    pre_exec: list = []
+    post_exec: list = []
     unknown_keys: tuple = ()
     text: str = ""
 
@@ -547,8 +596,7 @@ def node_count(recipe: Recipe, values: dict) -> int:
 # 4. Catalog: bundled recipes, registries, lookup
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
-class RecipeRef:
+class RecipeRef(Record):
     """Where a recipe lives, before it is parsed."""
     name: str
     path: Path
@@ -969,8 +1017,7 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
     return recipe
 
 
-@dataclass(frozen=True, eq=False)
-class RecipeSummary:
+class RecipeSummary(Record):
     """What `list` and `search` show."""
     name: str
     qualified: str
@@ -1093,8 +1140,7 @@ def resolve_kv_dtype(*candidates: str | None) -> str:
 
 # -- model architecture
 
-@dataclass(frozen=True)
-class ModelArch:
+class ModelArch(Record):
     num_layers: int | None = None
     kv_layers: int | None = None  # layers keeping the whole context; None means all num_layers
     sliding_layers: int = 0  # layers keeping only the last sliding_window tokens
@@ -1196,8 +1242,8 @@ def arch_from_metadata(meta: dict, config_arch: ModelArch | None = None) -> Mode
     if layers and layers != config_arch.num_layers:  # the config's layer layout no longer applies
         config_arch = _arch(layers, config_arch.num_kv_heads, config_arch.head_dim,
                             mla_dim=config_arch.mla_dim)
-    return replace(config_arch, num_kv_heads=kv_heads or config_arch.num_kv_heads,
-                   head_dim=head_dim or config_arch.head_dim)
+    return config_arch.replace(num_kv_heads=kv_heads or config_arch.num_kv_heads,
+                               head_dim=head_dim or config_arch.head_dim)
 
 
 # -- KV cache and fit
@@ -1234,8 +1280,7 @@ def _max_context_tokens(arch: ModelArch, dtype_bytes: float, tp: int, available:
     return math.floor((available - sliding_rate * window) / full_rate) if full_rate else None
 
 
-@dataclass(frozen=True, eq=False)
-class VramEstimate:
+class VramEstimate(Record):
     model_dtype: str | None
     params: int | None
     kv_dtype: str
@@ -1341,7 +1386,7 @@ def format_vram(est: VramEstimate) -> str:
 
 
 def vram_to_json(est: VramEstimate) -> dict:
-    return {**asdict(est), "missing": list(est.missing)}
+    return {**est.as_dict(), "arch": est.arch and est.arch.as_dict(), "missing": list(est.missing)}
 
 
 # -- local Hugging Face cache
@@ -1518,8 +1563,7 @@ def read_hosts_file(path: str) -> list[str]:
     return parse_host_list(",".join(e for e in entries if e))
 
 
-@dataclass(frozen=True, eq=False)
-class RemoteResult:
+class RemoteResult(Record):
     host: str
     returncode: int
     stdout: str
@@ -1687,8 +1731,7 @@ def docker_problem(stderr: str) -> str:
     return f"docker failed: {' | '.join(stderr.strip().splitlines()[-2:])[:300]}"
 
 
-@dataclass(frozen=True, eq=False)
-class IbDevice:
+class IbDevice(Record):
     hca: str
     state: str
     netdev: str
@@ -1696,8 +1739,7 @@ class IbDevice:
     gid_index: int | None  # the RoCE v2 GID of an IPv4 address
 
 
-@dataclass(frozen=True, eq=False)
-class HostFacts:
+class HostFacts(Record):
     """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
     host: str
     hostname: str = ""
@@ -1888,8 +1930,7 @@ def get_cluster(name: str, data: dict | None = None) -> dict:
     return clusters[name]
 
 
-@dataclass(frozen=True, eq=False)
-class HostSelection:
+class HostSelection(Record):
     hosts: tuple[str, ...]
     user: str | None
     source: str  # where the hosts came from, for messages
@@ -2054,8 +2095,7 @@ EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|clas
                              r"--embedding\b|--reranking\b|--pooling\b")
 
 
-@dataclass(frozen=True, eq=False)
-class ContainerSpec:
+class ContainerSpec(Record):
     host: str
     name: str
     role: str  # head, worker1, worker2, ...
@@ -2088,8 +2128,7 @@ class ContainerSpec:
         return remote_join(argv) + "".join(f"\n      secret {k}=***" for k, _ in self.secret_env)
 
 
-@dataclass(frozen=True, eq=False)
-class Step:
+class Step(Record):
     """One thing the launch does, in order: start a container, or wait for a port."""
     action: str  # "start" | "wait_port"
     host: str
@@ -2104,8 +2143,7 @@ class Step:
         return f"[{self.host}] wait until {self.address}:{self.port} listens ({self.reason})"
 
 
-@dataclass(frozen=True, eq=False)
-class LaunchContext:
+class LaunchContext(Record):
     """What a runtime module gets: the rendered command and everything around it."""
     recipe: Recipe
     values: dict
@@ -2130,8 +2168,7 @@ class LaunchContext:
         return Step("wait_port", self.hosts[rank], address=address, port=port, reason=reason)
 
 
-@dataclass(frozen=True, eq=False)
-class LaunchPlan:
+class LaunchPlan(Record):
     recipe: str
     runtime: str
     model: str
@@ -2284,8 +2321,7 @@ def choose_rendezvous(hosts, facts: dict) -> tuple[str, str, dict]:
     return addresses[head], "management network (no InfiniBand subnet shared by all nodes)", addresses
 
 
-@dataclass(frozen=True, eq=False)
-class LaunchOptions:
+class LaunchOptions(Record):
     """What `run` takes from the command line, after parsing."""
     overrides: dict
     image: str | None = None
@@ -2718,8 +2754,7 @@ def pending_operations() -> list[dict]:
 
 # -- Image and model distribution: from the control machine to the hosts that lack them, once.
 
-@dataclass(frozen=True, eq=False)
-class ModelSnapshot:
+class ModelSnapshot(Record):
     """A model as it sits in the local Hugging Face cache, and the files a launch needs."""
     repo: str
     revision: str  # commit hash
@@ -3050,8 +3085,7 @@ class BenchmarkFramework:
         return ""
 
 
-@dataclass(frozen=True, eq=False)
-class BenchmarkJob:
+class BenchmarkJob(Record):
     """One run of a framework: everything it needs, decided before it starts."""
     endpoint: str  # http://head:port/v1
     model: str  # Hugging Face id, ':QUANT' stripped
@@ -3162,8 +3196,7 @@ def load_framework(name: str) -> BenchmarkFramework:
     raise UsageError(f"unknown benchmark framework '{name}' (known: {', '.join(known)})")
 
 
-@dataclass(frozen=True, eq=False)
-class BenchmarkProfile:
+class BenchmarkProfile(Record):
     name: str  # for the output file name: the profile's file stem, or "default"
     path: str | None
     framework: str | None
@@ -3290,8 +3323,7 @@ def prompt_text_file() -> Path:
     return resource_dir("recipes") / PROMPT_FILE
 
 
-@dataclass(frozen=True, eq=False)
-class BenchTarget:
+class BenchTarget(Record):
     """The server a benchmark measures: launched now, or found running by its labels."""
     endpoint: str
     served_model: str
@@ -3348,13 +3380,12 @@ def container_image_id(ssh: SSH, host: str, container: str) -> str:
     return result.stdout.strip() if result.ok else ""
 
 
-@dataclass
-class FrameworkRun:
+class FrameworkRun(Record, mutable=True):
     """What one framework run left: its args, exit code, JSON and rows."""
     args: dict
     exit_code: int | None = None
     raw: dict | None = None
-    rows: list = field(default_factory=list)
+    rows: list = []
     status: str = "complete"  # complete, failed, interrupted, timeout
 
 
@@ -3516,7 +3547,7 @@ def cmd_benchmark(args) -> int:
                                Path("<result.json>"), True)
         print(f"\nBenchmark ({framework.name}, {len(points)} run(s), timeout {timeout:.0f} s) -> {output}:")
         for point in points:
-            print("  " + shlex.join(framework.argv(replace(preview, args=point))))
+            print("  " + shlex.join(framework.argv(preview.replace(args=point))))
         return 0
     if not framework.available():
         raise SparkrunError(framework.install_hint or f"benchmark framework {framework.name} is not available")
@@ -3575,8 +3606,7 @@ def cmd_benchmark(args) -> int:
 
 # -- Tuned MoE kernel configs: where they live, and what a launch mounts
 
-@dataclass(frozen=True, eq=False)
-class TuningEngine:
+class TuningEngine(Record):
     name: str
     package: str  # the Python package in the image, to find its source tree
     script: str  # the tuning script, relative to the engine's repository
@@ -3659,8 +3689,7 @@ def sync_registries_with_tuning() -> None:
         warn("some registries could not be updated; using their last good tuning configs")
 
 
-@dataclass(frozen=True, eq=False)
-class TuningMount:
+class TuningMount(Record):
     """Tuned configs a launch mounts: synced from `local` to `remote` on every host."""
     engine: str
     local: Path
@@ -3701,8 +3730,7 @@ def sync_tuning(ssh: SSH, mount: TuningMount, hosts) -> None:
 
 # -- tune: one tuning container, one job per TP size, configs copied back as each finishes
 
-@dataclass(frozen=True, eq=False)
-class TunePlan:
+class TunePlan(Record):
     engine: TuningEngine
     host: str
     image: str
@@ -3806,7 +3834,7 @@ def tune_model_files(recipe: Recipe, home: Path) -> ModelSnapshot | None:
     if snapshot is None:
         return None
     small = tuple(f for f in snapshot.files if f[0].endswith((".json", ".py", ".txt", ".model", ".jinja")))
-    return replace(snapshot, files=small) if small else None
+    return snapshot.replace(files=small) if small else None
 
 
 def cmd_tune(args) -> int:
@@ -4636,8 +4664,7 @@ save_sudo() {  # save_sudo DEST RULE: check with visudo, then move into place wi
 '''
 
 
-@dataclass(frozen=True, eq=False)
-class SudoFacts:
+class SudoFacts(Record):
     """Who the ssh user is on a host, and the absolute paths of the commands a rule would name."""
     user: str
     group: str
@@ -4880,8 +4907,7 @@ learn() {  # learn PORT ADDRESS NAME...: scan ADDRESS, record its keys under eac
 '''
 
 
-@dataclass(frozen=True, eq=False)
-class MeshMember:
+class MeshMember(Record):
     name: str  # as given, or THIS_MACHINE
     pubkey: str
     created: bool
@@ -4920,8 +4946,8 @@ def parse_contact(host: str, output: str, login: str | None) -> MeshMember:
     if host in LOCAL_HOSTS:
         return member  # run here, not over ssh: a SSH_CONNECTION would be the user's own session
     if len(conn) == 4 and conn[3].isdigit():
-        return replace(member, address=conn[2], port=int(conn[3]), peer=conn[0])
-    return replace(member, address=host.rpartition("@")[2])
+        return member.replace(address=conn[2], port=int(conn[3]), peer=conn[0])
+    return member.replace(address=host.rpartition("@")[2])
 
 
 def mesh_script(member: MeshMember, members: list[MeshMember]) -> str:
@@ -5059,8 +5085,7 @@ def cmd_setup_ssh(args) -> int:
 
 # -- CX7 networking -----------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
-class Cx7Port:
+class Cx7Port(Record):
     name: str
     pci: str
     state: str
@@ -5069,8 +5094,7 @@ class Cx7Port:
     addresses: tuple = ()  # address/prefix
 
 
-@dataclass(frozen=True, eq=False)
-class Cx7Host:
+class Cx7Host(Record):
     host: str
     address: str  # the address this machine reaches it at (SSH_CONNECTION)
     port: int  # its ssh port
@@ -5376,7 +5400,7 @@ def cmd_list(args) -> int:
         summaries = [s for s in summaries if s.runtime.startswith(args.runtime)]
     summaries = search_summaries(summaries, getattr(args, "query", None))
     if args.json:
-        print(json.dumps([s.__dict__ for s in summaries], indent=2))
+        print(json.dumps([s.as_dict() for s in summaries], indent=2))
         return 0
     if not summaries:
         print("No recipes match." if getattr(args, "query", None) else "No recipes found.")
@@ -5507,7 +5531,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
     if auto_port:
         port = choose_free_port(facts, selection.hosts)
-        options = replace(options, overrides=dict(options.overrides, port=port))
+        options = options.replace(overrides=dict(options.overrides, port=port))
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
     snapshot = local_snapshot(recipe, local_home) if args.dry_run or args.no_sync else resolve_model(recipe, local_home)
     plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
@@ -5644,7 +5668,7 @@ def host_status_dict(host: str, fact) -> dict:
         return {"host": host, "reachable": False, "error": str(fact)}
     return {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
             "gpu": fact.gpu, "docker_error": fact.docker_error,
-            "infiniband": [asdict(d) for d in fact.ib], "containers": len(fact.containers)}
+            "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers)}
 
 
 def print_status(facts: dict, workloads: list, pending: list) -> None:

@@ -194,3 +194,20 @@ def test_vram_warning_and_strict(cli, tmp_path):
     assert "Warning: recipe r may not fit:" in result.stderr and "per GPU" in result.stderr
     strict = cli("run", recipe, "-H", "h1", "--dry-run", "--strict")
     assert strict.returncode == 2 and "refusing because of --strict" in strict.stderr and strict.stdout == ""
+
+
+def test_records_are_immutable_values_with_copied_defaults(tmp_path):
+    first = sr.load_recipe(write(tmp_path, "model: org/m\ncontainer: img:1\ncommand: vllm serve {model}\n"))
+    second = sr.load_recipe(write(tmp_path, "model: org/n\ncontainer: img:1\ncommand: vllm serve {model}\n", "s.yaml"))
+    first.env["A"] = "1"
+    assert second.env == {} and sr.Recipe.env == {}  # a list or dict default is per instance
+    selection = sr.HostSelection(HOSTS[:1], None, "test")
+    with pytest.raises(AttributeError, match="immutable"):
+        selection.user = "root"
+    changed = selection.replace(user="root")
+    assert (changed.user, changed.hosts, selection.user) == ("root", HOSTS[:1], None)
+    assert changed.as_dict() == {"hosts": HOSTS[:1], "user": "root", "source": "test"}
+    with pytest.raises(TypeError, match="missing field 'source'"):
+        sr.HostSelection(HOSTS[:1], None)
+    with pytest.raises(TypeError, match="unexpected or repeated field 'hosts'"):
+        sr.HostSelection(HOSTS[:1], hosts=HOSTS, user=None, source="test")
