@@ -82,3 +82,17 @@ def test_quick_commands_import_neither_huggingface_hub_nor_network_libraries(cli
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"huggingface_hub", "httpx", "requests", "urllib.request", "http.client", "socket"}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"]])
+def test_warm_quick_commands_skip_slow_imports(cli, args):
+    """Start-up budget guard (benchmarks/startup.py has the figures): what these commands never need."""
+    def imports(*argv):
+        result = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True,
+                                env=cli.env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+    imports(str(REPO / "sparkrun.py"), *args)  # fills the parsed-recipe cache
+    added = imports(str(REPO / "sparkrun.py"), *args) - imports("-c", "pass")  # this Python's site imports aside
+    assert not added & {"yaml", "dataclasses", "inspect", "typing", "subprocess", "difflib", "tarfile"}
