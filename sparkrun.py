@@ -1773,25 +1773,24 @@ class HostFacts(Record):
 
 def probe_script(images: tuple = ()) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The slow
-    tools (nvidia-smi, docker) run at the same time; their output is printed in order."""
+    tools (ip, nvidia-smi, docker) start first and run at the same time, each into its own pipe;
+    one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
+    raw outputs are parsed here: a status on several hosts spends their CPU on few processes."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format '{{{{.Id}}}}' "
-        f"{shlex.quote(i)} 2>/dev/null)\"\n" for i in images)
+        f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
     return f"""\
+exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
+exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
+exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
+exec {{images}}< <(echo @@images; {inspect or ":"})
 sysfs=${{SPARKRUN_SYSFS:-/sys}}
-out=$(mktemp -d) || exit 1
-trap 'rm -rf "$out"' EXIT
-ip -o -4 addr show 2>/dev/null | awk '{{print $2, $4}}' > "$out/addrs" &
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1 > "$out/gpu" &
-{{ docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo "@@docker_failed"; }} > "$out/docker" &
-{{ {inspect.strip() or ":"}
-}} > "$out/images" &
-echo @@hostname; hostname
+echo @@hostname; echo "$HOSTNAME"
 echo @@ib
 for hca in "$sysfs"/class/infiniband/*; do
   [ -d "$hca" ] || continue
   gid= state= netdev=
-  for t in "$hca"/ports/1/gid_attrs/types/*; do  # builtins only: a port has many GID entries
+  for t in "$hca"/ports/1/gid_attrs/types/*; do  # a port has many GID entries
     read -r kind < "$t" 2>/dev/null && [ "$kind" = "RoCE v2" ] || continue
     n=${{t##*/}}
     read -r value < "$hca/ports/1/gids/$n" 2>/dev/null || continue
@@ -1801,9 +1800,8 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-echo @@listen; cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4=="0A" {{print $2}}'
-wait
-for section in addrs gpu docker images; do echo "@@$section"; cat "$out/$section"; done
+echo @@listen
+cat /proc/net/tcp /proc/net/tcp6 /dev/fd/$addrs /dev/fd/$gpu /dev/fd/$docker /dev/fd/$images 2>/dev/null
 echo @@end
 """
 
@@ -1816,7 +1814,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
             current = sections.setdefault(line[2:], [])
         elif current is not None:
             current.append(line)
-    addresses = tuple(tuple(line.split(None, 1)) for line in sections.get("addrs", []) if len(line.split()) == 2)
+    # `ip -o -4 addr show`: "2: eth0    inet 10.0.0.5/24 brd ... scope global eth0 ..."
+    addresses = tuple((f[1], f[3]) for f in map(str.split, sections.get("addrs", [])) if len(f) > 3 and f[2] == "inet")
     by_dev = dict(addresses)
     ib = []
     for line in sections.get("ib", []):
@@ -1833,9 +1832,11 @@ def parse_probe(host: str, output: str) -> HostFacts:
             except ValueError:
                 docker_error = line.strip()
     images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
+    # /proc/net/tcp{,6} rows: "sl local_address rem_address st ..."; st 0A is LISTEN
+    listening = tuple(decode_listen(f[1]) for f in map(str.split, sections.get("listen", []))
+                      if len(f) > 3 and f[3] == "0A")
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
-                     (sections.get("gpu") or [""])[0], tuple(containers), docker_error,
-                     tuple(decode_listen(e) for e in sections.get("listen", [])), images)
+                     (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images)
 
 
 def decode_listen(entry: str) -> tuple[str, int]:

@@ -1,8 +1,8 @@
 """Entry point of the docker stand-in: call logging, faults, dispatch."""
+import importlib
 import os
 import sys
 
-from . import containers, images
 from .args import ArgError, parse, spec
 from .common import DockerError, print_formatted
 from .store import Store
@@ -58,13 +58,15 @@ def cmd_version(store, args):
     return 0
 
 
+# Handlers by "module.function", imported on dispatch: `ps` (sparkrun's probe, every status)
+# stays quick by never importing what `run`, `save` and `load` need.
 COMMANDS = {
-    "run": containers.cmd_run, "ps": containers.cmd_ps, "inspect": containers.cmd_inspect,
-    "logs": containers.cmd_logs, "rm": containers.cmd_rm, "stop": containers.cmd_stop,
-    "kill": containers.cmd_kill, "exec": containers.cmd_exec,
-    "images": images.cmd_images, "pull": images.cmd_pull, "save": images.cmd_save,
-    "load": images.cmd_load, "tag": images.cmd_tag, "rmi": images.cmd_rmi,
-    "info": cmd_info, "version": cmd_version,
+    "run": "containers.cmd_run", "ps": "containers.cmd_ps", "inspect": "containers.cmd_inspect",
+    "logs": "containers.cmd_logs", "rm": "containers.cmd_rm", "stop": "containers.cmd_stop",
+    "kill": "containers.cmd_kill", "exec": "containers.cmd_exec",
+    "images": "images.cmd_images", "pull": "images.cmd_pull", "save": "images.cmd_save",
+    "load": "images.cmd_load", "tag": "images.cmd_tag", "rmi": "images.cmd_rmi",
+    "image inspect": "images.cmd_image_inspect", "info": cmd_info, "version": cmd_version,
 }
 GROUPS = {
     "image": {"ls": "images", "list": "images", "inspect": None, "pull": "pull",
@@ -84,13 +86,19 @@ def resolve(argv):
         if sub not in GROUPS[name]:
             raise DockerError(f"docker: unknown command: docker {name} {sub}\n\n"
                               f"Run 'docker {name} --help' for more information", 1)
-        if name == "image" and sub == "inspect":
-            return images.cmd_image_inspect, "image inspect", rest[1:]
-        return COMMANDS[GROUPS[name][sub]], f"{name} {sub}", rest[1:]
+        return handler(GROUPS[name][sub] or f"{name} {sub}"), f"{name} {sub}", rest[1:]
     if name not in COMMANDS:
         raise DockerError(f"docker: unknown command: docker {name}\n\n"
                           "Run 'docker --help' for more information", 1)
-    return COMMANDS[name], name, rest
+    return handler(name), name, rest
+
+
+def handler(command):
+    target = COMMANDS[command]
+    if callable(target):
+        return target
+    module, _, function = target.partition(".")
+    return getattr(importlib.import_module(f".{module}", __package__), function)
 
 
 def run(argv):

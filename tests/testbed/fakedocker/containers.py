@@ -3,12 +3,11 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import images, launch, procs
+from . import procs
 from .args import parse, spec
 from .common import (DockerError, ago, created_at, daemon_error, human_duration,
                      iso_time, print_formatted, print_table)
@@ -170,6 +169,8 @@ def _run(store, args):
                            "failed to create task for container: failed to create shim task: "
                            "OCI runtime create failed: nvidia-container-cli: initialization "
                            "error: nvml error: driver not loaded: unknown", 125)
+    from . import images, launch
+
     ref, cmd_args = pos[0], pos[1:]
     image = images.ensure_local(store, ref, opts["pull"] or "missing")
     check_gpus(opts)
@@ -316,6 +317,8 @@ def cmd_inspect(store, args):
         if container:
             found.append(inspect_obj(store, container))
         elif image:
+            from . import images
+
             found.append(images.inspect_obj(image))
         else:
             missing.append(ref)
@@ -462,6 +465,8 @@ def cmd_exec(store, args):
         raise daemon_error(f"container {container['Id']} is not running")
     env.update(user_env(opts["env"], opts["env_file"]))
     cwd = opts["workdir"] if opts["workdir"] and os.path.isdir(opts["workdir"]) else "/"
+    import subprocess
+
     try:
         child = subprocess.Popen(
             pos[1:], env=env, cwd=cwd, start_new_session=True,

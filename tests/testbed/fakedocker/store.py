@@ -6,10 +6,8 @@ registry/ (same layout; what `pull` can fetch), containers/<id>/
 """
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import random
 import re
 import time
 from pathlib import Path
@@ -52,6 +50,8 @@ def read_json(path):
 
 def payload_chunks(name, size):
     """Deterministic payload bytes for an image made by the bed."""
+    import hashlib
+
     block = hashlib.sha256(name.encode()).digest() * 32768  # 1 MiB
     while size > 0:
         yield block[:size]
@@ -59,6 +59,8 @@ def payload_chunks(name, size):
 
 
 def random_name():
+    import random
+
     left = ["eager", "brave", "calm", "jolly", "quirky", "sharp", "vivid"]
     right = ["turing", "hopper", "curie", "noether", "lovelace", "knuth"]
     return f"{random.choice(left)}_{random.choice(right)}{random.randint(1, 99)}"
@@ -128,6 +130,8 @@ class Store:
         """Store an image; its id is sha256 of the payload unless meta has one."""
         folder = self.dir / ("registry" if registry else "images")
         tmp = folder / f".payload.{os.getpid()}.tmp"
+        import hashlib
+
         digest, size = hashlib.sha256(), 0
         with open(tmp, "wb") as f:
             for chunk in chunks:
