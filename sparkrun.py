@@ -1772,8 +1772,8 @@ class HostFacts(Record):
 
 
 def probe_script(images: tuple = ()) -> str:
-    """One bash script that reports everything HostFacts holds, in marked sections. The slow
-    tools (ip, nvidia-smi, docker) start first and run at the same time, each into its own pipe;
+    """One bash script that reports everything HostFacts holds, in marked sections. The tools
+    (ip, ss, nvidia-smi, docker) start first and run at the same time, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
     raw outputs are parsed here: a status on several hosts spends their CPU on few processes."""
     inspect = "".join(
@@ -1781,6 +1781,7 @@ def probe_script(images: tuple = ()) -> str:
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
     return f"""\
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
+exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
 exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
 exec {{images}}< <(echo @@images; {inspect or ":"})
@@ -1800,8 +1801,7 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-echo @@listen
-cat /proc/net/tcp /proc/net/tcp6 /dev/fd/$addrs /dev/fd/$gpu /dev/fd/$docker /dev/fd/$images 2>/dev/null
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker /dev/fd/$images
 echo @@end
 """
 
@@ -1832,25 +1832,22 @@ def parse_probe(host: str, output: str) -> HostFacts:
             except ValueError:
                 docker_error = line.strip()
     images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
-    # /proc/net/tcp{,6} rows: "sl local_address rem_address st ..."; st 0A is LISTEN
-    listening = tuple(decode_listen(f[1]) for f in map(str.split, sections.get("listen", []))
-                      if len(f) > 3 and f[3] == "0A")
+    # `ss -Hltn`: "LISTEN 0 4096 127.0.0.11:8000 0.0.0.0:*"
+    listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", [])) if len(f) > 3)
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
                      (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images)
 
 
-def decode_listen(entry: str) -> tuple[str, int]:
-    """/proc/net/tcp{,6} local_address ('0100007F:1F40') to ('127.0.0.1', 8000)."""
-    import ipaddress
-
-    hexaddr, _, hexport = entry.partition(":")
-    raw = bytes.fromhex(hexaddr)
-    # The kernel prints each 32-bit word in host (little-endian) order.
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    addr = ipaddress.ip_address(raw)
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr), int(hexport, 16)
+def listen_address(local: str) -> tuple[str, int]:
+    """ss's local address to (address, port): '127.0.0.11:8000', '[::]:22', '*:80' (any address),
+    '[::ffff:127.0.0.11]:8001' (an IPv4 client on an IPv6 socket), '127.0.0.53%lo:53'."""
+    address, _, port = local.rpartition(":")
+    address = address.strip("[]").partition("%")[0]
+    if address == "*":
+        address = "0.0.0.0"
+    elif address.startswith("::ffff:") and "." in address:
+        address = address[len("::ffff:"):]
+    return address, int(port)
 
 
 def probe_hosts(ssh: SSH, hosts, images: tuple = ()) -> dict[str, HostFacts | HostError]:

@@ -152,10 +152,13 @@ def test_remote_join_expands_home_and_quotes_the_rest():
         "-v \"$HOME\"/.cache/huggingface:/root/.cache/huggingface 'a b'"
 
 
-def test_decode_proc_net_tcp():
-    assert sr.decode_listen("0B00007F:1F40") == ("127.0.0.11", 8000)
-    assert sr.decode_listen("00000000000000000000000000000000:0016") == ("::", 22)
-    assert sr.decode_listen("0000000000000000FFFF00000B00007F:1F41") == ("127.0.0.11", 8001)
+def test_listening_addresses_from_ss():
+    assert sr.listen_address("127.0.0.11:8000") == ("127.0.0.11", 8000)
+    assert sr.listen_address("[::]:22") == ("::", 22)
+    assert sr.listen_address("*:80") == ("0.0.0.0", 80)
+    assert sr.listen_address("[::ffff:127.0.0.11]:8001") == ("127.0.0.11", 8001)
+    assert sr.listen_address("127.0.0.53%lo:53") == ("127.0.0.53", 53)
+    assert sr.listen_address("[fe80::1%eth0]:9000") == ("fe80::1", 9000)
 
 
 def test_embedding_recipes_stop_at_models(tmp_path):
