@@ -1810,7 +1810,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
     sections: dict[str, list[str]] = {}
     current = None
     for line in output.splitlines():
-        if line.startswith("@@") and line[2:] in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "images"):
+        if line.startswith("@@") and line[2:] in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "images", "end"):
             current = sections.setdefault(line[2:], [])
         elif current is not None:
             current.append(line)
@@ -1833,7 +1833,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
                 docker_error = line.strip()
     images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
     # `ss -Hltn`: "LISTEN 0 4096 127.0.0.11:8000 0.0.0.0:*"
-    listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", [])) if len(f) > 3)
+    listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", []))
+                      if len(f) > 3 and f[0] == "LISTEN")
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
                      (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images)
 

@@ -161,6 +161,33 @@ def test_listening_addresses_from_ss():
     assert sr.listen_address("[fe80::1%eth0]:9000") == ("fe80::1", 9000)
 
 
+def test_probe_output_parses_raw_tool_output():
+    output = "\n".join([
+        "Welcome to the lab (a login banner before the script's output)",
+        "@@hostname", "spark1", "@@ib", "rocep1s0f1|4: ACTIVE|enp1s0f1np1|3",
+        "@@addrs",
+        "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever",
+        "2: enP7s7    inet 10.0.0.5/24 brd 10.0.0.255 scope global enP7s7\\       valid_lft forever",
+        "4: enp1s0f1np1    inet 192.168.200.1/24 brd 192.168.200.255 scope global enp1s0f1np1",
+        "@@listen",
+        "State  Recv-Q Send-Q Local Address:Port Peer Address:Port",  # an old ss without -H
+        "LISTEN 0      4096   127.0.0.11:8000    0.0.0.0:*",
+        "LISTEN 0      128    [::]:22            [::]:*",
+        "@@gpu", "NVIDIA GB10, 122572 MiB",
+        "@@docker", '{"Names":"sparkrun_abc_head","Labels":"sparkrun.cluster=abc"}',
+        "@@images", "img:1\tsha256:1234", "img:2\t", "@@end"])
+    facts = sr.parse_probe("h1", output)
+    assert (facts.hostname, facts.gpu, facts.management_ip) == ("spark1", "NVIDIA GB10, 122572 MiB", "10.0.0.5")
+    assert facts.addresses[1:] == (("enP7s7", "10.0.0.5/24"), ("enp1s0f1np1", "192.168.200.1/24"))
+    assert [(d.hca, d.ipv4, d.gid_index) for d in facts.active_ib] == [("rocep1s0f1", "192.168.200.1/24", 3)]
+    assert facts.listening == (("127.0.0.11", 8000), ("::", 22))
+    assert facts.port_busy(22) and not facts.port_busy(8000)  # 127.0.0.11 is not one of this host's addresses
+    assert [c["Names"] for c in facts.containers] == ["sparkrun_abc_head"] and not facts.docker_error
+    assert (facts.image_id("img:1"), facts.image_id("img:2")) == ("sha256:1234", "")
+    failed = sr.parse_probe("h1", "@@docker\npermission denied while trying to connect\n@@docker_failed\n@@end")
+    assert failed.docker_error == "permission denied while trying to connect" and not failed.containers
+
+
 def test_embedding_recipes_stop_at_models(tmp_path):
     path = REPO.parent / "shared/corpus/spark-arena-recipe-registry/official-recipes/qwen3-vl/vllm/qwen3-vl-embedding-8b-vllm.yaml"
     plan = sr.plan_launch(sr.load_recipe(path), sr.HostSelection(("h1",), None, "t"), sr.LaunchOptions(overrides={}))
