@@ -105,6 +105,7 @@ class Record:
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self._fields}
 
+
 if __name__ == "__main__":
     # Runtime modules do `from sparkrun import ...`; let them find this module, not a second copy.
     sys.modules.setdefault("sparkrun", sys.modules["__main__"])
@@ -1775,7 +1776,7 @@ def probe_script(images: tuple = ()) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (ip, ss, nvidia-smi, docker) start first and run at the same time, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
-    raw outputs are parsed here: a status on several hosts spends their CPU on few processes."""
+    raw outputs are parsed here, so a probe starts few processes on the host."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format '{{{{.Id}}}}' "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
@@ -1810,12 +1811,14 @@ def parse_probe(host: str, output: str) -> HostFacts:
     sections: dict[str, list[str]] = {}
     current = None
     for line in output.splitlines():
-        if line.startswith("@@") and line[2:] in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "images", "end"):
-            current = sections.setdefault(line[2:], [])
+        marker = line[2:] if line.startswith("@@") else ""
+        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "images", "end"):
+            current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
     # `ip -o -4 addr show`: "2: eth0    inet 10.0.0.5/24 brd ... scope global eth0 ..."
-    addresses = tuple((f[1], f[3]) for f in map(str.split, sections.get("addrs", [])) if len(f) > 3 and f[2] == "inet")
+    addresses = tuple((f[1], f[3]) for f in map(str.split, sections.get("addrs", []))
+                      if len(f) > 3 and f[2] == "inet")
     by_dev = dict(addresses)
     ib = []
     for line in sections.get("ib", []):

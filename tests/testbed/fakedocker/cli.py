@@ -66,7 +66,7 @@ COMMANDS = {
     "kill": "containers.cmd_kill", "exec": "containers.cmd_exec",
     "images": "images.cmd_images", "pull": "images.cmd_pull", "save": "images.cmd_save",
     "load": "images.cmd_load", "tag": "images.cmd_tag", "rmi": "images.cmd_rmi",
-    "image inspect": "images.cmd_image_inspect", "info": cmd_info, "version": cmd_version,
+    "info": cmd_info, "version": cmd_version,
 }
 GROUPS = {
     "image": {"ls": "images", "list": "images", "inspect": None, "pull": "pull",
@@ -86,15 +86,17 @@ def resolve(argv):
         if sub not in GROUPS[name]:
             raise DockerError(f"docker: unknown command: docker {name} {sub}\n\n"
                               f"Run 'docker {name} --help' for more information", 1)
-        return handler(GROUPS[name][sub] or f"{name} {sub}"), f"{name} {sub}", rest[1:]
+        if name == "image" and sub == "inspect":
+            return load("images.cmd_image_inspect"), "image inspect", rest[1:]
+        return load(COMMANDS[GROUPS[name][sub]]), f"{name} {sub}", rest[1:]
     if name not in COMMANDS:
         raise DockerError(f"docker: unknown command: docker {name}\n\n"
                           "Run 'docker --help' for more information", 1)
-    return handler(name), name, rest
+    return load(COMMANDS[name]), name, rest
 
 
-def handler(command):
-    target = COMMANDS[command]
+def load(target):
+    """A handler: a function of this module, or "module.function" imported now."""
     if callable(target):
         return target
     module, _, function = target.partition(".")
