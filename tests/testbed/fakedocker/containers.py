@@ -1,4 +1,5 @@
 """Container commands: run, ps, inspect, logs, rm, stop, kill, exec."""
+# What only some commands need is imported inside them: `ps` runs on every sparkrun status.
 import json
 import os
 import re

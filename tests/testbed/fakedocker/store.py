@@ -4,6 +4,7 @@ Layout under <state>/docker/: calls.jsonl, images/<hex>.json + .payload,
 registry/ (same layout; what `pull` can fetch), containers/<id>/
 (config.json, exit.json, log), volumes/<name>/.
 """
+# What only some commands need is imported inside them: `ps` runs on every sparkrun status.
 import contextlib
 import fcntl
 import json
