@@ -1774,19 +1774,20 @@ class HostFacts(Record):
 
 def probe_script(images: tuple = ()) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
-    (ip, ss, nvidia-smi, docker) start first and run at the same time, each into its own pipe;
+    (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
     raw outputs are parsed here, so a probe starts few processes on the host."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format '{{{{.Id}}}}' "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
+    if inspect:
+        inspect = f"exec {{images}}< <(echo @@images; {inspect})\n"
     return f"""\
+exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
+exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
 exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
-exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
-exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
-exec {{images}}< <(echo @@images; {inspect or ":"})
-sysfs=${{SPARKRUN_SYSFS:-/sys}}
+{inspect}sysfs=${{SPARKRUN_SYSFS:-/sys}}
 echo @@hostname; echo "$HOSTNAME"
 echo @@ib
 for hca in "$sysfs"/class/infiniband/*; do
@@ -1802,7 +1803,7 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker /dev/fd/$images
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker{" /dev/fd/$images" if images else ""}
 echo @@end
 """
 
@@ -5852,6 +5853,18 @@ class UnbuiltParser:
 BUILT_WITH = {"benchmark": {"run"}}  # commands whose parser reuses another command's options
 
 
+def terminal_columns() -> int:
+    """What shutil.get_terminal_size() says: $COLUMNS, else the terminal's width, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def build_parser(argv: list[str] | None = None):
     """The CLI. Given argv, only the parser of the command in it is built (building them all
     costs more than the rest of start-up); without argv, all of them (for completion)."""
@@ -5868,7 +5881,18 @@ def build_parser(argv: list[str] | None = None):
                 self._choices_actions.append(self._ChoicesPseudoAction(name, (), kwargs["help"]))
             return self.choices[name]
 
-    parser = argparse.ArgumentParser(
+    class Formatter(argparse.HelpFormatter):
+        """argparse's own width lookup imports shutil (2 ms of every command's start-up)."""
+
+        def __init__(self, prog, **kwargs):
+            kwargs.setdefault("width", terminal_columns() - 2)
+            super().__init__(prog, **kwargs)
+
+    class Parser(argparse.ArgumentParser):  # subparsers are made with the same class
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, formatter_class=Formatter, **kwargs)
+
+    parser = Parser(
         prog="sparkrun",
         description="Launch, watch and stop LLM inference servers on DGX Spark hosts over SSH.")
     parser.add_argument("--version", action="version", version=f"sparkrun {__version__}")

@@ -227,7 +227,7 @@ class Host:
 
     def container_log(self, name):
         container = self.store.find_container(name)
-        return self.store.log_path(container).read_text() if container else None
+        return Path(self.store.log_path(container)).read_text() if container else None
 
     def processes_alive(self):
         """Live processes started by fake containers on this host."""
@@ -276,8 +276,8 @@ class Host:
         self._write_facts()
         if images:
             for folder in ("images", "registry"):
-                shutil.rmtree(self.store.dir / folder)
-                (self.store.dir / folder).mkdir()
+                shutil.rmtree(Path(self.store.dir, folder))
+                Path(self.store.dir, folder).mkdir()
         self._clear_private_dirs()
         self.reset_connections()
         if not self.is_up:

@@ -1,22 +1,23 @@
 """Container commands: run, ps, inspect, logs, rm, stop, kill, exec."""
-# What only some commands need is imported inside them: `ps` runs on every sparkrun status.
+# What only some commands need is imported inside them, and paths are plain strings (pathlib
+# would double the start-up): `ps` runs on every sparkrun status.
 import json
 import os
 import re
 import signal
 import sys
 import time
-from pathlib import Path
+from os.path import dirname, exists, join, realpath
 
 from . import procs
 from .args import parse, spec
 from .common import (DockerError, ago, created_at, daemon_error, human_duration,
                      iso_time, print_formatted, print_table)
-from .store import mask_env, random_name
+from .store import mask_env, random_name, read_text
 
-HERE = Path(__file__).resolve().parent
-ENGINE_BIN = HERE.parent / "engines" / "bin"
-ENGINE_PY = HERE.parent / "engines" / "py"
+TESTBED = dirname(dirname(realpath(__file__)))
+ENGINE_BIN = join(TESTBED, "engines", "bin")
+ENGINE_PY = join(TESTBED, "engines", "py")
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASS_THROUGH = ("TESTBED_STATE", "TESTBED_HOST_ADDR", "TESTBED_HOST_ID",
                 "TESTBED_RUN", "SPARKRUN_SYSFS")
@@ -53,7 +54,7 @@ def must_find(store, ref):
 # -- run ---------------------------------------------------------------------
 def read_env_file(path):
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = read_text(path).splitlines()
     except OSError:
         raise DockerError(f"docker: open {path}: no such file or directory.", 125)
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
@@ -77,7 +78,7 @@ def process_env(container_id, hostname, env, mounts):
     out = {"PATH": STD_PATH, "HOSTNAME": hostname, "HOME": "/root"}
     out.update(env)
     out["PATH"] = f"{ENGINE_BIN}:{out['PATH']}"
-    out["PYTHONPATH"] = ":".join(filter(None, [str(ENGINE_PY), env.get("PYTHONPATH")]))
+    out["PYTHONPATH"] = ":".join(filter(None, [ENGINE_PY, env.get("PYTHONPATH")]))
     out.update({k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     out["TESTBED_CONTAINER"] = container_id
     out["TESTBED_MOUNTS"] = json.dumps({m["Destination"]: m["Source"] for m in mounts})
@@ -93,9 +94,9 @@ def parse_mounts(store, volumes, mount_specs):
             src, dst = "", src
         kind = "bind" if src.startswith("/") else "volume"
         if kind == "volume":
-            src = str(store.dir / "volumes" / (src or os.urandom(8).hex()))
+            src = join(store.dir, "volumes", src or os.urandom(8).hex())
         if kind == "volume" or src.startswith(("/root", "/tmp")):
-            Path(src).mkdir(parents=True, exist_ok=True)
+            os.makedirs(src, exist_ok=True)
         mounts.append({"Type": kind, "Source": src, "Destination": dst,
                        "Mode": mode, "RW": "ro" not in mode.split(",")})
     for item in mount_specs:
@@ -145,8 +146,8 @@ def new_container(store, opts, image, ref, argv, env, mounts):
 def check_gpus(opts):
     if not opts["gpus"]:
         return
-    facts = Path(os.environ.get("TESTBED_STATE", "/nonexistent")) / "facts" / "gpu.json"
-    gpu = json.loads(facts.read_text()) if facts.exists() else {"count": 1}
+    facts = join(os.environ.get("TESTBED_STATE", "/nonexistent"), "facts", "gpu.json")
+    gpu = json.loads(read_text(facts)) if exists(facts) else {"count": 1}
     if gpu.get("count", 1) < 1:
         raise daemon_error('could not select device driver "" with capabilities: [[gpu]]', 125)
 
@@ -189,7 +190,7 @@ def _run(store, args):
                 f'container "{other["Id"]}". You have to remove (or rename) that container '
                 "to be able to reuse that name", 125)
         store.save_container(container)
-    store.log_path(container).touch()
+    open(store.log_path(container), "a").close()
     penv = process_env(container["Id"], container["Hostname"], env, mounts)
     workdir = opts["workdir"] if opts["workdir"] and os.path.isdir(opts["workdir"]) else "/"
     if opts["detach"]:
@@ -295,7 +296,7 @@ def inspect_obj(store, container):
         "Path": container["Path"], "Args": container["Args"], "State": state,
         "Image": container["ImageID"], "Name": "/" + container["Name"],
         "RestartCount": 0, "Driver": "overlay2", "Platform": "linux",
-        "LogPath": str(store.log_path(container)),
+        "LogPath": store.log_path(container),
         "HostConfig": container["HostConfig"], "Mounts": container["Mounts"],
         "Config": {
             "Hostname": container["Hostname"],
@@ -377,7 +378,7 @@ def cmd_logs(store, args):
         if opts["follow"]:
             cdir = store.cdir(container)
             follow(log, lambda: store.state(container)["Running"],
-                   lambda: not cdir.exists())
+                   lambda: not exists(cdir))
     return 0
 
 

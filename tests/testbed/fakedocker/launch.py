@@ -73,7 +73,7 @@ def _supervise(store, container, argv, env, cwd, reply_fd):
 
 def _finish(store, container, code, error=""):
     """Record the exit, kill leftovers, remove the container if --rm."""
-    write_json(store.cdir(container) / "exit.json",
+    write_json(os.path.join(store.cdir(container), "exit.json"),
                {"ExitCode": code, "Finished": time.time(), "Error": error})
     leftovers = [p for p in store.container_pids(container) if p != os.getpid()]
     procs.signal_all(leftovers, signal.SIGKILL)

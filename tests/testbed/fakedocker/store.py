@@ -4,14 +4,15 @@ Layout under <state>/docker/: calls.jsonl, images/<hex>.json + .payload,
 registry/ (same layout; what `pull` can fetch), containers/<id>/
 (config.json, exit.json, log), volumes/<name>/.
 """
-# What only some commands need is imported inside them: `ps` runs on every sparkrun status.
+# What only some commands need is imported inside them, and paths are plain strings (pathlib
+# would double the start-up): `ps` runs on every sparkrun status.
 import contextlib
 import fcntl
 import json
 import os
 import re
 import time
-from pathlib import Path
+from os.path import join
 
 from . import procs
 
@@ -37,16 +38,28 @@ def mask_env(key, value):
 
 
 def write_json(path, data):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    folder, name = os.path.split(path)
+    tmp = join(folder, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
 
 
 def read_json(path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except (OSError, ValueError):
         return None
+
+
+def remove(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def payload_chunks(name, size):
@@ -71,43 +84,43 @@ class Store:
     """Docker state of one simulated host (root = its TESTBED_STATE)."""
 
     def __init__(self, root):
-        self.root = Path(root)
-        self.dir = self.root / "docker"
+        self.root = str(root)
+        self.dir = join(self.root, "docker")
         for sub in ("images", "registry", "containers", "volumes"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            os.makedirs(join(self.dir, sub), exist_ok=True)
 
     @contextlib.contextmanager
     def lock(self):
-        with open(self.dir / ".lock", "a") as f:
+        with open(join(self.dir, ".lock"), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
     def fault(self, name):
         """Content of faults/<name> (a set fault), or None."""
         try:
-            return (self.root / "faults" / name).read_text().strip()
+            return read_text(join(self.root, "faults", name)).strip()
         except OSError:
             return None
 
     # -- call log ---------------------------------------------------------
     def record_call(self, argv):
         line = json.dumps({"ts": time.time(), "argv": argv}) + "\n"
-        with open(self.dir / "calls.jsonl", "a") as f:
+        with open(join(self.dir, "calls.jsonl"), "a") as f:
             f.write(line)
 
     def calls(self):
-        path = self.dir / "calls.jsonl"
-        if not path.exists():
+        try:
+            return [json.loads(line) for line in read_text(join(self.dir, "calls.jsonl")).splitlines()]
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
 
     def clear_calls(self):
-        (self.dir / "calls.jsonl").unlink(missing_ok=True)
+        remove(join(self.dir, "calls.jsonl"))
 
     # -- images -----------------------------------------------------------
     def images(self, registry=False):
-        folder = self.dir / ("registry" if registry else "images")
-        found = [read_json(p) for p in sorted(folder.glob("*.json"))]
+        folder = self.image_dir(registry)
+        found = [read_json(join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
         return sorted((i for i in found if i), key=lambda i: -i["Created"])
 
     def find_image(self, ref, registry=False):
@@ -123,14 +136,16 @@ class Store:
                 return hits[0]
         return None
 
+    def image_dir(self, registry=False):
+        return join(self.dir, "registry" if registry else "images")
+
     def payload_path(self, image, registry=False):
-        folder = self.dir / ("registry" if registry else "images")
-        return folder / (image["Id"][7:] + ".payload")
+        return join(self.image_dir(registry), image["Id"][7:] + ".payload")
 
     def install_image(self, meta, chunks, registry=False):
         """Store an image; its id is sha256 of the payload unless meta has one."""
-        folder = self.dir / ("registry" if registry else "images")
-        tmp = folder / f".payload.{os.getpid()}.tmp"
+        folder = self.image_dir(registry)
+        tmp = join(folder, f".payload.{os.getpid()}.tmp")
         import hashlib
 
         digest, size = hashlib.sha256(), 0
@@ -145,41 +160,40 @@ class Store:
         with self.lock():
             for tag in meta["RepoTags"]:
                 self.untag(tag, registry)
-            old = read_json(folder / (meta["Id"][7:] + ".json"))
+            old = read_json(join(folder, meta["Id"][7:] + ".json"))
             if old:
                 meta["RepoTags"] = sorted(set(old["RepoTags"]) | set(meta["RepoTags"]))
-            os.replace(tmp, folder / (meta["Id"][7:] + ".payload"))
-            write_json(folder / (meta["Id"][7:] + ".json"), meta)
+            os.replace(tmp, join(folder, meta["Id"][7:] + ".payload"))
+            write_json(join(folder, meta["Id"][7:] + ".json"), meta)
         return meta
 
     def tag_image(self, image, tag, registry=False):
         tag = normalize_ref(tag)
-        folder = self.dir / ("registry" if registry else "images")
+        path = join(self.image_dir(registry), image["Id"][7:] + ".json")
         with self.lock():
             self.untag(tag, registry)
-            image = read_json(folder / (image["Id"][7:] + ".json"))
+            image = read_json(path)
             image["RepoTags"] = sorted(set(image["RepoTags"]) | {tag})
-            write_json(folder / (image["Id"][7:] + ".json"), image)
+            write_json(path, image)
 
     def untag(self, tag, registry=False):
         """Drop a tag from whichever image has it (caller holds the lock)."""
         for image in self.images(registry):
             if tag in image["RepoTags"]:
                 image["RepoTags"].remove(tag)
-                folder = self.dir / ("registry" if registry else "images")
-                write_json(folder / (image["Id"][7:] + ".json"), image)
+                write_json(join(self.image_dir(registry), image["Id"][7:] + ".json"), image)
 
     def remove_image(self, image):
         for suffix in (".json", ".payload"):
-            (self.dir / "images" / (image["Id"][7:] + suffix)).unlink(missing_ok=True)
+            remove(join(self.image_dir(), image["Id"][7:] + suffix))
 
     # -- containers -------------------------------------------------------
     def cdir(self, container):
-        return self.dir / "containers" / container["Id"]
+        return join(self.dir, "containers", container["Id"])
 
     def containers(self):
-        found = [read_json(p / "config.json")
-                 for p in (self.dir / "containers").iterdir()]
+        folder = join(self.dir, "containers")
+        found = [read_json(join(folder, name, "config.json")) for name in os.listdir(folder)]
         return sorted((c for c in found if c), key=lambda c: -c["Created"])
 
     def find_container(self, ref):
@@ -192,22 +206,22 @@ class Store:
         return hits[0] if len(hits) == 1 else None
 
     def save_container(self, container):
-        self.cdir(container).mkdir(exist_ok=True)
-        write_json(self.cdir(container) / "config.json", container)
+        os.makedirs(self.cdir(container), exist_ok=True)
+        write_json(join(self.cdir(container), "config.json"), container)
 
     def delete_container(self, container):
         folder = self.cdir(container)
-        for path in folder.glob("*"):
-            path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
-            folder.rmdir()
+            for name in os.listdir(folder):
+                remove(join(folder, name))
+            os.rmdir(folder)
 
     def log_path(self, container):
-        return self.cdir(container) / "log"
+        return join(self.cdir(container), "log")
 
     def state(self, container):
         """Docker-like State dict, derived from the processes and exit.json."""
-        done = read_json(self.cdir(container) / "exit.json")
+        done = read_json(join(self.cdir(container), "exit.json"))
         pgid = container.get("Pgid")
         running = not done and pgid and procs.alive(pgid, container["PgidStart"])
         if done:
