@@ -1,5 +1,6 @@
 """The three ways to run: a checkout with only PyYAML, `pip install .`, and the shiv zipapp."""
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import sparkrun as sr
 from conftest import REPO, isolated_env
 
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin") or sys.executable
@@ -96,3 +98,23 @@ def test_warm_quick_commands_skip_slow_imports(cli, args):
     imports(str(REPO / "sparkrun.py"), *args)  # fills the parsed-recipe cache
     added = imports(str(REPO / "sparkrun.py"), *args) - imports("-c", "pass")  # this Python's site imports aside
     assert not added & {"yaml", "dataclasses", "inspect", "typing", "subprocess", "difflib", "tarfile"}
+
+
+def command_paths(parser, path=()):
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from command_paths(sub, (*path, name))
+
+
+def test_every_command_has_help_sized_to_the_terminal(cli):
+    paths = list(command_paths(sr.build_parser()))
+    assert len(paths) > 40 and ("cluster", "create") in paths
+    for path in paths:
+        result = cli(*path, "--help", env={"COLUMNS": "80"}, check=0)
+        assert result.stdout.startswith(f"usage: {' '.join(('sparkrun',) + path)}")
+        assert max(map(len, result.stdout.splitlines())) <= 80, path
+    widest = {columns: max(map(len, cli("run", "--help", env={"COLUMNS": columns}, check=0).stdout.splitlines()))
+              for columns in ("60", "160")}
+    assert widest["60"] <= 60 < 100 < widest["160"] <= 160
