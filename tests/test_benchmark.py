@@ -249,7 +249,7 @@ def llama_ready() -> str:
     missing = [name for name in ("gguf", "tokenizers", "llama_benchy") if not __import__("importlib").util.find_spec(name)]
     if missing:
         return f"python3 -m pip install {' '.join(missing).replace('_', '-')}"
-    if not (LLAMA_VENV / "bin" / "python").exists():
+    if not any(LLAMA_VENV.glob("lib/python3*/site-packages/llama_cpp/server")):
         return f"a system-Python venv with llama-cpp-python[server] at {LLAMA_VENV} (see .ci/run)"
     return ""
 
