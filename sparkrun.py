@@ -248,9 +248,10 @@ TYPED_FLAGS = {  # CLI flag destination -> recipe default it overrides
 
 
 class Recipe(Record, mutable=True):
-    name: str
+    name: str  # the file stem: what launches are labelled with
     path: Path
     source: str  # "Local" for bundled or a file path, else the registry name
+    declared_name: str = ""  # the recipe's own `name:` field, when it has one
     model: str = ""
     model_revision: str | None = None
     declared_runtime: str | None = None
@@ -277,6 +278,11 @@ class Recipe(Record, mutable=True):
     @property
     def runtime(self) -> str:
         return resolve_runtime(self)
+
+    @property
+    def display_name(self) -> str:
+        """What `show` calls the recipe: its `name:` field, else the file stem; both find it."""
+        return self.declared_name or self.name
 
     @property
     def description(self) -> str:
@@ -372,11 +378,10 @@ def recipe_from_mapping(data, path: Path, source: str, text: str) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(str(path), "a recipe must be a YAML mapping of fields")
     recipe = Recipe(name=path.stem, path=path, source=source, text=text)
-    unknown = []
+    unknown = {}
     for key, value in data.items():
         if key not in RECIPE_FIELDS:
-            unknown.append(str(key))
-            recipe.runtime_config[str(key)] = value
+            unknown[str(key)] = value
             continue
         if value is None:
             continue
@@ -387,6 +392,10 @@ def recipe_from_mapping(data, path: Path, source: str, text: str) -> Recipe:
             raise RecipeError(str(path), f"field '{key}' must be {names}, not {value!r}")
         _set_field(recipe, key, value)
     recipe.unknown_keys = tuple(unknown)
+    recipe.runtime_config = {**unknown, **recipe.runtime_config}  # an explicit runtime_config value wins
+    for key in ("mods", "build_args"):  # eugr's fields, also read from runtime_config
+        if not getattr(recipe, key) and isinstance(recipe.runtime_config.get(key), list):
+            setattr(recipe, key, list(recipe.runtime_config[key]))
     _check_recipe(recipe)
     return recipe
 
@@ -401,7 +410,7 @@ def _set_field(recipe: Recipe, key: str, value) -> None:
     elif key == "description":
         recipe.metadata.setdefault("description", value)
     elif key == "name":
-        recipe.metadata.setdefault("display_name", value)
+        recipe.declared_name = value.strip()
     elif key == "runtime_config":
         recipe.runtime_config.update(value)
     else:
@@ -412,8 +421,8 @@ def _check_recipe(recipe: Recipe) -> None:
     where = str(recipe.path)
     if not recipe.model:
         raise RecipeError(where, "field 'model' is required")
-    if not recipe.command:
-        raise RecipeError(where, "field 'command' is required")
+    if not recipe.command and default_command(recipe.runtime) is None:
+        raise RecipeError(where, f"field 'command' is required: runtime {recipe.runtime} has no default serve command")
     if recipe.recipe_version not in ("1", "2"):
         raise RecipeError(where, f"field 'recipe_version' must be \"1\" or \"2\", not {recipe.recipe_version!r}")
     if recipe.min_nodes < 1:
@@ -446,7 +455,8 @@ def resolve_runtime(recipe: Recipe) -> str:
     """The runtime that will launch this recipe (see the runtime rules in README)."""
     declared = recipe.declared_runtime
     declared = RUNTIME_ALIASES.get(declared, declared) if declared else None
-    if recipe.recipe_version == "1" or (declared in (None, "vllm") and recipe.build_args):
+    if recipe.recipe_version == "1" or (declared in (None, "vllm") and recipe.build_args) or (
+            declared is None and recipe.mods):
         return "eugr-vllm"
     if declared and declared != "vllm":
         return declared
@@ -472,7 +482,7 @@ def detect_runtime_from_command(command: str) -> str:
 def _hints_ray(recipe: Recipe) -> bool:
     if str(recipe.defaults.get("distributed_executor_backend", "")).lower() == "ray":
         return True
-    return bool(re.search(r"--distributed-executor-backend[ =]+ray\b", recipe.command))
+    return bool(re.search(r"--distributed-executor-backend(?:[\s=]|\\\n)+ray\b", recipe.command))
 
 
 BUILTIN_VALUES = {"host": "0.0.0.0", "port": 8000}
@@ -536,15 +546,30 @@ def format_value(value) -> str:
     return str(value)
 
 
-def command_placeholders(recipe: Recipe) -> list[str]:
+def default_command(runtime: str) -> tuple[str, tuple] | None:
+    """A runtime's serve command for recipes without `command`: (base, ((default key, flag), ...)),
+    or None when the runtime has none."""
+    return getattr(load_runtime(runtime), "DEFAULT_COMMAND", None)
+
+
+def command_template(recipe: Recipe, values: dict) -> str:
+    """The recipe's command, else its runtime's default: the base command and one flag per
+    default that has a value (model, host, port, parallelism, memory, context, served name)."""
+    if recipe.command:
+        return recipe.command
+    base, flags = default_command(recipe.runtime)
+    return " ".join([base, *(f"{flag} {{{key}}}" for key, flag in flags if values.get(key) is not None)])
+
+
+def command_placeholders(recipe: Recipe, values: dict) -> list[str]:
     pattern = V1_TOKEN if recipe.recipe_version == "1" else PLACEHOLDER
-    return [m.group(1) for m in pattern.finditer(recipe.command) if m.group(1)]
+    return [m.group(1) for m in pattern.finditer(command_template(recipe, values)) if m.group(1)]
 
 
 def render_command(recipe: Recipe, values: dict) -> str:
     """Fill `{key}` placeholders. Version "1" commands also unescape `{{` and `}}`;
     version "2" commands keep every other brace (raw JSON) untouched."""
-    missing = sorted({k for k in command_placeholders(recipe) if k not in values})
+    missing = sorted({k for k in command_placeholders(recipe, values) if k not in values})
     if missing:
         raise UsageError(f"recipe {recipe.name}: no value for {', '.join('{' + k + '}' for k in missing)}; "
                          f"add it to defaults or pass -o {missing[0]}=...")
@@ -556,7 +581,7 @@ def render_command(recipe: Recipe, values: dict) -> str:
         return format_value(values[key])
 
     pattern = V1_TOKEN if recipe.recipe_version == "1" else PLACEHOLDER
-    return pattern.sub(fill, recipe.command)
+    return pattern.sub(fill, command_template(recipe, values))
 
 
 def one_line(command: str) -> str:
@@ -568,7 +593,7 @@ def validate_recipe(recipe: Recipe) -> tuple[list[str], list[str]]:
     """(errors, warnings) that do not stop a recipe from loading."""
     errors, warnings = [], []
     values = recipe_values(recipe)
-    missing = sorted({k for k in command_placeholders(recipe) if k not in values})
+    missing = sorted({k for k in command_placeholders(recipe, values) if k not in values})
     if missing:
         errors.append(f"command uses {', '.join('{' + k + '}' for k in missing)} with no default value")
     for key in recipe.unknown_keys:
@@ -981,41 +1006,69 @@ def catalog(include_hidden: bool = False) -> list[RecipeRef]:
 
 
 def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None = None) -> Recipe:
-    """A path to a file, a bundled name, or `@registry/name`; suggestions on a miss."""
+    """A path to a file, a name (file stem or `name:` field), or `@registry/name`; `runtime` keeps
+    only recipes of that runtime; hidden registries' recipes only with include_hidden.
+    Suggestions on a miss."""
     as_path = Path(os.path.expanduser(name))
     if name.endswith((".yaml", ".yml")) or os.sep in name and not name.startswith("@"):
         if as_path.is_file():
             return load_recipe(as_path, source="Local")
         if name.endswith((".yaml", ".yml")) or as_path.parent.is_dir():
             raise UsageError(f"recipe file not found: {name}")
-    refs = catalog(include_hidden=include_hidden)
-    if name.startswith("@"):
-        source, _, short = name[1:].partition("/")
-        matches = [r for r in refs if r.source == source and r.name == short]
-    else:
-        matches = [r for r in refs if r.name == name]
-    if len(matches) > 1 and runtime:
-        parsed = [load_recipe(r.path, r.source) for r in matches]
-        chosen = [p for p in parsed if p.runtime.startswith(runtime)]
-        if len(chosen) == 1:
-            return chosen[0]
-    if len(matches) > 1:
-        names = ", ".join(r.qualified for r in matches)
+    refs = catalog(include_hidden=True)
+    source, short = name[1:].partition("/")[::2] if name.startswith("@") else (None, name)
+    matches = [r for r in refs if r.name == short and source in (None, r.source)]
+    recipes = [load_recipe(r.path, r.source) for r in matches] or recipes_named(refs, short, source)
+    if not include_hidden:
+        hidden = [r for r in recipes if not visible_ref(refs, r)]
+        recipes = [r for r in recipes if r not in hidden]
+        if hidden and not recipes:
+            raise UsageError(HIDDEN_RECIPE.format(name=name, where=qualified_name(hidden[0])))
+    if runtime:
+        found = recipes
+        recipes = [r for r in recipes if r.runtime.startswith(runtime)]
+        if found and not recipes:
+            raise UsageError(f"recipe '{name}' is not a {runtime} recipe (runtime {found[0].runtime}); "
+                             "drop --runtime or name another")
+    YAML_CACHE.save()
+    if len(recipes) > 1:
+        names = ", ".join(qualified_name(r) for r in recipes)
         raise UsageError(f"recipe name '{name}' is ambiguous: {names}; use one of these names")
-    if not matches:
-        wanted = name.lstrip("@").rpartition("/")[2]
+    if not recipes:
         known = sorted({r.name for r in refs})
-        close = [n for n in known if wanted in n][:3]
+        close = [n for n in known if short in n][:3]
         if not close:
             import difflib
 
-            close = difflib.get_close_matches(wanted, known, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(short, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see 'sparkrun list'"
         raise UsageError(f"no recipe named '{name}'{hint}")
-    ref = matches[0]
-    recipe = load_recipe(ref.path, ref.source)
-    YAML_CACHE.save()
-    return recipe
+    return recipes[0]
+
+
+HIDDEN_RECIPE = "recipe '{name}' is in a hidden registry ({where}); pass --all to use it"
+
+
+def recipes_named(refs: list[RecipeRef], name: str, source: str | None) -> list[Recipe]:
+    """The catalog's recipes whose `name:` field is `name` (recipes that fail to load are skipped)."""
+    found = []
+    for ref in refs:
+        if source in (None, ref.source):
+            try:
+                recipe = load_recipe(ref.path, ref.source)
+            except RecipeError:
+                continue
+            if recipe.declared_name == name:
+                found.append(recipe)
+    return found
+
+
+def visible_ref(refs: list[RecipeRef], recipe: Recipe) -> bool:
+    return next(r.visible for r in refs if r.path == recipe.path)
+
+
+def qualified_name(recipe: Recipe) -> str:
+    return RecipeRef(recipe.name, recipe.path, recipe.source).qualified
 
 
 class RecipeSummary(Record):
@@ -2394,7 +2447,8 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     def make_container(rank: int, cmd: str) -> ContainerSpec:
         host = hosts[rank]
         role = "head" if rank == 0 else f"worker{rank}"
-        labels = (("sparkrun.cluster", cid), ("sparkrun.recipe", recipe.name), ("sparkrun.role", role),
+        labels = (("sparkrun.cluster", cid), ("sparkrun.recipe", recipe.name),
+                  ("sparkrun.recipe_name", recipe.display_name), ("sparkrun.role", role),
                   ("sparkrun.runtime", runtime), ("sparkrun.port", str(port)), ("sparkrun.head", hosts[0]),
                   ("sparkrun.model", recipe.model), ("sparkrun.served_model", served),
                   ("sparkrun.hosts", ",".join(hosts)))
@@ -2604,10 +2658,19 @@ def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> 
             last_check = now
             check_still_running(plan, ssh, names)
             progress(why)
-        if now > deadline:
-            raise SparkrunError(f"{plan.head}: not ready after {timeout_s:.0f} s ({why}); "
-                                f"see 'sparkrun logs {plan.recipe}'")
+        if now > deadline:  # the log now: the containers are removed after this
+            tail = container_logs_tail(ssh, plan.head, plan.head_container.name)
+            raise SparkrunError(not_ready_message(plan.head, timeout_s, why, tail))
         time.sleep(READY_POLL_S[0] if now - started < 60 else READY_POLL_S[1])
+
+
+def not_ready_message(head: str, timeout_s: float, why: str, tail: str) -> str:
+    return (f"{head}: not ready after {timeout_s:.0f} s ({why}); the containers are removed; "
+            "last log lines of the head:\n" + indented_tail(tail))
+
+
+def indented_tail(tail: str, lines: int = 15) -> str:
+    return "\n".join("    " + line for line in tail.splitlines()[-lines:]) or "    (no output)"
 
 
 def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
@@ -2620,7 +2683,7 @@ def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
             if running.strip() != "true":
                 tail = container_logs_tail(ssh, host, name)
                 raise RemoteFailed(host, f"container {name} exited before the server was ready; last log lines:\n"
-                                         + "\n".join("    " + l for l in tail.splitlines()[-15:]))
+                                         + indented_tail(tail))
 
 
 def step_batches(steps) -> list[list[Step]]:
@@ -2712,12 +2775,11 @@ def follow_logs(ssh: SSH, host: str, name: str, tail: str = "50", follow: bool =
         raise
 
 
-def find_workloads(ssh: SSH, hosts, *, recipe: str | None = None, port: int | None = None,
+def find_workloads(ssh: SSH, hosts, *, recipe: tuple | None = None, port: int | None = None,
                    role: str | None = None) -> dict:
-    """host -> list of sparkrun containers (docker ps JSON), found by their labels."""
+    """host -> list of sparkrun containers (docker ps JSON), found by their labels; `recipe`: the
+    names a launch may be labelled with (launch_names)."""
     filters = ["--filter", "label=sparkrun.cluster"]
-    if recipe:
-        filters += ["--filter", f"label=sparkrun.recipe={recipe}"]
     if port:
         filters += ["--filter", f"label=sparkrun.port={port}"]
     if role:
@@ -2727,8 +2789,14 @@ def find_workloads(ssh: SSH, hosts, *, recipe: str | None = None, port: int | No
     for host, result in raise_first(ssh.run_all(list(hosts), script, timeout=SSH_CONNECT_TIMEOUT + 20)).items():
         if not result.ok:
             raise RemoteFailed(host, docker_problem(result.stderr))
-        found[host] = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+        containers = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+        found[host] = [c for c in containers if not recipe or set(recipe) & recipe_labels(c)]
     return found
+
+
+def recipe_labels(container: dict) -> set:
+    labels = label_map(container)
+    return {labels.get("sparkrun.recipe"), labels.get("sparkrun.recipe_name")} - {None}
 
 
 def record_pending(what: str, hosts) -> Path:
@@ -3356,7 +3424,7 @@ def target_from_plan(plan: LaunchPlan) -> BenchTarget:
 
 def running_target(ssh: SSH, recipe: Recipe, selection: HostSelection, port: int | None) -> BenchTarget:
     """The launch of `recipe` already running on the selected hosts (found by its labels)."""
-    found = find_workloads(ssh, selection.hosts, recipe=recipe.name, port=port, role="head")
+    found = find_workloads(ssh, selection.hosts, recipe=(recipe.name,), port=port, role="head")
     heads = [(h, c) for h, cs in found.items() for c in cs if c.get("State", "running") == "running"]
     if not heads:
         raise SparkrunError(NOT_RUNNING.format(recipe=recipe.name, hosts=", ".join(selection.hosts)))
@@ -3991,7 +4059,7 @@ def add_benchmark_parsers(sub, command, host_options) -> None:
                                        f"'{BENCHMARK_ENTRY_POINTS}' entry points)")
     p.add_argument("--out", "--output", dest="output", metavar="FILE",
                    help="results YAML (default benchmark_<recipe>_<profile>_tp<N>.yaml)")
-    p.add_argument("-o", dest="bench_args", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("-o", "--option", dest="bench_args", action="append", default=[], metavar="KEY=VALUE",
                    help="set a benchmark arg, e.g. -o depth=0,4096 -o runs=1 (repeatable)")
     p.add_argument("--no-stop", action="store_true", help="leave the server running afterwards")
     p.add_argument("--skip-run", action="store_true",
@@ -5429,7 +5497,7 @@ def recipe_as_dict(recipe: Recipe) -> dict:
 
 def show_text(recipe: Recipe) -> str:
     lines = [
-        f"Name:         {recipe.name}",
+        f"Name:         {recipe.display_name}",
         f"Description:  {recipe.description}",
         f"Runtime:      {recipe.runtime.removesuffix('-distributed')}",
         f"Model:        {recipe.model}",
@@ -5444,7 +5512,7 @@ def show_text(recipe: Recipe) -> str:
 
 
 def cmd_show(args) -> int:
-    recipe = find_recipe(args.recipe, runtime=args.runtime)
+    recipe = find_recipe(args.recipe, include_hidden=args.all, runtime=args.runtime)
     if args.save:
         Path(args.save).write_text(recipe.text)
         print(f"Saved {recipe.name} to {args.save}", file=sys.stderr)
@@ -5585,16 +5653,29 @@ def detach_message(recipe: str, selection: HostSelection) -> str:
             f"  Re-attach: sparkrun logs {recipe}{hosts}\n  Stop:      sparkrun stop {recipe}{hosts}")
 
 
+def launch_names(name: str) -> tuple[str, ...]:
+    """The names a launch of this recipe is labelled with (file stem, `name:` field). A name that
+    is no file and not in the catalog is taken as written: a recipe launched from a file, named."""
+    try:
+        recipe = find_recipe(name)
+    except UsageError:
+        if name.endswith((".yaml", ".yml")):
+            raise
+        return (name,)
+    return tuple(dict.fromkeys((recipe.name, recipe.display_name)))
+
+
 def cmd_stop(args) -> int:
     if not args.recipe and not args.all:
         raise UsageError("name a recipe to stop, or pass --all to stop every sparkrun container")
-    recipe = find_recipe(args.recipe).name if args.recipe else None
+    recipe = launch_names(args.recipe) if args.recipe else None
     selection = select_hosts(args)
     hosts = selection.hosts[:args.tp] if args.tp else selection.hosts
+    port = None if args.port == "auto" else args.port
     ssh = SSH(selection.user, args.verbose)
-    found = find_workloads(ssh, hosts, recipe=recipe, port=args.port)
+    found = find_workloads(ssh, hosts, recipe=recipe, port=port)
     names = {h: [c["Names"] for c in cs] for h, cs in found.items() if cs}
-    what = recipe or "sparkrun"
+    what = recipe[0] if recipe else "sparkrun"
     if not names:
         print(f"Nothing to stop: no {what} containers on {', '.join(hosts)}.")
         return 0
@@ -5602,7 +5683,7 @@ def cmd_stop(args) -> int:
         print(f"[{host}] {'would remove' if args.dry_run else 'removing'} {', '.join(containers)}")
     if not args.dry_run:
         remove_containers(ssh, names)
-        left = {h: cs for h, cs in find_workloads(ssh, names, recipe=recipe, port=args.port).items() if cs}
+        left = {h: cs for h, cs in find_workloads(ssh, names, recipe=recipe, port=port).items() if cs}
         if left:
             raise SparkrunError(f"{next(iter(left))}: containers still present after docker rm -f")
         print(f"Stopped {sum(len(v) for v in names.values())} container(s).")
@@ -5610,18 +5691,19 @@ def cmd_stop(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    recipe = find_recipe(args.recipe).name
+    names = launch_names(args.recipe)
     selection = select_hosts(args)
+    hosts = selection.hosts[:args.tp] if args.tp else selection.hosts
     ssh = SSH(selection.user, args.verbose)
-    found = find_workloads(ssh, selection.hosts, recipe=recipe, role="head")
+    found = find_workloads(ssh, hosts, recipe=names, role="head")
     heads = [(h, c) for h, cs in found.items() for c in cs]
     if not heads:
-        raise SparkrunError(f"no running {recipe} on {', '.join(selection.hosts)}; see 'sparkrun status'")
+        raise SparkrunError(f"no running {names[0]} on {', '.join(hosts)}; see 'sparkrun status'")
     host, container = heads[0]
     try:
         return follow_logs(ssh, host, container["Names"], str(args.tail), follow=not args.no_follow)
     except KeyboardInterrupt:
-        say(f"\nStopped following; {recipe} keeps running.")
+        say(f"\nStopped following; {names[0]} keeps running.")
         return 0
 
 
@@ -5850,7 +5932,21 @@ class UnbuiltParser:
         return lambda *args, **kwargs: self
 
 
-BUILT_WITH = {"benchmark": {"run"}}  # commands whose parser reuses another command's options
+# Commands whose parser reuses another command's options: benchmark launches as run does, and stop
+# and logs accept run's whole line, so a run line edited into a stop line works.
+BUILT_WITH = {"benchmark": {"run"}, "stop": {"run"}, "logs": {"run"}}
+
+
+def accept_run_options(run, parser) -> None:
+    """Give `parser` every option of `run` it lacks, in a group of its own: accepted, ignored."""
+    if isinstance(parser, UnbuiltParser):
+        return
+    taken = set(parser._option_string_actions)
+    dests = {a.dest for a in parser._actions}
+    group = parser.add_argument_group("run's options (accepted so a run line works here; ignored)")
+    for action in run._actions:
+        if action.option_strings and action.dest not in dests and not taken & set(action.option_strings):
+            group._add_action(action)
 
 
 def terminal_columns() -> int:
@@ -5873,6 +5969,12 @@ def build_parser(argv: list[str] | None = None):
     class Subcommands(argparse._SubParsersAction):
         only: set | None = None
 
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            unknown = getattr(namespace, argparse._UNRECOGNIZED_ARGS_ATTR, None)
+            if unknown:  # the usage of the command that was given them, not the top-level one
+                self.choices[values[0]].error(f"unrecognized arguments: {' '.join(unknown)}")
+
         def add_parser(self, name, **kwargs):
             if self.only is None or name in self.only:
                 return super().add_parser(name, **kwargs)
@@ -5891,6 +5993,7 @@ def build_parser(argv: list[str] | None = None):
     class Parser(argparse.ArgumentParser):  # subparsers are made with the same class
         def __init__(self, *args, **kwargs):
             super().__init__(*args, formatter_class=Formatter, **kwargs)
+            self.register("action", "parsers", Subcommands)  # nested commands (recipe validate, ...) too
 
     parser = Parser(
         prog="sparkrun",
@@ -5939,12 +6042,12 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
     host_options(p)
     p.add_argument("--port", type=port, help="serve port, or 'auto' for the first free one from 8000")
-    p.add_argument("--tp", type=int, help="tensor parallel size: GPUs, one per Spark")
+    p.add_argument("--tp", "--tensor-parallel", type=int, help="tensor parallel size: GPUs, one per Spark")
     p.add_argument("--gpu-mem", type=float, help="gpu_memory_utilization, a fraction in (0, 1]")
     p.add_argument("--max-model-len", type=int, help="context length")
     p.add_argument("--image", help="container image instead of the recipe's")
     p.add_argument("--cache-dir", help="Hugging Face cache on the hosts (default ~/.cache/huggingface)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("-o", "--option", "--override", dest="override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a recipe default (repeatable)")
     p.add_argument("-n", "--dry-run", action="store_true", help="print the plan; contact no host")
     p.add_argument("--detect", action="store_true", help="with --dry-run: contact the hosts to detect "
@@ -5965,13 +6068,14 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("recipe", nargs="?", help="recipe to stop")
     host_options(p, solo=False)
     p.add_argument("-a", "--all", action="store_true", help="every sparkrun container on the hosts")
-    p.add_argument("--tp", type=int, help="only the first N hosts")
-    p.add_argument("--port", type=int, help="only the launch serving on this port")
+    p.add_argument("--tp", "--tensor-parallel", type=int, help="only the first N hosts")
+    p.add_argument("--port", type=port, help="only the launch serving on this port")
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be removed")
 
     p = command("logs", cmd_logs, "Follow a recipe's head container log (Ctrl+C stops following).")
     p.add_argument("recipe", help="recipe whose logs to show")
     host_options(p, solo=False)
+    p.add_argument("--tp", "--tensor-parallel", type=int, help="only the first N hosts")
     p.add_argument("--tail", default="100", help="lines of history first (default 100, or 'all')")
     p.add_argument("--no-follow", action="store_true", help="print and exit")
 
@@ -6027,7 +6131,7 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="names or paths")
     p = command("vram", cmd_recipe_vram, "Estimate whether a recipe fits a DGX Spark's GPU memory.", rsub)
     p.add_argument("recipe", help="recipe name, @registry/name, or a path")
-    p.add_argument("--tp", type=int, help="tensor parallel size (GPUs, one per Spark)")
+    p.add_argument("--tp", "--tensor-parallel", type=int, help="tensor parallel size (GPUs, one per Spark)")
     p.add_argument("--max-model-len", type=int, help="context length to budget for")
     p.add_argument("--gpu-mem", type=float, help="gpu_memory_utilization, a fraction in (0, 1]")
     p.add_argument("--cache-dir", help="Hugging Face cache root (default: $HF_HOME or ~/.cache/huggingface)")
@@ -6062,6 +6166,8 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_benchmark_parsers(sub, command, host_options)
     add_setup_parsers(sub, command, host_options)
+    for name in ("stop", "logs"):
+        accept_run_options(sub.choices["run"], sub.choices[name])
     return parser
 
 

@@ -6,6 +6,8 @@ A runtime module has:
               (0 is the head), ctx.wait_port(rank, address, port, reason) waits for a port.
               ctx carries the rendered serve command, hosts, rendezvous address, ports.
     EXAMPLES  (nodes, serve command, expected container commands) checked by the test suite.
+    DEFAULT_COMMAND  optional: (base command, ((recipe default, flag), ...)), the serve command of
+              a recipe without `command`: the base and one flag per default that has a value.
 
 Third-party runtimes register a module under the entry point group `sparkrun.runtimes`.
 """

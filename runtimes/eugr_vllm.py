@@ -4,6 +4,7 @@ the command used as written (these commands name their model themselves)."""
 from sparkrun_runtimes import ray_flow, vllm_ray
 
 NAME = "eugr-vllm"
+DEFAULT_COMMAND = vllm_ray.DEFAULT_COMMAND  # eugr's own runner builds the same `vllm serve` line
 
 
 def plan(ctx):

@@ -3,6 +3,12 @@
 
 NAME = "llama-cpp"
 
+# The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND); no
+# parallelism or memory fraction flags. llama-server's options: tools/server/README.md in llama.cpp.
+DEFAULT_COMMAND = ("llama-server -hf {model}", (
+    ("host", "--host"), ("port", "--port"), ("max_model_len", "--ctx-size"), ("served_model_name", "--alias"),
+))
+
 
 def plan(ctx):
     if ctx.nodes == 1:

@@ -2,6 +2,14 @@
 
 NAME = "sglang"
 
+# The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND). SGLang's
+# server arguments: https://docs.sglang.io/advanced_features/server_arguments.html
+DEFAULT_COMMAND = ("python3 -m sglang.launch_server --model-path {model}", (
+    ("host", "--host"), ("port", "--port"), ("tensor_parallel", "--tp-size"), ("pipeline_parallel", "--pp-size"),
+    ("gpu_memory_utilization", "--mem-fraction-static"), ("max_model_len", "--context-length"),
+    ("served_model_name", "--served-model-name"),
+))
+
 
 def plan(ctx):
     if ctx.nodes == 1:

@@ -6,6 +6,14 @@ joins it with its rank and `--headless`. Head first, then workers once the port 
 
 NAME = "vllm-distributed"
 
+# The serve command of a recipe without `command`: the base, then (recipe default, flag) for each
+# default that has a value. Flags of `vllm serve`: https://docs.vllm.ai/en/latest/cli/serve.html
+DEFAULT_COMMAND = ("vllm serve {model}", (
+    ("host", "--host"), ("port", "--port"), ("tensor_parallel", "-tp"), ("pipeline_parallel", "-pp"),
+    ("gpu_memory_utilization", "--gpu-memory-utilization"), ("max_model_len", "--max-model-len"),
+    ("served_model_name", "--served-model-name"),
+))
+
 
 def plan(ctx):
     if ctx.nodes == 1:

@@ -2,9 +2,10 @@
 
 import re
 
-from sparkrun_runtimes import ray_flow
+from sparkrun_runtimes import ray_flow, vllm_distributed
 
 NAME = "vllm-ray"
+DEFAULT_COMMAND = vllm_distributed.DEFAULT_COMMAND
 
 
 def serve_command(command: str) -> str:
