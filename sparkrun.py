@@ -602,9 +602,24 @@ def validate_recipe(recipe: Recipe) -> tuple[list[str], list[str]]:
     if gpu_mem is not None and not (isinstance(gpu_mem, (int, float)) and 0 < gpu_mem <= 1):
         warnings.append(f"defaults.gpu_memory_utilization is {gpu_mem!r}, not a fraction in (0, 1]; "
                         "the VRAM estimate ignores it")
+    warnings += metadata_problems(recipe.metadata)
     if recipe.runtime == "llama-cpp" and recipe.min_nodes > 1:
         warnings.append("llama-cpp multi-node (rpc-server) is experimental")
     return errors, warnings
+
+
+def metadata_problems(meta: dict) -> list[str]:
+    """The VRAM hints in metadata that the estimate cannot use."""
+    problems = []
+    if meta.get("model_params") is not None and parse_param_count(meta["model_params"]) is None:
+        problems.append(f"metadata.model_params {meta['model_params']!r} is not a parameter count "
+                        "(like 30B, 1.7B, 235M); the VRAM estimate ignores it")
+    for key in ("model_dtype", "kv_dtype"):
+        value = meta.get(key)
+        if value is not None and str(value).lower() != "auto" and bytes_per_param(value) is None:
+            problems.append(f"metadata.{key} {value!r} is not a known dtype or quantization; "
+                            "the VRAM estimate ignores it")
+    return problems
 
 
 def node_count(recipe: Recipe, values: dict) -> int:
@@ -1131,7 +1146,7 @@ _BYTES_PER_PARAM = {
     "fp32": 4, "float32": 4, "f32": 4,
     "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "f16": 2, "half": 2,
     "fp8": 1, "float8": 1, "int8": 1, "w8a8": 1,
-    "int4": 0.5, "awq": 0.5, "gptq": 0.5, "autoround": 0.5, "w4a16": 0.5,
+    "int4": 0.5, "awq": 0.5, "gptq": 0.5, "autoround": 0.5, "w4a16": 0.5, "awq4": 0.5, "awq8": 1,
     "nvfp4": 0.7,  # effective: 4-bit weights plus scales and the layers kept in higher precision
 }
 # GGUF quants by real bits per weight (block scales included), as llama.cpp reports them.
@@ -1142,6 +1157,8 @@ _GGUF_BITS_PER_WEIGHT = {
     "iq4_xs": 4.25, "iq4_nl": 4.5, "iq3_m": 3.66, "iq3_s": 3.44, "iq3_xs": 3.3, "iq3_xxs": 3.06,
     "iq2_m": 2.7, "iq2_s": 2.5, "iq2_xs": 2.31, "iq2_xxs": 2.06, "iq1_m": 1.75, "iq1_s": 1.56,
     "mxfp4": 4.25,  # also used for Hugging Face mxfp4 checkpoints: 4-bit values + one scale per 32
+    # Ternary: 256 weights per block in 54 and 66 bytes (ggml's block_tq1_0, block_tq2_0).
+    "tq1_0": 1.6875, "tq2_0": 2.0625,
 }
 _GGUF_ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "q8_k": "q8_0"}
 _PARAM_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
@@ -1177,8 +1194,12 @@ def bytes_per_param(dtype: str) -> float | None:
     if not isinstance(dtype, str):
         return None
     name = re.sub(r"[\s-]+", "_", dtype.strip().lower()).removeprefix("ud_")
-    name = name.removesuffix("_xl")  # unsloth's _XL mixes are sized as their base quant
+    # _XL (unsloth) and _L (Q5_K_L: embeddings and output in Q8_0) mixes are sized as their base
+    # quant; Q3_K_L is a quant of its own.
     found = _known_bytes_per_param(name)
+    if found is None and name.endswith(("_xl", "_l")):
+        name = name.rpartition("_")[0]
+        found = _known_bytes_per_param(name)
     # Compound names ('int4_autoround', 'fp8_e4m3', 'awq_marlin'): the first known part decides.
     return found or next(filter(None, map(_known_bytes_per_param, name.split("_"))), None)
 
@@ -1352,12 +1373,16 @@ class VramEstimate(Record):
     verdict: str
     missing: tuple[str, ...]
     weights_source: str | None
+    pp: int = 1  # pipeline parallel: weights and KV are split over tp x pp GPUs
+    dtype_note: str = ""  # where the model dtype came from, when not from the recipe
 
 
-def estimate_vram(*, params, model_dtype, kv_dtype, arch, max_model_len, tp=1, gpu_mem=0.9,
-                  weights_bytes=None) -> VramEstimate:
+def estimate_vram(*, params, model_dtype, kv_dtype, arch, max_model_len, tp=1, pp=1, gpu_mem=0.9,
+                  weights_bytes=None, dtype_note="") -> VramEstimate:
     params, kv_dtype = parse_param_count(params), resolve_kv_dtype(kv_dtype)
     max_model_len, tp, gpu_mem = _positive_int(max_model_len), _positive_int(tp) or 1, float(gpu_mem or 0.9)
+    pp = _positive_int(pp) or 1
+    gpus = tp * pp
     missing = []
     weights_source = FROM_DISK if weights_bytes else None
     model_dtype_bytes = bytes_per_param(model_dtype)
@@ -1376,17 +1401,17 @@ def estimate_vram(*, params, model_dtype, kv_dtype, arch, max_model_len, tp=1, g
     kv_rate_known = kv_dtype_bytes is not None and arch is not None and not arch.missing
     kv_bytes = _kv_bytes(arch, kv_dtype_bytes, max_model_len) if kv_rate_known and max_model_len else None
     usable = SPARK_GPU_GB * GIB * gpu_mem
-    per_gpu = (weights_bytes + kv_bytes) / tp if weights_bytes is not None and kv_bytes is not None else None
+    per_gpu = (weights_bytes + kv_bytes) / gpus if weights_bytes is not None and kv_bytes is not None else None
     # Exact bytes, no intermediate rounding: the golden 30B nvfp4 example gives 1,557,583 tokens this
     # way (subtracting the printed 96.8 - 19.56 GB figures instead would give 1,557,538).
-    available = usable - weights_bytes / tp if weights_bytes is not None else None
-    max_tokens = (_max_context_tokens(arch, kv_dtype_bytes, tp, available)
+    available = usable - weights_bytes / gpus if weights_bytes is not None else None
+    max_tokens = (_max_context_tokens(arch, kv_dtype_bytes, gpus, available)
                   if kv_rate_known and available is not None else None)
     multiplier = max_tokens / max_model_len if max_tokens is not None and max_model_len else None
     verdict = UNKNOWN if per_gpu is None else YES if per_gpu <= usable else NO
     return VramEstimate(model_dtype, params, kv_dtype, arch, weights_bytes, kv_bytes, max_model_len, tp,
                         per_gpu, gpu_mem, usable, available, max_tokens, multiplier, verdict,
-                        tuple(missing), weights_source)
+                        tuple(missing), weights_source, pp=pp, dtype_note=dtype_note)
 
 
 def _gb(value: float | None, digits: int = 2) -> str:
@@ -1417,13 +1442,14 @@ def format_vram(est: VramEstimate) -> str:
     fit = f"UNKNOWN (missing: {', '.join(est.missing)})" if est.verdict == UNKNOWN else est.verdict
     lines = [
         "VRAM Estimation:",
-        f"  Model dtype:      {est.model_dtype or 'unknown'}",
+        f"  Model dtype:      {est.model_dtype or 'unknown'}{f' ({est.dtype_note})' if est.dtype_note else ''}",
         f"  Model params:     {'unknown' if est.params is None else f'{est.params:,}'}",
         f"  KV cache dtype:   {est.kv_dtype}",
         f"  Architecture:     {_describe_arch(est.arch)}",
         f"  Model weights:    {_gb(est.weights_bytes)}{on_disk}",
         f"  KV cache:         {_gb(est.kv_bytes)} (max_model_len={max_model_len})",
         f"  Tensor parallel:  {est.tp}",
+        *([f"  Pipeline parallel: {est.pp}"] if est.pp > 1 else []),
         f"  Per-GPU total:    {_gb(est.per_gpu_bytes)}",
         f"  DGX Spark fit:    {fit}",
         "",
@@ -1552,9 +1578,58 @@ def recipe_vram(recipe: Recipe, overrides: dict | None = None, *, hf_home: Path,
         gpu_mem = 0.9
     max_len = values.get("max_model_len") or values.get("ctx_size") or (config or {}).get("max_position_embeddings")
     tp = _positive_int(values.get("tensor_parallel")) or 1
-    return estimate_vram(params=meta.get("model_params"), model_dtype=meta.get("model_dtype") or recipe.gguf_quant,
+    pp = _positive_int(values.get("pipeline_parallel")) or 1
+    model_dtype, note = meta.get("model_dtype") or recipe.gguf_quant, ""
+    if not model_dtype and config:
+        model_dtype, note = config_weight_dtype(config), "from config.json"
+    checkpoint_bytes = bytes_per_param(model_dtype)
+    online = str(values.get("quantization") or "").lower()
+    if online == "fp8" and checkpoint_bytes and checkpoint_bytes > bytes_per_param(online):
+        # vLLM and SGLang quantize a wider checkpoint's weights to fp8 as they load it.
+        weights = weights and weights * bytes_per_param(online) / checkpoint_bytes
+        model_dtype, note = online, f"online quantization of {model_dtype}"
+    return estimate_vram(params=meta.get("model_params"), model_dtype=model_dtype,
                          kv_dtype=resolve_kv_dtype(meta.get("kv_dtype"), values.get("kv_cache_dtype")),
-                         arch=arch, max_model_len=max_len, tp=tp, gpu_mem=gpu_mem, weights_bytes=weights)
+                         arch=arch, max_model_len=max_len, tp=tp, pp=pp, gpu_mem=gpu_mem, weights_bytes=weights,
+                         dtype_note=note)
+
+
+def config_weight_dtype(config: dict) -> str | None:
+    """The weights' dtype from a config.json: its quantization_config (quant_method, bits, quant_algo,
+    weight num_bits), else torch_dtype (`dtype` since transformers 4.56), of the text model too."""
+    for part in (config, config.get("text_config") or {}):
+        quant = part.get("quantization_config")
+        if isinstance(quant, dict) and quant.get("quant_method"):
+            return quantization_dtype(quant)
+    for part in (config, config.get("text_config") or {}):
+        dtype = part.get("torch_dtype") or part.get("dtype")
+        if isinstance(dtype, str):
+            return dtype
+    return None
+
+
+def quantization_dtype(quant: dict) -> str:
+    """A Hugging Face quantization_config as a dtype bytes_per_param knows."""
+    method = str(quant["quant_method"]).lower()
+    bits = quant.get("bits") or quant.get("w_bit")
+    algo = str(quant.get("quant_algo") or "").lower()
+    if method == "modelopt" and algo:  # NVIDIA ModelOpt: quant_algo NVFP4, FP8, ...
+        return algo
+    if method == "compressed-tensors":
+        if "nvfp4" in str(quant.get("format", "")).lower():
+            return "nvfp4"
+        weights = next((g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()
+                        if isinstance(g, dict)), {})
+        bits, kind = weights.get("num_bits"), weights.get("type")
+        if bits:
+            return f"fp{bits}" if kind == "float" else f"int{bits}"
+    if method == "bitsandbytes":
+        return "int4" if quant.get("load_in_4bit") else "int8"
+    if method == "awq" and bits in (4, 8):
+        return f"awq{bits}"
+    if bits in (4, 8) and method != "fp8":
+        return f"int{bits}"
+    return method
 
 
 

@@ -105,6 +105,8 @@ def test_parse_param_count(value, expected):
     ("q3_k_m", 3.91 / 8), ("Q2_K", 2.63 / 8), ("IQ4_XS", 4.25 / 8), ("IQ4_NL", 4.5 / 8),
     ("IQ3_XXS", 3.06 / 8), ("IQ2_XXS", 2.06 / 8), ("UD-Q4_K_XL", 4.85 / 8), ("UD-IQ2_XXS", 2.06 / 8),
     ("UD-Q8_K_XL", 8.5 / 8), ("mystery", None), ("", None), (None, None),
+    ("awq4", 0.5), ("AWQ8", 1), ("Q5_K_L", 5.69 / 8), ("Q6_K_L", 6.5625 / 8), ("Q3_K_L", 4.27 / 8),
+    ("TQ1_0", 1.6875 / 8), ("tq2_0", 2.0625 / 8),
 ])
 def test_bytes_per_param(dtype, expected):
     assert v.bytes_per_param(dtype) == expected
@@ -374,3 +376,72 @@ def test_every_corpus_recipe_gets_an_estimate_or_clear_unknown_offline(path, tmp
         assert est.missing and f"UNKNOWN (missing: {', '.join(est.missing)})" in text
     else:
         assert est.per_gpu_bytes > 0 and est.verdict in (v.YES, v.NO)
+
+
+def test_pipeline_parallel_divides_like_tensor_parallel():
+    pp2, tp2 = golden_estimate(pp=2), golden_estimate(tp=2)
+    assert (pp2.per_gpu_bytes, pp2.max_context_tokens) == (tp2.per_gpu_bytes, tp2.max_context_tokens)
+    assert golden_estimate(tp=2, pp=2).per_gpu_bytes == golden_estimate().per_gpu_bytes / 4
+    assert "  Tensor parallel:  1\n  Pipeline parallel: 2\n  Per-GPU total:    14.74 GB\n" in v.format_vram(pp2)
+
+
+@pytest.mark.parametrize("config, dtype", [
+    ({"torch_dtype": "bfloat16"}, "bfloat16"),
+    ({"dtype": "float16"}, "float16"),  # transformers >= 4.56 writes `dtype`
+    ({"text_config": {"torch_dtype": "bfloat16"}}, "bfloat16"),
+    ({"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "fp8"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "awq4"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 8}}, "awq8"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "int4"),
+    ({"quantization_config": {"quant_method": "auto-round", "bits": 4}}, "int4"),
+    ({"quantization_config": {"quant_method": "mxfp4"}}, "mxfp4"),
+    ({"quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4"}}, "nvfp4"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}}, "nvfp4"),
+    ({"quantization_config": {"quant_method": "compressed-tensors",
+                              "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}}}}}, "fp8"),
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "int4"),
+    ({"num_hidden_layers": 2}, None),
+])
+def test_weight_dtype_from_config(config, dtype):
+    assert v.config_weight_dtype(config) == dtype
+    assert dtype is None or v.bytes_per_param(dtype)
+
+
+def write_recipe(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: org/plain\ncontainer: img\ncommand: vllm serve {model}\n" + text)
+    return v.load_recipe(path)
+
+
+def test_config_dtype_fills_metadata_gaps_and_online_fp8_halves_weights(tmp_path):
+    hf = tmp_path / "hf"
+    snapshot = cached_repo(hf, "org/plain")
+    (snapshot / "config.json").write_text(json.dumps(dict(QWEN3_NEXT, torch_dtype="bfloat16")))
+    plain = write_recipe(tmp_path, "metadata: {model_params: 10B}\ndefaults: {max_model_len: 4096}\n")
+    est = v.recipe_vram(plain, hf_home=hf)
+    assert (est.model_dtype, est.weights_bytes) == ("bfloat16", 20e9)
+    assert "  Model dtype:      bfloat16 (from config.json)\n" in v.format_vram(est)
+    online = v.recipe_vram(write_recipe(tmp_path, "metadata: {model_params: 10B}\ndefaults: {quantization: fp8}\n"),
+                           hf_home=hf)
+    assert (online.model_dtype, online.weights_bytes) == ("fp8", 10e9)
+    assert "  Model dtype:      fp8 (online quantization of bfloat16)\n" in v.format_vram(online)
+    cached_file(snapshot, "model.safetensors", 4_000_000_000)  # on-disk bf16 weights are halved as well
+    assert v.recipe_vram(write_recipe(tmp_path, "defaults: {quantization: fp8}\n"), hf_home=hf).weights_bytes == 2e9
+    said = write_recipe(tmp_path, "metadata: {model_dtype: nvfp4, model_params: 10B}\ndefaults: {quantization: fp8}\n")
+    assert v.recipe_vram(said, hf_home=hf).model_dtype == "nvfp4"  # narrower than fp8: left alone
+
+
+def test_recipe_pipeline_parallel_splits_the_estimate(tmp_path):
+    meta = "metadata: {model_params: 30B, model_dtype: nvfp4, num_layers: 52, num_kv_heads: 2, head_dim: 128}\n"
+    one = v.recipe_vram(write_recipe(tmp_path, meta + "defaults: {max_model_len: 200000}\n"), hf_home=tmp_path)
+    two = v.recipe_vram(write_recipe(tmp_path, meta + "defaults: {max_model_len: 200000, pipeline_parallel: 2}\n"),
+                        hf_home=tmp_path)
+    assert two.pp == 2 and two.per_gpu_bytes == one.per_gpu_bytes / 2
+
+
+def test_show_prints_the_dtype_from_config(cli, tmp_path):
+    snapshot = cached_repo(cli.home / "hf", "org/plain")
+    (snapshot / "config.json").write_text(json.dumps(dict(QWEN3_NEXT, torch_dtype="bfloat16")))
+    path = tmp_path / "r.yaml"
+    path.write_text("model: org/plain\ncontainer: img\ncommand: vllm serve {model}\nmetadata: {model_params: 1B}\n")
+    assert "  Model dtype:      bfloat16 (from config.json)\n" in cli("show", path, check=0).stdout
