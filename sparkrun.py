@@ -3352,36 +3352,48 @@ class BenchmarkProfile(Record):
     description: str = ""
 
 
+BENCHMARK_SETTINGS = ("framework", "args", "schedule", "timeout")  # of a profile or a recipe's block
+PROFILE_EMPTY = "{path}: no benchmark settings: a profile needs framework, args, schedule or timeout"
+
+
 def read_profile(name: str | None) -> BenchmarkProfile:
     """A profile (file, name or @registry/name) in either layout: `framework`/`args`/`schedule`/
-    `timeout` at the top, or nested under `benchmark:` as older profiles have it."""
+    `timeout` at the top, or nested under `benchmark:` as older profiles have it (there, args may
+    also sit directly under `benchmark:`)."""
     if not name:
         return BenchmarkProfile("default", None, None, {})
     path, data = find_benchmark_profile(name)
-    body = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else data
+    nested = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else None
+    body = {**{k: data[k] for k in BENCHMARK_SETTINGS if k in data}, **(nested or {})}
+    profile = benchmark_settings(body, path, flat_args=nested is not None)
+    if profile.framework is None and not profile.args and not profile.schedule and profile.timeout is None:
+        raise UsageError(PROFILE_EMPTY.format(path=path))
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    return profile.replace(name=path.stem, description=str(metadata.get("description", "")))
+
+
+def benchmark_settings(body: dict, path, *, flat_args: bool) -> BenchmarkProfile:
+    """`framework`, `args`, `schedule` and `timeout` of a profile or a recipe's `benchmark:` block;
+    with flat_args, the block's other keys are args too (`args:` wins over them)."""
     args = body.get("args") if body.get("args") is not None else {}
     if not isinstance(args, dict):
         raise UsageError(f"{path}: 'args' must be a mapping of benchmark args")
-    schedule = body.get("schedule", data.get("schedule")) or []
+    if flat_args:
+        args = {**{k: v for k, v in body.items() if k not in BENCHMARK_SETTINGS + ("metadata",)}, **args}
+    schedule = body.get("schedule") or []
     if not isinstance(schedule, list) or not all(isinstance(p, dict) and set(p) <= set(SCHEDULE_KEYS)
                                                  and p for p in schedule):
         raise UsageError(f"{path}: 'schedule' must be a list of {{depth, concurrency}} points")
-    timeout = body.get("timeout", data.get("timeout"))
+    timeout = body.get("timeout")
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise UsageError(f"{path}: 'timeout' must be a number of seconds")
-    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    return BenchmarkProfile(path.stem, str(path), body.get("framework"), dict(args), tuple(schedule),
-                            timeout, str(metadata.get("description", "")))
+    return BenchmarkProfile(Path(path).stem, str(path), body.get("framework"), dict(args), tuple(schedule), timeout)
 
 
-def recipe_benchmark_block(recipe: Recipe) -> tuple[str | None, dict]:
-    """(framework, args) of a recipe's `benchmark:` block: flat keys, or an `args:` mapping."""
-    block = dict(recipe.benchmark)
-    framework = block.pop("framework", None)
-    nested = block.pop("args", None)
-    if isinstance(nested, dict):
-        block.update(nested)
-    return framework, block
+def recipe_benchmark_block(recipe: Recipe) -> BenchmarkProfile:
+    """A recipe's `benchmark:` block, read as a profile: flat keys or an `args:` mapping, plus
+    `framework`, `schedule` and `timeout`."""
+    return benchmark_settings(recipe.benchmark, recipe.path, flat_args=True)
 
 
 def bench_overrides(pairs: list[str]) -> dict:
@@ -3674,17 +3686,17 @@ def cmd_benchmark(args) -> int:
     recipe = find_recipe(args.recipe)
     selection = select_hosts(args)
     profile = read_profile(args.profile)
-    block_framework, block_args = recipe_benchmark_block(recipe)
-    name = args.framework or profile.framework or block_framework or BENCHMARK_FRAMEWORK
+    block = recipe_benchmark_block(recipe)
+    name = args.framework or profile.framework or block.framework or BENCHMARK_FRAMEWORK
     if profile.framework and profile.framework != name:
         warn(f"profile {profile.name} is for {profile.framework}; running {name} as asked")
     framework = load_framework(name)
-    bench_args = merge_bench_args(framework, block_args, profile.args, bench_overrides(args.bench_args))
-    timeout = args.timeout or profile.timeout or BENCHMARK_TIMEOUT
+    bench_args = merge_bench_args(framework, block.args, profile.args, bench_overrides(args.bench_args))
+    timeout = args.timeout or profile.timeout or block.timeout or BENCHMARK_TIMEOUT
     tp = benchmark_tp(recipe, args)
     output = Path(args.output or default_output_name(recipe, profile, tp))
     home = hf_home(args.cache_dir)
-    points = schedule_points(bench_args, profile.schedule)
+    points = schedule_points(bench_args, profile.schedule or block.schedule)
     if args.dry_run:
         if not args.skip_run:
             launch(launch_namespace(args), recipe, selection)

@@ -74,8 +74,38 @@ def test_recipe_block_in_both_layouts(tmp_path):
                     "  tokenizer: a/tok\n")
     nested = tmp_path / "nested.yaml"
     nested.write_text("model: a/b\ncommand: vllm serve a/b\nbenchmark:\n  framework: x\n  args: {pp: [1]}\n")
-    assert sr.recipe_benchmark_block(sr.load_recipe(flat)) == ("llama-benchy", {"depth": [0, 4096], "tokenizer": "a/tok"})
-    assert sr.recipe_benchmark_block(sr.load_recipe(nested)) == ("x", {"pp": [1]})
+    flat_block, nested_block = (sr.recipe_benchmark_block(sr.load_recipe(p)) for p in (flat, nested))
+    assert (flat_block.framework, flat_block.args) == ("llama-benchy", {"depth": [0, 4096], "tokenizer": "a/tok"})
+    assert (nested_block.framework, nested_block.args) == ("x", {"pp": [1]})
+
+
+def test_recipe_block_timeout_and_schedule_are_not_framework_args(cli, tmp_path):
+    recipe = tmp_path / "timed.yaml"
+    recipe.write_text((REPO / "recipes" / "qwen3-1.7b-vllm.yaml").read_text() + (
+        "\nbenchmark:\n  timeout: 5400\n  tg: [64]\n"
+        "  schedule:\n    - {depth: 0, concurrency: 1}\n    - {depth: 4096, concurrency: 2}\n"))
+    block = sr.recipe_benchmark_block(sr.load_recipe(recipe))
+    assert (block.timeout, block.args) == (5400, {"tg": [64]}) and len(block.schedule) == 2
+    result = cli("benchmark", recipe, "-H", H1, "--dry-run", check=0)
+    assert "Benchmark (llama-benchy, 2 run(s), timeout 5400 s)" in result.stdout
+    commands = [l for l in result.stdout.splitlines() if "--base-url" in l]
+    assert len(commands) == 2 and "--depth 4096 --concurrency 2" in commands[1]
+    assert not [c for c in commands if "--timeout" in c or "--schedule" in c]
+    profile = tmp_path / "short.yaml"
+    profile.write_text("timeout: 60\n")  # a profile's timeout and schedule win over the recipe's
+    assert "timeout 60 s" in cli("benchmark", recipe, "-H", H1, "--dry-run", "--profile", profile, check=0).stdout
+
+
+def test_profile_args_directly_under_benchmark_and_empty_profiles(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("benchmark:\n  framework: llama-benchy\n  depth: [0, 8192]\n  concurrency: [2]\n  timeout: 900\n")
+    profile = sr.read_profile(str(flat))
+    assert profile.args == {"depth": [0, 8192], "concurrency": [2]} and profile.timeout == 900
+    for text in ("description: nothing here\n", "metadata: {description: x}\n", "benchmark: {}\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(sr.UsageError) as error:
+            sr.read_profile(str(tmp_path / "empty.yaml"))
+        assert str(error.value) == sr.PROFILE_EMPTY.format(path=tmp_path / "empty.yaml")
 
 
 def test_bundled_prompt_text_is_packaged():
