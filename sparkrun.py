@@ -1027,7 +1027,7 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
     as_path = Path(os.path.expanduser(name))
     if name.endswith((".yaml", ".yml")) or os.sep in name and not name.startswith("@"):
         if as_path.is_file():
-            return load_recipe(as_path, source="Local")
+            return only_runtime(name, [load_recipe(as_path, source="Local")], runtime)[0]
         if name.endswith((".yaml", ".yml")) or as_path.parent.is_dir():
             raise UsageError(f"recipe file not found: {name}")
     refs = catalog(include_hidden=True)
@@ -1039,12 +1039,7 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
         recipes = [r for r in recipes if r not in hidden]
         if hidden and not recipes:
             raise UsageError(HIDDEN_RECIPE.format(name=name, where=qualified_name(hidden[0])))
-    if runtime:
-        found = recipes
-        recipes = [r for r in recipes if r.runtime.startswith(runtime)]
-        if found and not recipes:
-            raise UsageError(f"recipe '{name}' is not a {runtime} recipe (runtime {found[0].runtime}); "
-                             "drop --runtime or name another")
+    recipes = only_runtime(name, recipes, runtime)
     YAML_CACHE.save()
     if len(recipes) > 1:
         names = ", ".join(qualified_name(r) for r in recipes)
@@ -1059,6 +1054,15 @@ def find_recipe(name: str, *, include_hidden: bool = True, runtime: str | None =
         hint = f"; did you mean {', '.join(close)}?" if close else "; see 'sparkrun list'"
         raise UsageError(f"no recipe named '{name}'{hint}")
     return recipes[0]
+
+
+def only_runtime(name: str, recipes: list[Recipe], runtime: str | None) -> list[Recipe]:
+    """The recipes of that runtime (all without one); an error when it leaves none of several."""
+    chosen = [r for r in recipes if not runtime or r.runtime.startswith(runtime)]
+    if recipes and not chosen:
+        raise UsageError(f"recipe '{name}' is not a {runtime} recipe (runtime {recipes[0].runtime}); "
+                         "drop --runtime or name another")
+    return chosen
 
 
 HIDDEN_RECIPE = "recipe '{name}' is in a hidden registry ({where}); pass --all to use it"

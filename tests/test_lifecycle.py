@@ -304,3 +304,47 @@ def test_logs_follows_and_ctrl_c_leaves_the_job_running(lab):
         time.sleep(0.1)
     assert "logs -f" not in lab.bed.hosts[0].ssh("ps -eo args").stdout
     lab("stop", "qwen3-1.7b-vllm", "-H", H1, check=0)
+
+
+def test_eugr_example_without_command_runs_with_the_default_serve_command(lab, tmp_path):
+    (tmp_path / "mods" / "say-hello").mkdir(parents=True)
+    (tmp_path / "mods" / "say-hello" / "run.sh").write_text('echo "mod applied" > /tmp/mod-ran\n')
+    recipe = write_recipe(tmp_path, "eugr-example", "recipe_version: '1'\nname: Qwen3 1.7B (eugr)\n"
+                          "model: Qwen/Qwen3-1.7B\nruntime: eugr-vllm\ncontainer: vllm-node\n"
+                          "runtime_config: {mods: [mods/say-hello], build_args: [--tf5]}\n"
+                          "defaults: {port: 8000, host: 0.0.0.0, tensor_parallel: 2, gpu_memory_utilization: 0.7, "
+                          "max_model_len: 32768, served_model_name: qwen3-1.7b}\n")
+    lifecycle(lab, recipe, [H1, H2])
+    head = run_calls(lab.bed.hosts[0])[0][-1]
+    assert head.endswith("exec vllm serve Qwen/Qwen3-1.7B --host 0.0.0.0 --port 8000 -tp 2 --gpu-memory-utilization "
+                         "0.7 --max-model-len 32768 --served-model-name qwen3-1.7b --distributed-executor-backend ray; }")
+    assert all((host.tmp / "mod-ran").is_file() for host in lab.bed.hosts[:2])
+
+
+def test_a_run_line_is_a_stop_line_and_a_file_launch_answers_to_its_path_and_names(lab, tmp_path):
+    recipe = write_recipe(tmp_path, "lab-qwen", f"name: Lab Qwen\nmodel: Qwen/Qwen3-1.7B\nruntime: vllm\n"
+                          f"container: {IMAGES['vllm']}\ndefaults: {{served_model_name: qwen3-1.7b}}\n"
+                          "command: vllm serve {model} --served-model-name {served_model_name} --host {host} "
+                          "--port {port}\n")
+    run_line = [recipe, "-H", f"{H2},{H1}", "--tensor-parallel", "1", "--port", "8010", "--option", "x=1",
+                "--no-sync", "--no-follow", "--ready-timeout", "120"]
+    result = lab("run", *run_line, timeout=180)
+    assert result.returncode == 0, result.stderr
+    for name in (recipe, "lab-qwen", "Lab Qwen"):
+        logs = lab("logs", name, *run_line[1:], "--tail", "all")
+        assert logs.returncode == 0 and "Uvicorn running" in logs.stdout, (name, logs.stderr)
+    elsewhere = lab("logs", "Lab Qwen", "-H", f"{H1},{H2}", "--tp", "1", "--no-follow")
+    assert elsewhere.returncode == 1 and f"no running Lab Qwen on {H1};" in elsewhere.stderr
+    stopped = lab("stop", "Lab Qwen", *run_line[1:])
+    assert stopped.returncode == 0 and "Stopped 1 container(s)." in stopped.stdout, stopped.stderr
+    everything_stopped(lab)
+
+
+def test_readiness_timeout_prints_the_last_log_lines_and_leaves_nothing(lab):
+    lab.bed.hosts[0].fault("engine_slow_ready", "60")
+    result = lab("run", "qwen3-1.7b-vllm", "-H", H1, "--no-sync", "--no-follow", "--ready-timeout", "2")
+    assert result.returncode == 1
+    assert f"Error: {H1}: not ready after 2 s (" in result.stderr and "last log lines of the head:" in result.stderr
+    assert "vLLM API server version" in result.stderr and "sparkrun logs" not in result.stderr
+    assert lab.bed.hosts[0].containers() == []
+    everything_stopped(lab)

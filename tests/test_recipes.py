@@ -78,6 +78,13 @@ BASE = "model: org/m\ncontainer: img:1\n"
     (BASE + "build_args: [--tf5]\ncommand: vllm serve org/m\n", "eugr-vllm"),
     (BASE + "runtime: vllm\nbuild_args: [--tf5]\ncommand: vllm serve org/m\n", "eugr-vllm"),
     (BASE + "runtime: llama-cpp\ncommand: llama-server -hf {model}\n", "llama-cpp"),
+    (BASE + "mods: [mods/fix]\ncommand: vllm serve org/m\n", "eugr-vllm"),
+    (BASE + "runtime_config: {mods: [mods/fix]}\ncommand: vllm serve org/m\n", "eugr-vllm"),
+    (BASE + "runtime: vllm\nmods: [mods/fix]\ncommand: vllm serve org/m\n", "vllm-distributed"),
+    (BASE + "command: \"vllm serve {model} --distributed-executor-backend\\tray\"\n", "vllm-ray"),
+    (BASE + "command: |\n  vllm serve {model} --distributed-executor-backend \\\n      ray --port 8000\n", "vllm-ray"),
+    (BASE + "command: vllm serve {model} --distributed-executor-backend=ray\n", "vllm-ray"),
+    (BASE + "command: vllm serve {model} --distributed-executor-backend mp --x ray\n", "vllm-distributed"),
 ])
 def test_runtime_resolution(tmp_path, text, runtime):
     assert sr.load_recipe(write(tmp_path, text)).runtime == runtime
@@ -231,3 +238,71 @@ def test_gpu_mem_flag_range():
     import argparse
     with pytest.raises(sr.UsageError, match="--gpu-mem must be greater than 0 and at most 1"):
         sr.typed_overrides(argparse.Namespace(gpu_mem=1.5, port=None, tp=None, max_model_len=None))
+
+
+@pytest.mark.parametrize("order", ["explicit first", "explicit last"])
+def test_explicit_runtime_config_wins_over_a_top_level_field(tmp_path, order):
+    explicit, loose = "runtime_config: {cache_mode: explicit}\n", "cache_mode: loose\n"
+    fields = explicit + loose if order == "explicit first" else loose + explicit
+    recipe = sr.load_recipe(write(tmp_path, BASE + "command: vllm serve {model}\n" + fields))
+    assert recipe.runtime_config == {"cache_mode": "explicit"}
+
+
+EUGR_EXAMPLE = """\
+recipe_version: "1"
+name: Qwen3 1.7B (eugr)
+model: Qwen/Qwen3-1.7B
+runtime: eugr-vllm
+container: vllm-node
+runtime_config:
+  mods: [mods/say-hello]
+  build_args: [--tf5]
+defaults:
+  port: 8000
+  host: 0.0.0.0
+  tensor_parallel: 2
+  gpu_memory_utilization: 0.7
+  max_model_len: 32768
+  served_model_name: qwen3-1.7b
+"""
+
+
+def test_eugr_example_without_command_gets_the_default_serve_command(tmp_path):
+    recipe = sr.load_recipe(write(tmp_path, EUGR_EXAMPLE))
+    assert (recipe.mods, recipe.build_args, recipe.runtime) == (["mods/say-hello"], ["--tf5"], "eugr-vllm")
+    assert sr.validate_recipe(recipe) == ([], [])
+    assert sr.render_command(recipe, sr.recipe_values(recipe, {"port": 9000, "pipeline_parallel": 2})) == (
+        "vllm serve Qwen/Qwen3-1.7B --host 0.0.0.0 --port 9000 -tp 2 -pp 2 --gpu-memory-utilization 0.7 "
+        "--max-model-len 32768 --served-model-name qwen3-1.7b")
+
+
+@pytest.mark.parametrize("runtime, expected", [
+    ("sglang", "python3 -m sglang.launch_server --model-path org/m --host 0.0.0.0 --port 8000 --tp-size 2 "
+               "--mem-fraction-static 0.5 --context-length 4096 --served-model-name m"),
+    ("llama-cpp", "llama-server -hf org/m --host 0.0.0.0 --port 8000 --ctx-size 4096 --alias m"),
+    ("vllm", "vllm serve org/m --host 0.0.0.0 --port 8000 -tp 2 --gpu-memory-utilization 0.5 "
+             "--max-model-len 4096 --served-model-name m"),
+])
+def test_every_runtime_has_a_default_serve_command(tmp_path, runtime, expected):
+    recipe = sr.load_recipe(write(tmp_path, BASE + f"runtime: {runtime}\ndefaults: {{tensor_parallel: 2, "
+                                  "gpu_memory_utilization: 0.5, max_model_len: 4096, served_model_name: m}\n"))
+    assert sr.render_command(recipe, sr.recipe_values(recipe)) == expected
+
+
+def test_validate_checks_metadata_hints(tmp_path, cli):
+    path = write(tmp_path, BASE + "command: vllm serve {model}\n"
+                 "metadata: {model_params: lots, model_dtype: fp7, kv_dtype: bf16}\n", "odd-meta.yaml")
+    result = cli("recipe", "validate", path)
+    assert result.returncode == 0 and result.stdout.splitlines() == [
+        "WARNING  odd-meta: metadata.model_params 'lots' is not a parameter count (like 30B, 1.7B, 235M); "
+        "the VRAM estimate ignores it",
+        "WARNING  odd-meta: metadata.model_dtype 'fp7' is not a known dtype or quantization; "
+        "the VRAM estimate ignores it"]
+    path.write_text(BASE + "command: vllm serve {model}\nmetadata: {kv_dtype: e5m9}\n")
+    assert "metadata.kv_dtype 'e5m9' is not a known dtype" in cli("recipe", "validate", path).stdout
+
+
+def test_show_name_is_the_name_field(cli, tmp_path):
+    path = write(tmp_path, EUGR_EXAMPLE, "eugr-example.yaml")
+    assert cli("show", path, "--no-vram", check=0).stdout.startswith("Name:         Qwen3 1.7B (eugr)\n")
+    assert cli("show", path, "--no-vram", "--runtime", "sglang").returncode == 2

@@ -105,10 +105,17 @@ def test_manifest_with_two_registries_by_file_url(cli, arena):
     sglang = names(cli, "list", "--all", "--runtime", "sglang")
     assert "@experimental/minimax-m3-v0-nvfp4-4x" in sglang and "@official/minimax-m2.7-awq4-vllm" not in sglang
 
-    shown = cli("show", "@experimental/minimax-m3-v0-nvfp4-4x", "--no-vram", check=0).stdout
+    # Hidden recipes need --all in show as in list.
+    for name in ("@experimental/minimax-m3-v0-nvfp4-4x", "minimax-m3-v0-nvfp4-4x"):
+        assert one_error_line(cli("show", name, "--no-vram")) == "Error: " + sr.HIDDEN_RECIPE.format(
+            name=name, where="@experimental/minimax-m3-v0-nvfp4-4x")
+    shown = cli("show", "@experimental/minimax-m3-v0-nvfp4-4x", "--no-vram", "--all", check=0).stdout
     assert "Repository:   experimental" in shown
-    bare = json.loads(cli("show", "minimax-m3-v0-nvfp4-4x", "--no-vram", "--json", check=0).stdout)
+    bare = json.loads(cli("show", "minimax-m3-v0-nvfp4-4x", "--no-vram", "--json", "--all", check=0).stdout)
     assert bare["repository"] == "experimental"
+    assert cli("show", "minimax-m3-v0-nvfp4-4x", "--all", "--runtime", "sglang", "--no-vram").returncode == 0
+    assert "is not a vllm recipe (runtime sglang)" in one_error_line(
+        cli("show", "minimax-m3-v0-nvfp4-4x", "--all", "--runtime", "vllm", "--no-vram"))
 
 
 def test_repository_without_manifest_by_path(cli, eugr):
@@ -125,6 +132,11 @@ def test_repository_without_manifest_by_path(cli, eugr):
             "@eugr/4x-spark-cluster/qwen3.5-397b-int4-autoround"} <= set(eugr_recipes)
     shown = cli("show", "@eugr/4x-spark-cluster/qwen3.5-397b-int4-autoround", "--no-vram", check=0).stdout
     assert "TP=4 across 4 DGX Spark nodes" in shown and "Repository:   eugr" in shown
+    # Name: is the recipe's name: field, and that name finds the recipe as its file stem does.
+    by_stem = cli("show", "openai-gpt-oss-120b", "--no-vram", check=0).stdout
+    assert by_stem.startswith("Name:         OpenAI GPT-OSS 120B\n")
+    assert cli("show", "OpenAI GPT-OSS 120B", "--no-vram", check=0).stdout == by_stem
+    assert cli("show", "@eugr/OpenAI GPT-OSS 120B", "--no-vram", check=0).stdout == by_stem
 
 
 def test_benchmark_profiles(cli, arena, dbot):
@@ -200,7 +212,9 @@ def test_ambiguous_names_list_candidates(cli, arena, tmp_path):
     cli("registry", "add", arena.as_uri(), check=0)
     bundled = make_repo(tmp_path / "formerly", {"recipes": CORPUS / "sparkrun-formerly-bundled" / "recipes"})
     cli("registry", "add", bundled, "--name", "formerly", "--path", "recipes", check=0)
-    assert one_error_line(cli("show", "qwen3-coder-next-int4-autoround-vllm")) == (
+    # Without --all the hidden copy is out of sight; with it, the name is shared.
+    assert "Repository:   official" in cli("show", "qwen3-coder-next-int4-autoround-vllm", "--no-vram", check=0).stdout
+    assert one_error_line(cli("show", "qwen3-coder-next-int4-autoround-vllm", "--all")) == (
         "Error: recipe name 'qwen3-coder-next-int4-autoround-vllm' is ambiguous: "
         "@official/qwen3-coder-next-int4-autoround-vllm, @experimental/qwen3-coder-next-int4-autoround-vllm; "
         "use one of these names")
