@@ -421,8 +421,6 @@ def _check_recipe(recipe: Recipe) -> None:
     where = str(recipe.path)
     if not recipe.model:
         raise RecipeError(where, "field 'model' is required")
-    if not recipe.command and default_command(recipe.runtime) is None:
-        raise RecipeError(where, f"field 'command' is required: runtime {recipe.runtime} has no default serve command")
     if recipe.recipe_version not in ("1", "2"):
         raise RecipeError(where, f"field 'recipe_version' must be \"1\" or \"2\", not {recipe.recipe_version!r}")
     if recipe.min_nodes < 1:
@@ -443,6 +441,8 @@ def _check_recipe(recipe: Recipe) -> None:
         for name in getattr(recipe, key):
             if not isinstance(name, str):
                 raise RecipeError(where, f"field '{key}': key {name!r} must be a string")
+    if not recipe.command and default_command(recipe.runtime) is None:
+        raise RecipeError(where, f"field 'command' is required: runtime {recipe.runtime} has no default serve command")
 
 
 def _plugin_runtime_names() -> set[str]:

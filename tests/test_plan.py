@@ -214,6 +214,10 @@ def test_third_party_runtime_from_an_entry_point(cli, tmp_path):
     result = cli("run", recipe, "-H", "h1", "--dry-run", env={"PYTHONPATH": str(plugins)}, check=0)
     assert "(my-engine)" in result.stdout and "bash -c 'my-engine-serve serve org/m --port 8000'" in result.stdout
     assert cli("run", recipe, "-H", "h1", "--dry-run").returncode == 2  # without the plugin: unknown runtime
+    bare = write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: my-engine\n", "bare.yaml")
+    result = cli("run", bare, "-H", "h1", "--dry-run", env={"PYTHONPATH": str(plugins)})
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"Error: {bare}: field 'command' is required: runtime my-engine has no default serve command")
 
 
 def test_vram_warning_and_strict(cli, tmp_path):
