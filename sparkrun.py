@@ -1574,7 +1574,7 @@ def recipe_vram(recipe: Recipe, overrides: dict | None = None, *, hf_home: Path,
         config = read_cached_config(hf_home, recipe.model_repo, recipe.model_revision)
         weights = cached_weights_bytes(hf_home, recipe.model_repo, recipe.model_revision, recipe.gguf_quant)
         has_arch = all(meta.get(k) for k in ("num_layers", "num_kv_heads", "head_dim"))
-        if config is None and not has_arch:
+        if config is None and not (has_arch and (meta.get("model_dtype") or recipe.gguf_quant)):
             config = hub_config(recipe.model_repo, recipe.model_revision)
     arch = arch_from_metadata(meta, arch_from_config(config) if config else None)
     gpu_mem = values.get("gpu_memory_utilization")
