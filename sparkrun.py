@@ -622,15 +622,34 @@ def metadata_problems(meta: dict) -> list[str]:
     return problems
 
 
-def node_count(recipe: Recipe, values: dict) -> int:
-    """Nodes a launch needs: one GPU per Spark, so tensor x pipeline parallel."""
-    def as_int(key):
-        try:
-            return max(1, int(values.get(key) or 1))
-        except (TypeError, ValueError):
-            raise UsageError(f"recipe {recipe.name}: '{key}' must be a whole number, not {values.get(key)!r}") from None
+DATA_PARALLEL_FLAG = re.compile(r"(?:--data-parallel-size|-dp)(?:[ =]+)(\d+)(?=\s|$)")
 
-    return max(recipe.min_nodes, as_int("tensor_parallel") * as_int("pipeline_parallel"))
+
+def data_parallel_size(values: dict, command: str = "") -> int:
+    """Data-parallel replicas: the recipe's `data_parallel` (or `data_parallel_size`) value, else
+    `--data-parallel-size N` / `-dp N` in the rendered command, else 1."""
+    for key in ("data_parallel", "data_parallel_size"):
+        if values.get(key) not in (None, ""):
+            return _whole_number(values, key)
+    found = DATA_PARALLEL_FLAG.search(command)
+    return max(1, int(found[1])) if found else 1
+
+
+def _whole_number(values: dict, key: str) -> int:
+    try:
+        return max(1, int(values.get(key) or 1))
+    except (TypeError, ValueError):
+        raise UsageError(f"'{key}' must be a whole number, not {values.get(key)!r}") from None
+
+
+def node_count(recipe: Recipe, values: dict, command: str = "") -> int:
+    """Nodes a launch needs: one GPU per Spark, so tensor x pipeline x data parallel."""
+    try:
+        gpus = (_whole_number(values, "tensor_parallel") * _whole_number(values, "pipeline_parallel")
+                * data_parallel_size(values, command))
+    except UsageError as error:
+        raise UsageError(f"recipe {recipe.name}: {error}") from None
+    return max(recipe.min_nodes, gpus)
 
 
 # ---------------------------------------------------------------------------
@@ -1872,6 +1891,12 @@ class IbDevice(Record):
     gid_index: int | None  # the RoCE v2 GID of an IPv4 address
 
 
+def rdma_port(hca: str) -> str:
+    """The physical port of an RDMA device: its name without the PCI domain, so that twins
+    (rocep1s0f1 in domain 0, roceP2p1s0f1 in domain 2) name the same port."""
+    return re.sub(r"P\d+(?=p\d+s\d+f\d+$)", "", hca)
+
+
 class HostFacts(Record):
     """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
     host: str
@@ -1887,6 +1912,19 @@ class HostFacts(Record):
     @property
     def active_ib(self) -> list[IbDevice]:
         return sorted((d for d in self.ib if "ACTIVE" in d.state and d.ipv4), key=lambda d: d.hca)
+
+    @property
+    def rdma_devices(self) -> list[IbDevice]:
+        """Every active device of the ports in use. A ConnectX-7 port shows as two RDMA devices
+        (twins, e.g. rocep1s0f1 and roceP2p1s0f1), often with an address on one only; NCCL needs
+        both to reach the port's full bandwidth."""
+        in_use = {rdma_port(d.hca) for d in self.active_ib}
+        return sorted((d for d in self.ib if "ACTIVE" in d.state and rdma_port(d.hca) in in_use),
+                      key=lambda d: d.hca)
+
+    def interface_of(self, address: str) -> str:
+        """The interface holding `address` on this host, or ""."""
+        return next((i for i, c in self.addresses if c.split("/")[0] == address), "")
 
     @property
     def management_ip(self) -> str:
@@ -2221,6 +2259,10 @@ def cmd_cluster_default(args) -> int:
 
 DEFAULT_INIT_PORT = {"vllm-distributed": 29501, "sglang": 25000, "llama-cpp": 50052}
 DEFAULT_RAY_PORT = 46379
+# The variables nccl_env sets: each host's own, never to be copied from one node to another.
+HOST_INTERFACE_ENV = ("NCCL_NET", "NCCL_IB_DISABLE", "NCCL_IB_HCA", "UCX_NET_DEVICES", "NCCL_SOCKET_IFNAME",
+                      "GLOO_SOCKET_IFNAME", "NCCL_IGNORE_CPU_AFFINITY", "NCCL_IB_SUBNET_AWARE_ROUTING",
+                      "NCCL_IB_MERGE_NICS", "NCCL_IB_GID_INDEX")
 DEFAULT_DASHBOARD_PORT = 8265
 CONTAINER_HF_HOME = "/root/.cache/huggingface"
 REMOTE_MODS = "~/.cache/sparkrun/mods"  # on the hosts, one folder per launch
@@ -2244,7 +2286,7 @@ class ContainerSpec(Record):
 
     def docker_run_argv(self, env_file: str | None = None) -> list[str]:
         argv = ["docker", "run", "-d", "--name", self.name, "--network", "host", "--gpus", "all",
-                "--ipc", "host", "--shm-size", "16g", "--ulimit", "memlock=-1"]
+                "--ipc", "host", "--shm-size", "16g", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864"]
         if self.privileged:
             argv.append("--privileged")
         for key, value in self.labels:
@@ -2290,14 +2332,21 @@ class LaunchContext(Record):
     ray_port: int
     dashboard: bool
     dashboard_port: int
-    make_container: object  # (rank, command) -> ContainerSpec
+    make_container: object  # (rank, command, env) -> ContainerSpec
+    data_parallel: int = 1
+    interface_env: tuple = HOST_INTERFACE_ENV  # names of each host's own network variables
 
     @property
     def nodes(self) -> int:
         return len(self.hosts)
 
-    def start(self, rank: int, command: str) -> Step:
-        return Step("start", self.hosts[rank], self.make_container(rank, command))
+    def address(self, rank: int) -> str:
+        """The address node `rank` uses for the rendezvous (the one it advertises)."""
+        return self.host_addresses[self.hosts[rank]]
+
+    def start(self, rank: int, command: str, env: tuple = ()) -> Step:
+        """Start node `rank`'s container; `env`: (key, value) the engine needs on that node."""
+        return Step("start", self.hosts[rank], self.make_container(rank, command, tuple(env)))
 
     def wait_port(self, rank: int, address: str, port: int, reason: str) -> Step:
         return Step("wait_port", self.hosts[rank], address=address, port=port, reason=reason)
@@ -2400,26 +2449,49 @@ def expand_env(recipe: Recipe, environ=os.environ) -> tuple[list, list]:
     return plain, secret
 
 
-def nccl_env(facts: HostFacts | None) -> tuple[list, str]:
-    """NCCL/GLOO/UCX variables from this host's own InfiniBand/RoCE facts, and a note."""
+def nccl_env(facts: HostFacts | None, address: str, per_link: bool = False) -> tuple[list, str]:
+    """NCCL/GLOO/UCX variables from this host's own InfiniBand/RoCE facts, and a note. `address`
+    is the one this host uses for the rendezvous: the socket variables name its interface.
+    `per_link`: the nodes share no CX7 subnet (a ring of direct cables, one subnet per link)."""
     if facts is None:
         return [], "not detected (dry run without --detect)"
-    active = facts.active_ib
-    if not active:
-        mgmt = next((i for i, c in facts.addresses if c.split("/")[0] == facts.management_ip), "")
+    devices = facts.rdma_devices
+    socket_if = facts.interface_of(address)
+    if not devices:
+        socket_if = socket_if or facts.interface_of(facts.management_ip)
         env = [("NCCL_IB_DISABLE", "1")]
-        if mgmt:
-            env += [("NCCL_SOCKET_IFNAME", mgmt), ("GLOO_SOCKET_IFNAME", mgmt)]
+        if socket_if:
+            env += [("NCCL_SOCKET_IFNAME", socket_if), ("GLOO_SOCKET_IFNAME", socket_if)]
         return env, "no active InfiniBand/RoCE: NCCL uses TCP sockets (slower)"
-    netdevs = ",".join(d.netdev for d in active)
-    env = [("NCCL_IB_HCA", ",".join(d.hca for d in active)),
-           ("NCCL_SOCKET_IFNAME", active[0].netdev),
-           ("GLOO_SOCKET_IFNAME", active[0].netdev),
-           ("UCX_NET_DEVICES", netdevs),
-           ("NCCL_IB_DISABLE", "0")]
-    if active[0].gid_index is not None:
-        env.append(("NCCL_IB_GID_INDEX", str(active[0].gid_index)))
-    return env, f"InfiniBand/RoCE: {', '.join(f'{d.hca} ({d.netdev} {d.ipv4})' for d in active)}"
+    socket_if = socket_if or facts.active_ib[0].netdev
+    env = [("NCCL_NET", "IB"),
+           ("NCCL_IB_DISABLE", "0"),
+           ("NCCL_IB_HCA", ",".join(d.hca for d in devices)),
+           ("UCX_NET_DEVICES", ",".join(f"{d.hca}:1" for d in devices)),
+           ("NCCL_SOCKET_IFNAME", socket_if),
+           ("GLOO_SOCKET_IFNAME", socket_if),
+           ("NCCL_IGNORE_CPU_AFFINITY", "1")]
+    if per_link:
+        # Each link its own subnet: NCCL must route by subnet and keep the ports apart.
+        env += [("NCCL_IB_SUBNET_AWARE_ROUTING", "1"), ("NCCL_IB_MERGE_NICS", "0")]
+    else:
+        gid = next((d.gid_index for d in facts.active_ib if d.netdev == socket_if), facts.active_ib[0].gid_index)
+        if gid is not None:
+            env.append(("NCCL_IB_GID_INDEX", str(gid)))
+    shown = ", ".join(f"{d.hca} ({d.netdev} {d.ipv4 or 'no address'})" for d in devices)
+    return env, f"InfiniBand/RoCE{' per-link subnets' if per_link else ''}: {shown}"
+
+
+def cx7_per_link(hosts, facts: dict, rendezvous: str) -> bool:
+    """True when every node has CX7 addresses but none is on a subnet shared by all (a ring of
+    direct cables, one subnet per link): the rendezvous then runs on the management network."""
+    head = facts.get(hosts[0])
+    return (len(hosts) > 1 and all(facts.get(h) and facts[h].active_ib for h in hosts)
+            and head.interface_of(rendezvous) not in {d.netdev for d in head.ib})
+
+
+def solo_refused(recipe: str) -> str:
+    return f"recipe {recipe} needs a cluster (cluster_only); --solo cannot run it"
 
 
 def is_loopback(address: str) -> bool:
@@ -2476,15 +2548,18 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
     runtime = recipe.runtime
-    if options.solo or recipe.solo_only or recipe.mode == "solo":
-        values["tensor_parallel"], values["pipeline_parallel"] = 1, 1
-    nodes = node_count(recipe, values)
-    if recipe.solo_only and nodes > 1:
-        raise UsageError(f"recipe {recipe.name} runs on one host only (solo_only)")
+    cluster_only = recipe.cluster_only or recipe.mode == "cluster"
+    solo = options.solo or recipe.solo_only or recipe.mode == "solo"
+    if options.solo and cluster_only:
+        raise UsageError(solo_refused(recipe.name))
+    if solo:
+        values["tensor_parallel"], values["pipeline_parallel"], values["data_parallel"] = 1, 1, 1
+    command = one_line(render_command(recipe, values))
+    nodes = 1 if solo else node_count(recipe, values, command)
     if recipe.max_nodes and nodes > recipe.max_nodes:
         raise UsageError(f"recipe {recipe.name} runs on at most {recipe.max_nodes} host(s), but "
-                         f"tensor x pipeline parallel asks for {nodes}")
-    if (recipe.cluster_only or recipe.mode == "cluster") and nodes < 2:
+                         f"tensor x pipeline x data parallel asks for {nodes}")
+    if cluster_only and nodes < 2:
         raise UsageError(f"recipe {recipe.name} needs a cluster (cluster_only); pass --tp 2 or more")
     if nodes > len(selection.hosts):
         raise UsageError(f"recipe {recipe.name} needs {nodes} hosts (one GPU per Spark) but "
@@ -2502,12 +2577,12 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     hf_mount = options.cache_dir or "~/.cache/huggingface"
     notes = []
     host_env = {}
+    per_link = cx7_per_link(hosts, facts, rendezvous)
     for host in hosts:
-        env, note = nccl_env(facts.get(host))
+        env, note = nccl_env(facts.get(host), peer_addresses[host], per_link)
         host_env[host] = env
         if len(hosts) > 1:
             notes.append(f"{host}: {note}")
-    command = one_line(render_command(recipe, values))
     mods = resolve_mods(recipe)
     mods_mount = f"{CONTAINER_MODS}/{cid}"
     prefix = [f"( cd {mods_mount}/{name} && WORKSPACE_DIR=\"$workspace\" bash run.sh )" for name, _ in mods]
@@ -2523,7 +2598,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     elif not snapshot and recipe.gguf_quant:
         notes.append(f"model {recipe.model} is not in the local cache yet: run will download and sync it")
 
-    def make_container(rank: int, cmd: str) -> ContainerSpec:
+    def make_container(rank: int, cmd: str, engine_env: tuple = ()) -> ContainerSpec:
         host = hosts[rank]
         role = "head" if rank == 0 else f"worker{rank}"
         labels = (("sparkrun.cluster", cid), ("sparkrun.recipe", recipe.name),
@@ -2531,7 +2606,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                   ("sparkrun.runtime", runtime), ("sparkrun.port", str(port)), ("sparkrun.head", hosts[0]),
                   ("sparkrun.model", recipe.model), ("sparkrun.served_model", served),
                   ("sparkrun.hosts", ",".join(hosts)))
-        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host]]
+        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host], *engine_env]
         dev = facts.get(host)
         mounts = [(hf_mount, CONTAINER_HF_HOME)]
         if mods:
@@ -2547,7 +2622,8 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     ctx = LaunchContext(recipe, values, command, hosts, rendezvous, peer_addresses,
                         options.init_port or DEFAULT_INIT_PORT.get(runtime, 29501),
                         options.ray_port or DEFAULT_RAY_PORT, options.dashboard,
-                        options.dashboard_port or DEFAULT_DASHBOARD_PORT, make_container)
+                        options.dashboard_port or DEFAULT_DASHBOARD_PORT, make_container,
+                        1 if solo else data_parallel_size(values, command))
     steps = tuple(load_runtime(runtime).plan(ctx))
     readiness = "models" if EMBEDDING_HINTS.search(command) else "generate"
     if mods:

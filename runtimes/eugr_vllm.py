@@ -8,7 +8,7 @@ DEFAULT_COMMAND = vllm_ray.DEFAULT_COMMAND  # eugr's own runner builds the same 
 
 
 def plan(ctx):
-    command = ctx.serve_command if ctx.nodes == 1 else vllm_ray.serve_command(ctx.serve_command)
+    command = ctx.serve_command if ctx.nodes == 1 else vllm_ray.serve_command(ctx.serve_command, ctx.data_parallel)
     return ray_flow.plan(ctx, command)
 
 

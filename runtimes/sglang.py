@@ -1,4 +1,10 @@
-"""SGLang: solo, or every node with `--dist-init-addr head:port --nnodes N --node-rank r`."""
+"""SGLang: solo, or every node with `--dist-init-addr head:port --nnodes N --node-rank r`.
+
+Across nodes, each node advertises SGLANG_HOST_IP (its rendezvous address; SGLang otherwise
+takes the default route's), and the check that refuses to start when the nodes' free memory
+differs by more than ~10% ("The memory capacity is unbalanced") is off: on a Spark, free GPU
+memory includes whatever the page cache holds at that moment.
+"""
 
 NAME = "sglang"
 
@@ -11,11 +17,15 @@ DEFAULT_COMMAND = ("python3 -m sglang.launch_server --model-path {model}", (
 ))
 
 
+def node_env(ctx, rank: int) -> tuple:
+    return (("SGLANG_HOST_IP", ctx.address(rank)), ("SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK", "0"))
+
+
 def plan(ctx):
     if ctx.nodes == 1:
         return [ctx.start(0, ctx.serve_command)]
     return [ctx.start(rank, f"{ctx.serve_command} --dist-init-addr {ctx.rendezvous}:{ctx.init_port} "
-                            f"--nnodes {ctx.nodes} --node-rank {rank}")
+                            f"--nnodes {ctx.nodes} --node-rank {rank}", node_env(ctx, rank))
             for rank in range(ctx.nodes)]
 
 

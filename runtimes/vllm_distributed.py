@@ -2,9 +2,41 @@
 
 Every node runs the serve command; the head (rank 0) listens on the init port, and each worker
 joins it with its rank and `--headless`. Head first, then workers once the port listens.
+
+Data parallel (one replica per node): the head serves and listens on the data-parallel RPC port
+(`--data-parallel-address`/`--data-parallel-rpc-port`); every other node runs its replica's
+engine `--headless` from `--data-parallel-start-rank`.
+
+Each node's VLLM_HOST_IP is its rendezvous address: vLLM would otherwise advertise the default
+route's address (or 0.0.0.0 with none), which the other nodes may not reach.
 """
 
+import re
+
+from sparkrun import UsageError
+
 NAME = "vllm-distributed"
+DATA_PARALLEL_SIZE = re.compile(r"(?:--data-parallel-size|-dp)[ =]")
+
+
+def node_env(ctx, rank: int) -> tuple:
+    return (("VLLM_HOST_IP", ctx.address(rank)),)
+
+
+def data_parallel_plan(ctx):
+    if ctx.nodes != ctx.data_parallel:
+        raise UsageError(f"vLLM's multi-node data parallel runs one replica per node: {ctx.data_parallel} replicas "
+                         f"on {ctx.nodes} nodes would split replicas across Sparks; set tensor and pipeline "
+                         "parallel to 1, or use Ray (distributed_executor_backend: ray)")
+    command = ctx.serve_command
+    if not DATA_PARALLEL_SIZE.search(command):
+        command += f" --data-parallel-size {ctx.data_parallel}"
+    command += (f" --data-parallel-size-local 1 --data-parallel-address {ctx.rendezvous} "
+                f"--data-parallel-rpc-port {ctx.init_port}")
+    steps = [ctx.start(0, command, node_env(ctx, 0)),
+             ctx.wait_port(0, ctx.rendezvous, ctx.init_port, "vLLM data-parallel RPC")]
+    return steps + [ctx.start(rank, f"{command} --data-parallel-start-rank {rank} --headless", node_env(ctx, rank))
+                    for rank in range(1, ctx.nodes)]
 
 # The serve command of a recipe without `command`: the base, then (recipe default, flag) for each
 # default that has a value. Flags of `vllm serve`: https://docs.vllm.ai/en/latest/cli/serve.html
@@ -18,11 +50,13 @@ DEFAULT_COMMAND = ("vllm serve {model}", (
 def plan(ctx):
     if ctx.nodes == 1:
         return [ctx.start(0, ctx.serve_command)]
+    if ctx.data_parallel > 1:
+        return data_parallel_plan(ctx)
     steps = []
     for rank in range(ctx.nodes):
         command = (f"{ctx.serve_command} --nnodes {ctx.nodes} --node-rank {rank} "
                    f"--master-addr {ctx.rendezvous} --master-port {ctx.init_port}")
-        steps.append(ctx.start(rank, command + (" --headless" if rank else "")))
+        steps.append(ctx.start(rank, command + (" --headless" if rank else ""), node_env(ctx, rank)))
         if rank == 0:
             steps.append(ctx.wait_port(0, ctx.rendezvous, ctx.init_port, "torch.distributed rendezvous"))
     return steps

@@ -1,6 +1,8 @@
 """The launch plan as pure data: runtimes, rendezvous, NCCL env, secrets, host strings."""
 
 
+import re
+
 import pytest
 
 import sparkrun as sr
@@ -245,3 +247,108 @@ def test_records_are_immutable_values_with_copied_defaults(tmp_path):
         sr.HostSelection(HOSTS[:1], None)
     with pytest.raises(TypeError, match="unexpected or repeated field 'hosts'"):
         sr.HostSelection(HOSTS[:1], hosts=HOSTS, user=None, source="test")
+
+
+def spark_facts(host, octet, mgmt, ports):
+    """A Spark's facts: `ports` maps a CX7 port (0, 1) to its address; each port shows as twin
+    RDMA devices, the address on the first twin only. Ports not listed have no link."""
+    names = {0: ("rocep1s0f0", "enp1s0f0np0", "roceP2p1s0f0", "enP2p1s0f0np0"),
+             1: ("rocep1s0f1", "enp1s0f1np1", "roceP2p1s0f1", "enP2p1s0f1np1")}
+    ib, addresses = [], [("lo", "127.0.0.1/8"), ("enP7s7", f"{mgmt}/24")]
+    for port, (hca, netdev, twin, twin_netdev) in names.items():
+        state = "4: ACTIVE" if port in ports else "1: DOWN"
+        cidr = f"{ports[port]}.{octet}/24" if port in ports else None
+        ib += [sr.IbDevice(hca, state, netdev, cidr, 3 if cidr else None), sr.IbDevice(twin, state, twin_netdev, None, None)]
+        if cidr:
+            addresses.append((netdev, cidr))
+    return sr.HostFacts(host, addresses=tuple(addresses), ib=tuple(ib))
+
+
+TWO_SPARKS = {"h1": spark_facts("h1", 1, "192.0.2.1", {1: "10.0.1"}),
+              "h2": spark_facts("h2", 2, "192.0.2.2", {1: "10.0.1"})}
+
+
+def two_node_plan(tmp_path, runtime, command, facts=TWO_SPARKS, hosts=("h1", "h2"), **defaults):
+    recipe = recipe_for(tmp_path, runtime, command)
+    return sr.plan_launch(recipe, sr.HostSelection(hosts, None, "t"),
+                          sr.LaunchOptions(overrides={"tensor_parallel": len(hosts), **defaults}), facts)
+
+
+def test_both_roce_twins_of_the_port_in_use_and_ucx_device_ports(tmp_path):
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m")
+    env = dict(plan.containers[1].env)
+    assert env["NCCL_IB_HCA"] == "roceP2p1s0f1,rocep1s0f1"  # the unaddressed twin too; port 0 has no link
+    assert env["UCX_NET_DEVICES"] == "roceP2p1s0f1:1,rocep1s0f1:1"
+    assert (env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"]) == ("enp1s0f1np1", "enp1s0f1np1")
+    assert (env["NCCL_NET"], env["NCCL_IGNORE_CPU_AFFINITY"], env["NCCL_IB_GID_INDEX"]) == ("IB", "1", "3")
+    argv = plan.containers[0].docker_run_argv()
+    assert argv[argv.index("stack=67108864") - 1] == "--ulimit"
+
+
+@pytest.mark.parametrize("runtime", ["vllm-distributed", "vllm-ray", "eugr-vllm"])
+def test_every_vllm_node_advertises_its_rendezvous_address(tmp_path, runtime):
+    plan = two_node_plan(tmp_path, runtime, "vllm serve m")
+    assert plan.rendezvous == "10.0.1.1"
+    for container, address in zip(plan.containers, ("10.0.1.1", "10.0.1.2")):
+        env = dict(container.env)
+        assert env["VLLM_HOST_IP"] == address
+        if runtime != "vllm-distributed":
+            assert f"--node-ip-address {address}" in container.command
+            assert env["RAY_NODE_IP_ADDRESS"] == env["RAY_OVERRIDE_NODE_IP_ADDRESS"] == address
+            assert (env["RAY_memory_monitor_refresh_ms"], env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"]) == ("0", "0")
+    if runtime != "vllm-distributed":
+        head = plan.containers[0].command
+        assert "ray_non_carry_over_env_vars.json" in head and '"NCCL_IB_HCA"' in head and '"UCX_NET_DEVICES"' in head
+    solo = sr.plan_launch(recipe_for(tmp_path, runtime, "vllm serve m"), sr.HostSelection(("h1",), None, "t"),
+                          sr.LaunchOptions(overrides={}), TWO_SPARKS)
+    assert "VLLM_HOST_IP" not in dict(solo.containers[0].env)
+
+
+def test_multi_node_sglang_host_address_and_no_memory_balance_check(tmp_path):
+    plan = two_node_plan(tmp_path, "sglang", "sglang serve --model-path m")
+    for container, address in zip(plan.containers, ("10.0.1.1", "10.0.1.2")):
+        env = dict(container.env)
+        assert env["SGLANG_HOST_IP"] == address and env["SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"] == "0"
+
+
+def test_data_parallel_one_replica_per_node(tmp_path):
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", tensor_parallel=1, data_parallel=2)
+    head, worker = (c.command for c in plan.containers)
+    dp = "--data-parallel-size 2 --data-parallel-size-local 1 --data-parallel-address 10.0.1.1 --data-parallel-rpc-port 29501"
+    assert head == f"vllm serve m {dp}"
+    assert worker == f"vllm serve m {dp} --data-parallel-start-rank 1 --headless"
+    assert [s.action for s in plan.steps] == ["start", "wait_port", "start"] and plan.steps[1].reason == "vLLM data-parallel RPC"
+    with pytest.raises(sr.UsageError, match="one replica per node"):
+        two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", {}, hosts=("h1", "h2", "h3", "h4"),
+                      tensor_parallel=2, data_parallel=2)
+    ray = two_node_plan(tmp_path, "vllm-ray", "vllm serve m -dp 2", tensor_parallel=1)
+    assert len(ray.hosts) == 2 and ray.containers[0].command.endswith("-dp 2 --distributed-executor-backend ray "
+                                                                       "--data-parallel-backend ray")
+
+
+def test_solo_means_one_node_and_a_cluster_only_recipe_refuses_it(tmp_path):
+    recipe = sr.load_recipe(write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: vllm\nmin_nodes: 2\n"
+                                            "defaults: {tensor_parallel: 2}\ncommand: vllm serve {model} -tp {tensor_parallel}\n"))
+    plan = sr.plan_launch(recipe, sr.HostSelection(("h1",), None, "--solo"), sr.LaunchOptions(overrides={}, solo=True))
+    assert plan.hosts == ("h1",) and plan.containers[0].command == "vllm serve org/m -tp 1"
+    cluster = sr.load_recipe(write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: vllm\ncluster_only: true\n"
+                                             "command: vllm serve {model}\n", "c.yaml"))
+    with pytest.raises(sr.UsageError, match=re.escape(sr.solo_refused("c"))):
+        sr.plan_launch(cluster, sr.HostSelection(("h1",), None, "--solo"), sr.LaunchOptions(overrides={}, solo=True))
+
+
+def test_ring_of_three_uses_per_link_subnets_and_the_management_rendezvous(tmp_path):
+    # spark1 port 0 - spark2 port 1 (10.0.1.0/24), spark2 port 0 - spark3 port 1 (10.0.2.0/24),
+    # spark3 port 0 - spark1 port 1 (10.0.3.0/24).
+    facts = {"h1": spark_facts("h1", 1, "192.0.2.1", {0: "10.0.1", 1: "10.0.3"}),
+             "h2": spark_facts("h2", 2, "192.0.2.2", {0: "10.0.2", 1: "10.0.1"}),
+             "h3": spark_facts("h3", 3, "192.0.2.3", {0: "10.0.3", 1: "10.0.2"})}
+    plan = two_node_plan(tmp_path, "vllm-ray", "vllm serve m", facts, hosts=("h1", "h2", "h3"))
+    assert plan.rendezvous == "192.0.2.1" and plan.rendezvous_reason.startswith("management network")
+    for container, number in zip(plan.containers, (1, 2, 3)):
+        env = dict(container.env)
+        assert env["VLLM_HOST_IP"] == f"192.0.2.{number}" and env["NCCL_SOCKET_IFNAME"] == "enP7s7"
+        assert env["NCCL_IB_HCA"] == "roceP2p1s0f0,roceP2p1s0f1,rocep1s0f0,rocep1s0f1"
+        assert (env["NCCL_IB_SUBNET_AWARE_ROUTING"], env["NCCL_IB_MERGE_NICS"]) == ("1", "0")
+        assert "NCCL_IB_GID_INDEX" not in env
+    assert any("per-link subnets" in note for note in plan.notes)
