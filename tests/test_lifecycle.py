@@ -90,8 +90,9 @@ def test_vllm_distributed_multi_node(lab, nodes):
         env = env_of(call)
         # Each host's own devices, not the head's.
         assert env["NCCL_IB_HCA"] == "roceP2p1s0f1,rocep1s0f1"
-        assert env["UCX_NET_DEVICES"] == "enP2p1s0f1np1,enp1s0f1np1"
+        assert env["UCX_NET_DEVICES"] == "roceP2p1s0f1:1,rocep1s0f1:1"
         assert env["NCCL_SOCKET_IFNAME"] == "enP2p1s0f1np1" and env["NCCL_IB_GID_INDEX"] == "3"
+        assert env["VLLM_HOST_IP"] == ib_address(host.addr)
         assert "--privileged" in call
 
 
@@ -122,7 +123,7 @@ def test_vllm_ray(lab, tmp_path):
                           "--port {port} -tp {tensor_parallel}\n")
     lifecycle(lab, recipe, [H1, H2, H3], "--tp", 3)
     head = run_calls(lab.bed.hosts[0])[0][-1]
-    assert head.startswith("ray start --head --port 46379") and "--distributed-executor-backend ray" in head
+    assert "ray start --head --port 46379" in head and "--distributed-executor-backend ray" in head
     assert run_calls(lab.bed.hosts[2])[0][-1] == f"ray start --address {ib_address(H1)}:46379 --node-ip-address {ib_address(H3)} --block"
 
 

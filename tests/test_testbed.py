@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from testbed import TestBed  # noqa: E402
+from conftest import BED_OCTET  # noqa: E402
+from testbed import TestBed, facts  # noqa: E402
 
 IMAGE = "vllm/vllm-openai:v0.11.0"
 RUN = "docker run -d --network host --gpus all --ipc host"
@@ -18,8 +19,9 @@ RUN = "docker run -d --network host --gpus all --ipc host"
 
 @pytest.fixture(scope="session")
 def bed(tmp_path_factory):
-    # Own address range so a conftest-level bed (127.0.0.11..) can run alongside.
-    bed = TestBed(tmp_path_factory.mktemp("selftest-bed"), n_hosts=3, first_octet=41).start()
+    # Own addresses, above the conftest-level bed's (BED_OCTET..+2) and inside this run's range,
+    # so that both can run alongside and next to other runs on the machine.
+    bed = TestBed(tmp_path_factory.mktemp("selftest-bed"), n_hosts=3, first_octet=BED_OCTET + 5).start()
     yield bed
     bed.stop()
 
@@ -166,7 +168,7 @@ def test_fake_ib_facts(bed):
                     "$SPARKRUN_SYSFS/class/infiniband/rocep1s0f1/ports/1/gid_attrs/types/3 "
                     "$SPARKRUN_SYSFS/class/net/enp1s0f1np1/device/vendor; "
                     "ls $SPARKRUN_SYSFS/class/infiniband/rocep1s0f1/device/net"))
-    assert gid.split("\n") == ["0000:0000:0000:0000:0000:ffff:7f0a:0a29", "RoCE v2",
+    assert gid.split("\n") == [f"0000:0000:0000:0000:0000:ffff:7f0a:0a{BED_OCTET + 5:02x}", "RoCE v2",
                                "0x15b3", "enp1s0f1np1", ""]
     h2.set_ib([{"hca": "mlx5_0", "netdev": "ib0x", "ipv4": "10.20.0.2", "gid_index": 1}])
     assert ok(h2.ssh("ls $SPARKRUN_SYSFS/class/infiniband")) == "mlx5_0\n"
@@ -216,3 +218,18 @@ def test_docker_errors_look_like_docker(bed):
     ok(host.ssh(f"{RUN} --name same {IMAGE} sleep 30"))
     clash = host.ssh(f"{RUN} --name same {IMAGE} sleep 30")
     assert clash.returncode == 125 and "is already in use" in clash.stderr
+
+
+def test_spark_ports_are_twins_with_one_address(bed):
+    host = bed.hosts[0]
+    host.set_ib(facts.spark_ports({1: "127.10.12.9"}))
+    try:
+        states = ok(host.ssh("cd $SPARKRUN_SYSFS/class/infiniband && for d in *; do "
+                             "echo $d $(cat $d/ports/1/state) $(basename $(readlink -f $d/device)); done"))
+        assert states.splitlines() == ["roceP2p1s0f0 1: DOWN 0002:01:00.0", "roceP2p1s0f1 4: ACTIVE 0002:01:00.1",
+                                       "rocep1s0f0 1: DOWN 0000:01:00.0", "rocep1s0f1 4: ACTIVE 0000:01:00.1"]
+        addresses = json.loads(ok(host.ssh("ip -j -4 addr show")))
+        assert [(a["ifname"], a["addr_info"][0]["local"]) for a in addresses if a["addr_info"]][2:] == \
+            [("enp1s0f1np1", "127.10.12.9")]
+    finally:
+        host.set_ib()

@@ -39,6 +39,14 @@ Faults (host.fault(name, value)) are files in <root>/faults:
     engine_slow_ready    engines wait <value> seconds before listening
     engine_crash_after   engines exit 1 <value> seconds after starting
     no_generate          /v1/models works, completions return HTTP 500
+    no_default_route     an offline lab: engines find no default route to take their
+                         own address from (vLLM and SGLang then advertise 0.0.0.0)
+
+RDMA facts. host.set_ib(facts.spark_ports({0: addr})) gives a host a DGX Spark's
+two CX7 ports, each as twin RDMA devices, the first twin of each cabled port
+addressed. Tests read a container's real environment with host.container_env(name);
+a Ray worker node keeps the environment vLLM gave its worker process in
+/tmp/ray/actor_env.json (host.tmp / "ray/actor_env.json").
 """
 from .bed import TestBed
 from .host import Host

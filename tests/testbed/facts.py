@@ -23,8 +23,27 @@ def default_ib(host_addr):
             {"hca": "roceP2p1s0f1", "netdev": "enP2p1s0f1np1", "ipv4": f"127.10.11.{octet}"}]
 
 
+# A DGX Spark's two CX7 ports; each shows as two RDMA devices ("twins", one per PCIe x4 half):
+# (hca, netdev, PCI function).
+SPARK_PORTS = ((("rocep1s0f0", "enp1s0f0np0", "0000:01:00.0"), ("roceP2p1s0f0", "enP2p1s0f0np0", "0002:01:00.0")),
+               (("rocep1s0f1", "enp1s0f1np1", "0000:01:00.1"), ("roceP2p1s0f1", "enP2p1s0f1np1", "0002:01:00.1")))
+
+
+def spark_ports(addresses):
+    """Entries for Host.set_ib of a DGX Spark as cabled in a lab: `addresses` maps a port (0, 1)
+    to the IPv4 address its first twin holds (the second twin is active without an address, as
+    netplan usually leaves it); a port not listed has no cable (DOWN)."""
+    entries = []
+    for port, twins in enumerate(SPARK_PORTS):
+        for twin, (hca, netdev, pci) in enumerate(twins):
+            entries.append({"hca": hca, "netdev": netdev, "pci": pci,
+                            "ipv4": addresses.get(port) if twin == 0 else None,
+                            "state": "ACTIVE" if port in addresses else "DOWN"})
+    return entries
+
+
 def normalize_ib(entries):
-    defaults = {"ipv4": None, "prefix": 24, "state": "ACTIVE", "gid_index": 3, "mtu": 9000}
+    defaults = {"ipv4": None, "prefix": 24, "state": "ACTIVE", "gid_index": 3, "mtu": 9000, "pci": None}
     return [dict(defaults, **e) for e in entries]
 
 
@@ -90,7 +109,7 @@ def gid_table(port, entry, mac):
 
 
 def ib_device(sysfs, index, entry, mac):
-    devdir = pci_function(sysfs, f"{(index - 1) * 2:04x}:01:00.1", MELLANOX)
+    devdir = pci_function(sysfs, entry["pci"] or f"{(index - 1) * 2:04x}:01:00.1", MELLANOX)
     active = entry["state"] == "ACTIVE"
     net_device(sysfs, devdir, entry["netdev"], mac, entry["mtu"], active)
     hca = devdir / "infiniband" / entry["hca"]

@@ -188,8 +188,11 @@ class Host:
     def ib(self):
         return [dict(e) for e in self._ib]
 
-    def set_gpu(self, name="NVIDIA GB10", memory_mib=122572, count=1):
+    def set_gpu(self, name="NVIDIA GB10", memory_mib=122572, count=1, free_mib=None):
+        """free_mib: GPU memory free to an engine (less when the page cache holds more)."""
         self._gpu = dict(facts.DEFAULT_GPU, name=name, memory_mib=memory_mib, count=count)
+        if free_mib is not None:
+            self._gpu["free_mib"] = free_mib
         self._write_facts()
 
     def fault(self, name, value=True):
@@ -228,6 +231,11 @@ class Host:
     def container_log(self, name):
         container = self.store.find_container(name)
         return Path(self.store.log_path(container)).read_text() if container else None
+
+    def container_env(self, name):
+        """The real environment of a running container, read on the host (`docker exec env`)."""
+        result = self.ssh(f"docker exec {shlex.quote(name)} env", check=True)
+        return dict(line.partition("=")[::2] for line in result.stdout.splitlines() if "=" in line)
 
     def processes_alive(self):
         """Live processes started by fake containers on this host."""

@@ -112,3 +112,41 @@ def check_model_path(model):
     """Engines fail like the real ones when a local model path is missing."""
     if model.startswith("/") and not os.path.exists(host_path(model)):
         die(f"ERROR: model path does not exist: {model}")
+
+
+def default_route_ip():
+    """The address the default route leaves from (the management network), or None in an
+    offline lab (fault no_default_route)."""
+    return None if fault("no_default_route") is not None else host_addr()
+
+
+def advertised_ip(*names):
+    """The address an engine tells its peers, as vLLM's and SGLang's get_ip() pick it: the first
+    of the named variables that is set, else the default route's address, else 0.0.0.0
+    (vllm/utils/network_utils.py get_ip; sglang/srt/utils get_ip)."""
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return default_route_ip() or "0.0.0.0"
+
+
+def local_devices():
+    """What NCCL can use on this host: interfaces that are up with an IPv4 address, and RDMA
+    devices whose port is ACTIVE (from the host's facts and sysfs)."""
+    try:
+        nics = json.loads((STATE / "facts" / "net.json").read_text())
+    except (OSError, ValueError):
+        nics = []
+    ib = STATE / "sysfs" / "class" / "infiniband"
+    hcas = sorted(os.listdir(ib)) if ib.is_dir() else []
+    return {"net": [n["ifname"] for n in nics if n.get("ipv4") and n.get("state") in ("UP", "UNKNOWN")],
+            "ib": [h for h in hcas if "ACTIVE" in (ib / h / "ports" / "1" / "state").read_text()]}
+
+
+def gpu_free_mib():
+    """Free GPU memory of this host (facts/gpu.json: free_mib, else all of memory_mib)."""
+    try:
+        gpu = json.loads((STATE / "facts" / "gpu.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return gpu.get("free_mib", gpu.get("memory_mib", 0))

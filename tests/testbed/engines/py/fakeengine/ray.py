@@ -4,6 +4,7 @@ The head is a Membership server on its GCS port; workers join it and stay
 connected. The cluster address is kept in /tmp/ray/ray_current_cluster
 (the host's private /tmp), like Ray does.
 """
+import json
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import distributed, rendezvous
-from .common import die, host_addr, log, loose_args, start_faults
+from .common import default_route_ip, die, host_addr, local_devices, log, loose_args, start_faults
 
 RAY_DIR = Path("/tmp/ray")
 CURRENT = RAY_DIR / "ray_current_cluster"
@@ -72,16 +73,21 @@ def start(opts):
         if not address:
             die("ray start: either --head or --address is required")
         host, _, port = address.rpartition(":")
-        sock = rendezvous.join(host, int(port), {"host": os.environ.get("TESTBED_HOST_ID", ""),
-                                                 "node_ip": node_ip},
+        # What a node's raylet brings to the cluster: its environment, its default route, devices.
+        link = rendezvous.join(host, int(port), {"host": os.environ.get("TESTBED_HOST_ID", ""),
+                                                 "node_ip": node_ip, "env": dict(os.environ),
+                                                 "default_ip": default_route_ip(),
+                                                 "devices": local_devices()},
                                distributed.CONNECT_TIMEOUT)
-        if sock is None:
+        if link is None:
             die(f"ConnectionError: Unable to connect to GCS at {address}. Check that the "
                 "head node is reachable.")
         log(f"Local node IP: {node_ip}\n--------------------\nRay runtime started.")
         background(opts.get("block"))
         remember(address)
-        rendezvous.wait_closed(sock)
+        for message in link.messages():
+            if "actor_env" in message:  # the environment vLLM's worker process runs with here
+                (RAY_DIR / "actor_env.json").write_text(json.dumps(message["actor_env"]))
         die("The node with node id was marked dead: lost connection to the head (GCS).")
     threading.Event().wait()
 

@@ -3,7 +3,9 @@ import os
 import sys
 
 from . import distributed, openai
-from .common import check_model_path, die, log, loose_args, real_addr, start_faults
+from .common import advertised_ip, check_model_path, die, gpu_free_mib, log, loose_args, real_addr, start_faults
+
+IMBALANCE_CHECK = "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"
 
 VALUES = {"model-path", "model", "served-model-name", "host", "port", "tp", "tp-size",
           "nnodes", "node-rank", "dist-init-addr"}
@@ -24,8 +26,9 @@ def launch_server(args):
     if nnodes > 1:
         addr, _, dist_port = (opts.get("dist-init-addr") or "127.0.0.1:5000").rpartition(":")
         if rank > 0:
-            distributed.worker(addr, int(dist_port), rank, "sglang")
-        distributed.head(int(dist_port), nnodes - 1, "sglang")
+            distributed.worker(addr, int(dist_port), rank, "sglang", free_mib=gpu_free_mib())
+        group = distributed.head(int(dist_port), nnodes - 1, "sglang", advertised_ip("SGLANG_HOST_IP", "HOST_IP"))
+        check_memory_balance([gpu_free_mib()] + [m.get("free_mib", 0) for m in group.members.values()])
     log("Load weight end. type=FakeModel, avail mem=100.00 GB")
     openai.serve(openai.Served("sglang", opts.get("served-model-name") or model, model),
                  real_addr(host), port, [
@@ -33,6 +36,14 @@ def launch_server(args):
                      "INFO:     Application startup complete.",
                      f"INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)",
                      "The server is fired up and ready to roll!"])
+
+
+def check_memory_balance(free):
+    """SGLang refuses to start when a rank's free GPU memory is under 90% of another's, unless
+    SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK is off (sglang/srt/model_executor/model_runner.py)."""
+    if min(free) < max(free) * 0.9 and os.environ.get(IMBALANCE_CHECK, "1").lower() not in ("0", "false"):
+        die("ValueError: The memory capacity is unbalanced. Some GPUs may be occupied by other processes. "
+            f"min_per_gpu_memory={min(free) / 1024:.2f} GB, local_gpu_memory={max(free) / 1024:.2f} GB")
 
 
 def main(argv=None):

@@ -1,15 +1,27 @@
 """Fake `vllm` CLI: `vllm serve MODEL [...]`."""
+import json
 import os
 import sys
 import time
 
-from . import distributed, openai, ray
-from .common import check_model_path, die, log, loose_args, real_addr, start_faults
+from . import distributed, openai, ray, rendezvous
+from .common import (advertised_ip, check_model_path, die, local_devices, log, loose_args, real_addr,
+                     start_faults)
+
+# vllm/ray/ray_env.py: the driver's variables with these prefixes are copied to every Ray worker,
+# except the worker-specific ones (vllm/v1/executor/ray_executor.py) and the names listed in
+# $VLLM_CONFIG_ROOT/ray_non_carry_over_env_vars.json.
+CARRIED_PREFIXES = ("VLLM_", "LMCACHE_", "NCCL_", "UCX_", "HF_", "HUGGING_FACE_")
+WORKER_SPECIFIC = {"VLLM_HOST_IP", "VLLM_HOST_PORT", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES"}
+# vllm/v1/executor/ray_utils.py waits this long (1800 s) for a placement group; bounded here.
+PLACEMENT_GROUP_WAIT_S = float(os.environ.get("TESTBED_PLACEMENT_GROUP_WAIT", "3"))
 
 VERSION = "0.11.0"
 VALUES = {"model", "served-model-name", "host", "port", "nnodes", "node-rank",
           "master-addr", "master-port", "tensor-parallel-size", "tp",
-          "pipeline-parallel-size", "pp", "distributed-executor-backend", "max-model-len"}
+          "pipeline-parallel-size", "pp", "distributed-executor-backend", "max-model-len",
+          "data-parallel-size", "dp", "data-parallel-size-local", "data-parallel-address",
+          "data-parallel-rpc-port", "data-parallel-start-rank", "data-parallel-backend"}
 BOOLS = {"headless", "trust-remote-code", "enforce-eager"}
 
 
@@ -30,12 +42,16 @@ def serve(args):
     nnodes, rank = int(opts.get("nnodes") or 1), int(opts.get("node-rank") or 0)
     master = opts.get("master-addr") or "127.0.0.1"
     master_port = int(opts.get("master-port") or 29501)
-    if opts.get("headless") or rank > 0:
+    data_parallel, local_replicas = parallel_size(opts, "data-parallel-size", "dp"), \
+        int(opts.get("data-parallel-size-local") or 0)
+    if data_parallel > 1 and local_replicas and opts.get("distributed-executor-backend") != "ray":
+        serve_data_parallel(opts, data_parallel, local_replicas)
+    elif opts.get("headless") or rank > 0:
         distributed.worker(master, master_port, rank, "vllm")
-    if nnodes > 1:
-        distributed.head(master_port, nnodes - 1, "vllm")
+    elif nnodes > 1:
+        distributed.head(master_port, nnodes - 1, "vllm", advertised_ip("VLLM_HOST_IP", "HOST_IP"))
     else:
-        check_ray_world(opts)
+        check_ray_world(opts, data_parallel)
     vlog("Loading weights took 0.01 GiB and 0.1 seconds", "default_loader.py:267")
     vlog(f"Starting vLLM API server 0 on http://{opts.get('host') or '0.0.0.0'}:{port}",
          "launcher.py:34")
@@ -48,20 +64,78 @@ def serve(args):
         "(Press CTRL+C to quit)"])
 
 
-def check_ray_world(opts):
-    """With TP*PP > 1 GPU (one per host) vLLM needs a Ray cluster that big."""
-    world = int(opts.get("tensor-parallel-size") or opts.get("tp") or 1) * \
-        int(opts.get("pipeline-parallel-size") or opts.get("pp") or 1)
+def parallel_size(opts, *names):
+    return int(next((opts[n] for n in names if opts.get(n)), 1))
+
+
+def serve_data_parallel(opts, size, local_replicas):
+    """Multi-node data parallel: the node with the API server (start rank 0) takes the
+    handshakes of the headless engines of every other rank on --data-parallel-rpc-port
+    (vllm/v1/engine/utils.py)."""
+    address = opts.get("data-parallel-address") or "127.0.0.1"
+    port = int(opts.get("data-parallel-rpc-port") or 29550)
+    start_rank = int(opts.get("data-parallel-start-rank") or 0)
+    if opts.get("headless"):
+        distributed.worker(address, port, start_rank, "vllm data parallel")
+    distributed.head(port, size - local_replicas, "vllm data parallel", advertised_ip("VLLM_HOST_IP", "HOST_IP"))
+
+
+def ray_ip(env, default_ip):
+    return env.get("VLLM_HOST_IP") or env.get("HOST_IP") or default_ip or "0.0.0.0"
+
+
+def non_carry_over():
+    config = os.environ.get("VLLM_CONFIG_ROOT") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "vllm")
+    try:
+        with open(os.path.join(config, "ray_non_carry_over_env_vars.json")) as f:
+            return set(json.load(f))
+    except (OSError, ValueError):
+        return set()
+
+
+def check_ray_world(opts, data_parallel):
+    """With TP*PP*DP > 1 GPU (one per host) vLLM needs a Ray cluster that big, a placement group
+    on the node it runs on (its own address must be a Ray node's), one address per node, and
+    each worker's NCCL variables as its node has them after vLLM copied the driver's."""
+    world = parallel_size(opts, "tensor-parallel-size", "tp") * \
+        parallel_size(opts, "pipeline-parallel-size", "pp") * data_parallel
     if world <= 1:
         return
-    nodes = ray.cluster_nodes()
-    if nodes is None:
+    address = ray.cluster_address()
+    head_ip, _, ray_port = (address or "").rpartition(":")
+    members = rendezvous.status(head_ip, int(ray_port)) if address else None
+    if members is None:
         die("ValueError: The number of required GPUs exceeds the total number of available "
             f"GPUs in the placement group. (world size {world}, no Ray cluster)")
-    if nodes < world:
+    if 1 + len(members) < world:
         die("ValueError: The number of required GPUs exceeds the total number of available "
-            f"GPUs in the placement group. ({world} required, {nodes} available)")
-    vlog(f"Using Ray cluster with {nodes} nodes for world size {world}", "ray_utils.py:300")
+            f"GPUs in the placement group. ({world} required, {1 + len(members)} available)")
+    driver_ip = advertised_ip("VLLM_HOST_IP", "HOST_IP")
+    members = members[:world - 1]
+    if driver_ip not in [head_ip] + [m["node_ip"] for m in members]:
+        specs = [{"GPU": 1.0, f"node:{driver_ip}": 0.001}] + [{"GPU": 1.0}] * (world - 1)
+        vlog(f"Waiting for creating a placement group of specs for 10 seconds. specs={specs}. Check `ray status` "
+             "and `ray list nodes` to see if you have enough resources, and make sure the IP addresses used by "
+             "ray cluster are the same as VLLM_HOST_IP environment variable specified in each node if you are "
+             "running on a multi-node.", "ray_utils.py:238")
+        time.sleep(PLACEMENT_GROUP_WAIT_S)
+        die(f"ValueError: Cannot provide a placement group of placement_group_specs={specs} within 1800 seconds. "
+            "See `ray status` and `ray list nodes` to make sure the cluster has enough resources.")
+    distributed.check_nccl(os.environ, local_devices(), f"RayWorkerWrapper ip={driver_ip}")
+    carried = {k: v for k, v in os.environ.items()
+               if k.startswith(CARRIED_PREFIXES) and k not in WORKER_SPECIFIC | non_carry_over()}
+    worker_ips = [driver_ip]
+    for member in members:
+        env = dict(member["env"], **carried)
+        worker_ips.append(ray_ip(env, member["default_ip"]))
+        rendezvous.tell(head_ip, int(ray_port), {"node_ip": member["node_ip"]}, {"actor_env": env})
+        distributed.check_nccl(env, member["devices"], f"RayWorkerWrapper ip={worker_ips[-1]}")
+    if len(set(worker_ips)) != 1 + len(members):
+        die(f"RuntimeError: Every node should have a unique IP address. Got {1 + len(members)} nodes and "
+            f"{len(set(worker_ips))} unique IP addresses {set(worker_ips)}. Please check your network "
+            "configuration. If you set `VLLM_HOST_IP` environment variable, make sure it is unique for each node.")
+    vlog(f"Using Ray cluster with {1 + len(members)} nodes for world size {world}", "ray_utils.py:300")
 
 
 def main(argv=None):

@@ -1,0 +1,105 @@
+"""Multi-node launches on Spark-like networks: twin RoCE devices, hosts cabled differently,
+offline labs, data parallel, a three-node ring. Each container's environment is read on its host."""
+
+import json
+
+import pytest
+
+from conftest import H1, H2, H3
+from test_lifecycle import IMAGES, lifecycle, run_calls, run_ok, write_recipe
+from testbed import facts
+
+LINK = "127.10.12"  # the subnet of the cable between two hosts
+
+
+@pytest.fixture
+def lab(bed):
+    for image in IMAGES.values():
+        bed.bed.add_image(image, size_bytes=4096)
+    return bed
+
+
+def octet(host: str) -> str:
+    return host.rsplit(".", 1)[1]
+
+
+def cable_differently(lab):
+    """spark-1's port 1 to spark-2's port 0, one subnet; only one twin of each port addressed."""
+    h1, h2 = lab.bed.hosts[:2]
+    h1.set_ib(facts.spark_ports({1: f"{LINK}.{octet(H1)}"}))
+    h2.set_ib(facts.spark_ports({0: f"{LINK}.{octet(H2)}"}))
+    return h1, h2
+
+
+def container_envs(lab, hosts):
+    return [host.container_env(run_calls(host)[0][run_calls(host)[0].index("--name") + 1]) for host in hosts]
+
+
+def ray_recipe(tmp_path):
+    return write_recipe(tmp_path, "ray-recipe", f"model: Qwen/Qwen3-1.7B\nruntime: vllm\ncontainer: {IMAGES['vllm']}\n"
+                        "defaults: {served_model_name: qwen3-1.7b, distributed_executor_backend: ray, tensor_parallel: 1}\n"
+                        "command: vllm serve {model} --served-model-name {served_model_name} --host {host} "
+                        "--port {port} -tp {tensor_parallel}\n")
+
+
+def test_ray_nodes_advertise_one_address_and_workers_keep_their_own_interfaces(lab, tmp_path):
+    h1, h2 = cable_differently(lab)
+    for host in (h1, h2):
+        host.fault("no_default_route")  # an offline lab
+    result = run_ok(lab, ray_recipe(tmp_path), "-H", f"{H1},{H2}", "--tp", 2)
+    assert f"Ready: http://{H1}:8000/v1" in result.stdout
+    head, worker = container_envs(lab, (h1, h2))
+    for env, host, netdev, twins in ((head, H1, "enp1s0f1np1", "roceP2p1s0f1,rocep1s0f1"),
+                                     (worker, H2, "enp1s0f0np0", "roceP2p1s0f0,rocep1s0f0")):
+        address = f"{LINK}.{octet(host)}"
+        assert env["VLLM_HOST_IP"] == env["RAY_NODE_IP_ADDRESS"] == env["RAY_OVERRIDE_NODE_IP_ADDRESS"] == address
+        assert (env["NCCL_SOCKET_IFNAME"], env["NCCL_IB_HCA"]) == (netdev, twins)
+        assert env["UCX_NET_DEVICES"] == ",".join(f"{d}:1" for d in twins.split(","))
+        assert (env["RAY_memory_monitor_refresh_ms"], env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"]) == ("0", "0")
+        assert (env["NCCL_NET"], env["NCCL_IGNORE_CPU_AFFINITY"]) == ("IB", "1")
+    assert f"--node-ip-address {LINK}.{octet(H2)}" in run_calls(h2)[0][-1]
+    # The environment vLLM gave its worker process on spark-2 (after copying the head's NCCL_*,
+    # UCX_*, VLLM_*, HF_* variables): the interface variables stayed spark-2's own.
+    actor = json.loads((h2.tmp / "ray" / "actor_env.json").read_text())
+    assert (actor["NCCL_SOCKET_IFNAME"], actor["NCCL_IB_HCA"]) == ("enp1s0f0np0", "roceP2p1s0f0,rocep1s0f0")
+    assert actor["UCX_NET_DEVICES"] == "roceP2p1s0f0:1,rocep1s0f0:1"
+    assert actor["VLLM_HOST_IP"] == f"{LINK}.{octet(H2)}"
+    assert "--ulimit" in run_calls(h1)[0] and "stack=67108864" in run_calls(h1)[0]
+    assert lab("stop", "--all", "-H", f"{H1},{H2}").returncode == 0
+
+
+def test_native_vllm_and_sglang_in_an_offline_lab(lab):
+    h1, h2 = cable_differently(lab)
+    for host in (h1, h2):
+        host.fault("no_default_route")
+    h2.set_gpu(free_mib=90000)  # spark-2 holds more page cache: SGLang would refuse by default
+    for recipe, variable in (("qwen3-1.7b-vllm", "VLLM_HOST_IP"), ("qwen3-1.7b-sglang", "SGLANG_HOST_IP")):
+        lifecycle(lab, recipe, [H1, H2], "--tp", 2)
+        for host, call in ((H1, run_calls(h1)[-1]), (H2, run_calls(h2)[-1])):
+            env = dict(call[i + 1].split("=", 1) for i, a in enumerate(call) if a == "-e")
+            assert env[variable] == f"{LINK}.{octet(host)}"
+        if variable == "SGLANG_HOST_IP":
+            assert env["SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"] == "0"
+
+
+def test_data_parallel_launch_on_two_hosts_reaches_ready(lab, tmp_path):
+    recipe = write_recipe(tmp_path, "dp-recipe", f"model: Qwen/Qwen3-1.7B\nruntime: vllm\ncontainer: {IMAGES['vllm']}\n"
+                          "defaults: {served_model_name: qwen3-1.7b, data_parallel: 2}\n"
+                          "command: vllm serve {model} --served-model-name {served_model_name} --host {host} "
+                          "--port {port} --data-parallel-size {data_parallel}\n")
+    result = lifecycle(lab, recipe, [H1, H2])
+    assert "(vLLM data-parallel RPC)" in result.stderr  # the workers waited for DP's own rendezvous
+    head, worker = (run_calls(h)[0][-1] for h in lab.bed.hosts[:2])
+    rendezvous = f"--data-parallel-address {facts.default_ib(H1)[1]['ipv4']} --data-parallel-rpc-port 29501"
+    assert head.endswith(f"--data-parallel-size 2 --data-parallel-size-local 1 {rendezvous}")
+    assert worker.endswith(f"{rendezvous} --data-parallel-start-rank 1 --headless")
+    assert run_calls(lab.bed.hosts[2]) == []
+
+
+def test_solo_runs_a_two_node_recipe_on_one_host(lab, tmp_path):
+    recipe = write_recipe(tmp_path, "two", f"model: Qwen/Qwen3-1.7B\nruntime: vllm\ncontainer: {IMAGES['vllm']}\n"
+                          "min_nodes: 2\ndefaults: {served_model_name: qwen3-1.7b, tensor_parallel: 2}\n"
+                          "command: vllm serve {model} --served-model-name {served_model_name} --port {port} "
+                          "-tp {tensor_parallel}\n")
+    lifecycle(lab, recipe, [H1], "--solo")
+    assert run_calls(lab.bed.hosts[0])[0][-1].endswith("-tp 1")
