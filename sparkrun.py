@@ -5330,6 +5330,8 @@ class Cx7Port(Record):
     mtu: int
     carrier: bool
     addresses: tuple = ()  # address/prefix
+    mac: str = ""
+    neighbours: tuple = ()  # MACs that answered an all-nodes ping on this port's link
 
 
 class Cx7Host(Record):
@@ -5357,8 +5359,15 @@ main() {
     n=${d##*/}; names="$names $n"
     pci=$(basename "$(readlink -f "$d/device")")
     state=$(cat "$d/operstate" 2>/dev/null || echo unknown)
-    echo "@@port $n $pci $state $(cat "$d/mtu" 2>/dev/null || echo 0) $(cat "$d/carrier" 2>/dev/null || echo 0)"
+    carrier=$(cat "$d/carrier" 2>/dev/null || echo 0)
+    echo "@@port $n $pci $state $(cat "$d/mtu" 2>/dev/null || echo 0) $carrier"
+    echo "@@mac $n $(cat "$d/address" 2>/dev/null)"
+    # Who is at the other end: every node on the link answers an IPv6 all-nodes ping from its
+    # link-local address, which carries its MAC.
+    [ "$carrier" = 1 ] && (ping -6 -n -c 2 -w 2 "ff02::1%$n" 2>/dev/null | while read -r line; do
+      echo "@@ping $n $line"; done) &
   done
+  wait
   ip -o -4 addr show 2>/dev/null | awk '{print "@@addr", $2, $4}'
   for f in "$netplan_dir"/*.yaml; do
     [ -f "$f" ] && [ "${f##*/}" != NETPLAN_FILE ] || continue
@@ -5371,6 +5380,7 @@ main
 
 def parse_cx7(host: str, output: str) -> Cx7Host:
     ports, addrs, files, address, ssh_port = [], {}, [], host.rpartition("@")[2], 22
+    macs, neighbours = {}, {}
     for line in output.splitlines():
         words = line.split()
         if line.startswith("@@conn ") and len(words) == 5:
@@ -5379,11 +5389,89 @@ def parse_cx7(host: str, output: str) -> Cx7Host:
             ports.append((words[1], words[2], words[3], int(words[4]) if words[4].isdigit() else 0, words[5] == "1"))
         elif line.startswith("@@addr ") and len(words) == 3:
             addrs.setdefault(words[1], []).append(words[2])
+        elif line.startswith("@@mac ") and len(words) == 3:
+            macs[words[1]] = words[2].lower()
+        elif line.startswith("@@ping ") and len(words) > 2:
+            # iputils ping: "64 bytes from fe80::4ebb:47ff:fe1e:101%enp1s0f0np0: icmp_seq=1 ttl=64 time=0.05 ms"
+            found = re.search(r" from (fe80:[0-9a-f:]+)", line)
+            mac = found and link_local_mac(found[1])
+            if mac and mac not in neighbours.setdefault(words[1], []):
+                neighbours[words[1]].append(mac)
         elif line.startswith("@@netplan "):
             files.append(line.split(" ", 1)[1])
-    cx7 = sorted((Cx7Port(n, pci, state, mtu, carrier, tuple(addrs.get(n, ())))
+    cx7 = sorted((Cx7Port(n, pci, state, mtu, carrier, tuple(addrs.get(n, ())), macs.get(n, ""),
+                          tuple(neighbours.get(n, ())))
                   for n, pci, state, mtu, carrier in ports), key=lambda p: p.pci)
     return Cx7Host(host, address, ssh_port, tuple(cx7), tuple(files))
+
+
+def link_local_mac(address: str) -> str:
+    """The MAC inside an IPv6 link-local address made from it (EUI-64), or ""."""
+    import ipaddress
+
+    try:
+        iid = ipaddress.IPv6Address(address.split("%")[0]).packed[8:]
+    except ValueError:
+        return ""
+    if iid[3:5] != b"\xff\xfe":
+        return ""
+    return ":".join(f"{b:02x}" for b in (iid[0] ^ 2, iid[1], iid[2], iid[5], iid[6], iid[7]))
+
+
+def cx7_links(hosts: list[Cx7Host]) -> list[list[tuple[Cx7Host, Cx7Port]]] | None:
+    """The links the ports are cabled into, as found by the all-nodes pings: each a list of
+    (host, port) with one port per host (the first, by PCI address, of the ports on that link:
+    a CX7 port's twins share its cable). None when no port heard another host."""
+    owner = {p.mac: (h, p) for h in hosts for p in h.ports if p.mac}
+    groups: list[list[tuple[Cx7Host, Cx7Port]]] = []
+    seen = set()
+    for h in hosts:
+        for port in h.ports:
+            if port.mac in seen or not port.carrier:
+                continue
+            members = [(h, port)] + [owner[m] for m in port.neighbours if m in owner and m != port.mac]
+            seen.update(p.mac for _, p in members)
+            link, taken = [], set()
+            for member_host, member_port in sorted(members, key=lambda m: (hosts.index(m[0]), m[1].pci)):
+                if member_host.host not in taken:
+                    taken.add(member_host.host)
+                    link.append((member_host, member_port))
+            if len(link) > 1:
+                groups.append(link)
+    return groups or None
+
+
+def link_subnets(subnets: list, count: int) -> list:
+    """`count` /24 subnets: the two given, then the ones following the second."""
+    import ipaddress
+
+    extra = [ipaddress.ip_network((int(subnets[1].network_address) + 256 * i, 24)) for i in range(1, count - 1)]
+    return (list(subnets) + extra)[:count]
+
+
+def link_assignments(hosts: list[Cx7Host], links: list, subnets: list, octets: dict) -> dict:
+    """One subnet per link (a ring of direct cables, a crossed cable, or a switch per port)."""
+    assigned: dict = {h.host: [] for h in hosts}
+    for link, net in zip(links, link_subnets(subnets, len(links))):
+        for h, port in link:
+            assigned[h.host].append((port, f"{net.network_address + octets[h.host]}/24"))
+    return {host: sorted(pairs, key=lambda pair: pair[0].pci) for host, pairs in assigned.items()}
+
+
+def existing_links(links: list, mtu: int) -> list | None:
+    """The subnets already in use when every port of every link holds one address, all of a link
+    in one subnet, a different subnet per link, with the MTU."""
+    import ipaddress
+
+    subnets = []
+    for link in links:
+        if any(len(p.addresses) != 1 or p.mtu != mtu for _, p in link):
+            return None
+        nets = {ipaddress.ip_interface(p.addresses[0]).network for _, p in link}
+        if len(nets) != 1:
+            return None
+        subnets.append(nets.pop())
+    return subnets if len(set(subnets)) == len(subnets) else None
 
 
 def check_subnet(text: str, option: str):
@@ -5547,15 +5635,21 @@ def cmd_setup_cx7(args) -> int:
     if missing:
         raise UsageError(f"no ConnectX-7 ports (PCI vendor {MELLANOX_VENDOR}) found on {', '.join(missing)}")
     show_cx7(found)
-    existing = existing_cx7(found, args.mtu)
+    links = cx7_links(found)
+    if links:
+        print("\nCabling: " + "; ".join(" - ".join(f"{h.host} {p.name}" for h, p in link) for link in links))
+    existing = existing_links(links, args.mtu) if links else existing_cx7(found, args.mtu)
     if existing and not args.force:
         nets = ", ".join(str(n) for n in existing)
         print(f"\nCX7 networking is already configured ({nets}, MTU {args.mtu}); kept (--force replaces it).")
-        assigned = {h.host: [(p, p.addresses[0]) for p in h.chosen] for h in found}
+        ports = {h.host: [p for link in links for lh, p in link if lh is h] for h in found} if links else \
+            {h.host: h.chosen for h in found}
+        assigned = {h.host: [(p, p.addresses[0]) for p in ports[h.host]] for h in found}
         if not args.dry_run:
             learn_cx7_addresses(ssh, found, assigned)
         return 0
-    assigned = cx7_assignments(found, subnets, host_octets(found))
+    octets = host_octets(found)
+    assigned = link_assignments(found, links, subnets, octets) if links else cx7_assignments(found, subnets, octets)
     todo = cx7_changes(found, assigned, args.mtu)
     for h in found:
         if h.host not in todo:

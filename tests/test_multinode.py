@@ -2,10 +2,13 @@
 offline labs, data parallel, a three-node ring. Each container's environment is read on its host."""
 
 import json
+import re
+import shutil
 
 import pytest
 
-from conftest import H1, H2, H3
+import sparkrun
+from conftest import H1, H2, H3, TESTS
 from test_lifecycle import IMAGES, lifecycle, run_calls, run_ok, write_recipe
 from testbed import facts
 
@@ -103,3 +106,52 @@ def test_solo_runs_a_two_node_recipe_on_one_host(lab, tmp_path):
                           "-tp {tensor_parallel}\n")
     lifecycle(lab, recipe, [H1], "--solo")
     assert run_calls(lab.bed.hosts[0])[0][-1].endswith("-tp 1")
+
+
+RING = ((1, 0, 2, 1), (2, 0, 3, 1), (3, 0, 1, 1))  # each Spark's port 0 to the next one's port 1
+
+
+def netplan_addresses(host) -> dict:
+    """netdev -> address in the netplan file `setup cx7` wrote on the host."""
+    text = (host.root / "etc" / "netplan" / sparkrun.NETPLAN_FILE).read_text()
+    return dict(re.findall(r"^    (\S+):\n(?:      .*\n)*?      addresses: \[(\S+)/24\]", text, re.M))
+
+
+def test_three_sparks_in_a_ring_set_up_and_launched(lab, tmp_path):
+    hosts = lab.bed.hosts
+    for host in hosts:
+        shutil.copy(TESTS / "setup_data" / "netplan", host.bin / "netplan")
+        host.set_ib(facts.spark_ports({0: None, 1: None}))  # cabled, no addresses yet
+    lab.bed.cable(*RING)
+    try:
+        subnets = ("--subnet1", "127.20.1.0/24", "--subnet2", "127.20.2.0/24")
+        result = lab("setup", "cx7", "-H", f"{H1},{H2},{H3}", *subnets, "--yes")
+        assert result.returncode == 0, result.stderr
+        assert (f"Cabling: {H1} enp1s0f0np0 - {H2} enp1s0f1np1; {H1} enp1s0f1np1 - {H3} enp1s0f0np0; "
+                f"{H2} enp1s0f0np0 - {H3} enp1s0f1np1") in result.stdout
+        # One subnet per cable, each Spark with its own last octet on both of its links.
+        expected = {H1: {"enp1s0f0np0": "127.20.1", "enp1s0f1np1": "127.20.2"},
+                    H2: {"enp1s0f1np1": "127.20.1", "enp1s0f0np0": "127.20.3"},
+                    H3: {"enp1s0f0np0": "127.20.2", "enp1s0f1np1": "127.20.3"}}
+        for host in hosts:
+            assert netplan_addresses(host) == {n: f"{net}.{octet(host.addr)}" for n, net in expected[host.addr].items()}
+            # netplan applied: the links come up with these addresses.
+            by_port = {port: netplan_addresses(host)[twins[0][1]] for port, twins in enumerate(facts.SPARK_PORTS)}
+            host.set_ib(facts.spark_ports(by_port))
+        again = lab("setup", "cx7", "-H", f"{H1},{H2},{H3}", *subnets, "--yes")
+        assert "already configured (127.20.1.0/24, 127.20.2.0/24, 127.20.3.0/24, MTU 9000); kept" in again.stdout
+
+        result = run_ok(lab, ray_recipe(tmp_path), "-H", f"{H1},{H2},{H3}", "--tp", 3)
+        assert "InfiniBand/RoCE per-link subnets" in result.stderr
+        assert f"Ready: http://{H1}:8000/v1" in result.stdout
+        for host, env in zip((H1, H2, H3), container_envs(lab, hosts)):
+            assert env["VLLM_HOST_IP"] == env["RAY_NODE_IP_ADDRESS"] == host
+            assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == facts.MGMT_IF
+            assert env["NCCL_IB_HCA"] == "roceP2p1s0f0,roceP2p1s0f1,rocep1s0f0,rocep1s0f1"
+            assert (env["NCCL_IB_SUBNET_AWARE_ROUTING"], env["NCCL_IB_MERGE_NICS"]) == ("1", "0")
+            assert "NCCL_IB_GID_INDEX" not in env
+    finally:
+        for host in hosts:
+            (host.bin / "netplan").unlink()
+            for path in [host.root / "netplan-calls", *(host.root / "etc" / "netplan").glob("*")]:
+                path.unlink(missing_ok=True)

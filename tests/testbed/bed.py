@@ -147,6 +147,21 @@ class TestBed:
         for host in self.hosts:
             host.write_addrmap(mapping)
 
+    def cable(self, *links):
+        """Cables between CX7 ports, each (host, port, host, port) with ports 0/1 of
+        facts.SPARK_PORTS (give the hosts facts.spark_ports first). An all-nodes ping on a
+        netdev of a cabled port then answers from both ends' netdevs (a port's twins share
+        its cable), as on a real link."""
+        answers = {}
+        for a, a_port, b, b_port in links:
+            a, b = self.host(a), self.host(b)
+            on_link = sorted({**a.port_link_locals(a_port), **b.port_link_locals(b_port)}.values())
+            for host, port in ((a, a_port), (b, b_port)):
+                for netdev in host.port_link_locals(port):
+                    answers.setdefault(host, {})[netdev] = on_link
+        for host in self.hosts:
+            host.write_links(answers.get(host, {}))
+
     def env(self):
         """Environment variables for running sparkrun against the bed
         (merge into os.environ)."""

@@ -63,6 +63,11 @@ def gid_link_local(mac):
     return "fe80:0000:0000:0000:" + ":".join(groups)
 
 
+def link_local(mac):
+    """The IPv6 link-local address a port with this MAC takes (EUI-64), as ping prints it."""
+    return str(ipaddress.IPv6Address(gid_link_local(mac).replace("0000:0000:0000", "0:0:0")))
+
+
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")

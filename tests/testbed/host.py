@@ -12,7 +12,7 @@ from .fakedocker import procs
 from .fakedocker.store import Store, normalize_ref, payload_chunks
 
 HERE = Path(__file__).resolve().parent
-HOST_TOOLS = ("docker", "ip", "nvidia-smi")
+HOST_TOOLS = ("docker", "ip", "nvidia-smi", "ping")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STASH = Path("/mnt")  # mount point used briefly inside the namespace
 
@@ -188,6 +188,16 @@ class Host:
     def ib(self):
         return [dict(e) for e in self._ib]
 
+    def port_link_locals(self, port):
+        """IPv6 link-local addresses of the netdevs of CX7 port `port` (facts.SPARK_PORTS)."""
+        names = {netdev for _, netdev, _ in facts.SPARK_PORTS[port]}
+        return {e["netdev"]: facts.link_local(facts.mac_address(self.number, i))
+                for i, e in enumerate(self._ib, start=1) if e["netdev"] in names}
+
+    def write_links(self, links):
+        """facts/links.json: netdev -> link-local addresses answering on its cable."""
+        (self.root / "facts" / "links.json").write_text(json.dumps(links))
+
     def set_gpu(self, name="NVIDIA GB10", memory_mib=122572, count=1, free_mib=None):
         """free_mib: GPU memory free to an engine (less when the page cache holds more)."""
         self._gpu = dict(facts.DEFAULT_GPU, name=name, memory_mib=memory_mib, count=count)
@@ -282,6 +292,7 @@ class Host:
         self._ib = facts.normalize_ib(facts.default_ib(self.addr))
         self._gpu = dict(facts.DEFAULT_GPU)
         self._write_facts()
+        (self.root / "facts" / "links.json").unlink(missing_ok=True)
         if images:
             for folder in ("images", "registry"):
                 shutil.rmtree(Path(self.store.dir, folder))
