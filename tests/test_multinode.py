@@ -155,3 +155,35 @@ def test_three_sparks_in_a_ring_set_up_and_launched(lab, tmp_path):
             (host.bin / "netplan").unlink()
             for path in [host.root / "netplan-calls", *(host.root / "etc" / "netplan").glob("*")]:
                 path.unlink(missing_ok=True)
+
+
+def cx7_host(name, number, cabled):
+    """A Cx7Host whose ports heard `cabled[port]` (MACs of the ports on the same cable)."""
+    ports = tuple(sparkrun.Cx7Port(netdev, pci, "up", 9000, port in cabled, (), f"4c:bb:47:{number:02x}:{i:02x}:01",
+                                   cabled.get(port, ()))
+                  for i, (port, (netdev, pci)) in enumerate(((0, ("enp1s0f0np0", "0000:01:00.0")),
+                                                             (1, ("enp1s0f1np1", "0000:01:00.1"))), start=1))
+    return sparkrun.Cx7Host(name, name, 22, ports)
+
+
+def mac(number, port):
+    return f"4c:bb:47:{number:02x}:{port + 1:02x}:01"
+
+
+@pytest.mark.parametrize("cabling, expected", [
+    # Two Sparks, port to same port: port 0 on the first subnet, port 1 on the second, as always.
+    ({1: {0: (mac(2, 0),), 1: (mac(2, 1),)}, 2: {0: (mac(1, 0),), 1: (mac(1, 1),)}},
+     {"a": ["10.0.1.1", "10.0.2.1"], "b": ["10.0.1.2", "10.0.2.2"]}),
+    # A switch per port: every Spark's port 0 hears the others' port 0.
+    ({n: {p: tuple(mac(o, p) for o in (1, 2, 3) if o != n) for p in (0, 1)} for n in (1, 2, 3)},
+     {"a": ["10.0.1.1", "10.0.2.1"], "b": ["10.0.1.2", "10.0.2.2"], "c": ["10.0.1.3", "10.0.2.3"]}),
+    # One crossed cable: spark a's port 1 to spark b's port 0, one subnet.
+    ({1: {1: (mac(2, 0),)}, 2: {0: (mac(1, 1),)}}, {"a": ["10.0.1.1"], "b": ["10.0.1.2"]}),
+])
+def test_cx7_subnets_follow_the_cabling(cabling, expected):
+    hosts = [cx7_host(name, number, cabling[number]) for number, name in zip(sorted(cabling), "abc")]
+    subnets = [sparkrun.check_subnet("10.0.1.0/24", "--subnet1"), sparkrun.check_subnet("10.0.2.0/24", "--subnet2")]
+    assigned = sparkrun.link_assignments(hosts, sparkrun.cx7_links(hosts), subnets, {h.host: i for i, h in
+                                                                                      enumerate(hosts, start=1)})
+    assert {host: [address.split("/")[0] for _, address in pairs] for host, pairs in assigned.items()} == expected
+    assert sparkrun.cx7_links([cx7_host("a", 1, {})]) is None  # nothing heard: ports in order, as before
