@@ -38,6 +38,7 @@ def data_parallel_plan(ctx):
     return steps + [ctx.start(rank, f"{command} --data-parallel-start-rank {rank} --headless", node_env(ctx, rank))
                     for rank in range(1, ctx.nodes)]
 
+
 # The serve command of a recipe without `command`: the base, then (recipe default, flag) for each
 # default that has a value. Flags of `vllm serve`: https://docs.vllm.ai/en/latest/cli/serve.html
 DEFAULT_COMMAND = ("vllm serve {model}", (

@@ -306,6 +306,8 @@ def test_show_name_is_the_name_field(cli, tmp_path):
     path = write(tmp_path, EUGR_EXAMPLE, "eugr-example.yaml")
     assert cli("show", path, "--no-vram", check=0).stdout.startswith("Name:         Qwen3 1.7B (eugr)\n")
     assert cli("show", path, "--no-vram", "--runtime", "sglang").returncode == 2
+
+
 def test_node_count_includes_data_parallel(tmp_path):
     recipe = sr.load_recipe(write(tmp_path, BASE + "defaults: {tensor_parallel: 2, data_parallel: 2}\ncommand: x\n"))
     assert sr.node_count(recipe, sr.recipe_values(recipe)) == 4
