@@ -94,6 +94,8 @@ class BedCli(Cli):
             # This machine's own docker is the stand-in too, with a state of its own.
             "PATH": f"{control_bin}:{os.environ['PATH']}",
             "TESTBED_STATE": str(control_state),
+            # The control machine is an x86 laptop or jump host; the Sparks are arm64.
+            "TESTBED_ARCH": "amd64",
         })
 
     @property

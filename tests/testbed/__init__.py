@@ -6,7 +6,9 @@
     h1.ssh("docker ps").stdout
     bed.stop()
 
-Hosts. Host N is an sshd bound only to 127.0.0.(first_octet+N-1):22, with
+Hosts. Host N is an sshd on 127.0.0.(first_octet+N-1) and on its CX7
+addresses 127.10.10.x / 127.10.11.x (port 2222, behind the bed's byte meter
+on port 22: bed.transfers() lists who sent how many bytes to whom), with
 its own host key, run inside a private mount + UTS namespace: hostname
 spark-N, /root and /tmp bind-mounted from <root>/home and <root>/tmp.
 sshd's SetEnv gives every session:
@@ -41,12 +43,20 @@ Faults (host.fault(name, value)) are files in <root>/faults:
     no_generate          /v1/models works, completions return HTTP 500
     no_default_route     an offline lab: engines find no default route to take their
                          own address from (vLLM and SGLang then advertise 0.0.0.0)
+    disk_free            `df` shows <value> bytes available on every filesystem
 
 RDMA facts. host.set_ib(facts.spark_ports({0: addr})) gives a host a DGX Spark's
 two CX7 ports, each as twin RDMA devices, the first twin of each cabled port
 addressed. Tests read a container's real environment with host.container_env(name);
 a Ray worker node keeps the environment vLLM gave its worker process in
 /tmp/ray/actor_env.json (host.tmp / "ray/actor_env.json").
+
+Platforms. Host dockers are arm64 (`docker version` Server.Arch); the control
+machine's docker says TESTBED_ARCH (the CLI fixture: amd64). A registry tag
+may hold one image per architecture (a multi-arch image): `docker pull` takes
+the daemon's own, or --platform's. host.use_containerd_store() makes a host's
+`.Id` the manifest digest instead of the config digest, as Docker's containerd
+image store does.
 """
 from .bed import TestBed
 from .host import Host

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .fakedocker import procs
 from .host import STASH, Host
+from .meter import Meter
 
 
 def keygen(path, comment):
@@ -39,6 +40,7 @@ class TestBed:
         self.known_hosts = self.client_dir / "known_hosts"
         self.ssh_config = self.client_dir / "ssh_config"
         self.control_home = None
+        self.meter = Meter()
         self.hosts = [Host(self, i, f"127.0.0.{first_octet + i - 1}")
                       for i in range(1, n_hosts + 1)]
         self.started = False
@@ -69,6 +71,9 @@ class TestBed:
         atexit.register(self.stop)
         try:
             self._setup()
+            for host in self.hosts:
+                for address in host.ssh_addresses():
+                    self.meter.listen(address)
             for host in self.hosts:
                 host.up(wait=False)
             for host in self.hosts:
@@ -115,6 +120,7 @@ class TestBed:
             return
         self.started = False
         atexit.unregister(self.stop)
+        self.meter.close()
         for host in self.hosts:
             host.down()
         marked = [p for p in procs.marked(f"TESTBED_RUN={self.token}".encode())
@@ -134,11 +140,17 @@ class TestBed:
         procs.terminate(masters, 0.5)
 
     def reset(self, images=False):
-        """Make every host fresh again (see Host.reset); drop ssh masters."""
+        """Make every host fresh again (see Host.reset); drop ssh masters and the byte counts."""
         self.close_client_masters()
         for host in self.hosts:
             host.reset(images=images)
         self.write_addrmaps()
+        self.meter.reset()
+
+    def transfers(self):
+        """Every ssh connection to a host since the last reset (meter.py): dicts with from
+        (the address it came from), to (the address it reached), sent and received bytes."""
+        return self.meter.transfers()
 
     # -- helpers -------------------------------------------------------------
     def write_addrmaps(self):

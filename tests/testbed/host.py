@@ -10,9 +10,10 @@ from pathlib import Path
 from . import facts
 from .fakedocker import procs
 from .fakedocker.store import Store, normalize_ref, payload_chunks
+from .meter import SSHD_PORT
 
 HERE = Path(__file__).resolve().parent
-HOST_TOOLS = ("docker", "ip", "nvidia-smi", "ping")
+HOST_TOOLS = ("docker", "ip", "nvidia-smi", "ping", "df")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STASH = Path("/mnt")  # mount point used briefly inside the namespace
 
@@ -69,8 +70,10 @@ class Host:
         # fills it); without one, %h would be the real /root, so only the bed's file counts.
         keys = f"{self.sshd_dir / 'authorized_keys'}" + (" .ssh/authorized_keys" if self.bed.isolated else "")
         setenv = " ".join(f'"{k}={v}"' for k, v in env.items())
+        # sshd listens beside the bed's byte meter, which owns port 22 of every address (meter.py).
+        listen = [f"ListenAddress {address}:{SSHD_PORT}" for address in self.ssh_addresses()]
         return "\n".join([
-            f"ListenAddress {self.addr}:22",
+            *listen,
             f"HostKey {self.sshd_dir / 'host_ed25519'}",
             "PidFile none", "UsePAM no", "PermitRootLogin prohibit-password",
             "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
@@ -113,7 +116,7 @@ class Host:
                 self.down()
                 log = "".join(p.read_text() for p in (self.sshd_dir / "stderr.log", self.log)
                               if p.exists())
-                raise RuntimeError(f"sshd for {self.id} on {self.addr}:22 did not start:\n{log}")
+                raise RuntimeError(f"sshd for {self.id} on {self.addr}:{SSHD_PORT} did not start:\n{log}")
             time.sleep(0.01)
 
     def down(self):
@@ -263,26 +266,22 @@ class Host:
             self.store.delete_container(container)
 
     def add_image(self, name, size_bytes=1024, image_id=None, entrypoint=None, cmd=None,
-                  env=None, registry=False):
+                  env=None, registry=False, arch="arm64"):
         """Create an image locally (or in the host's fake registry); returns its id.
 
-        The payload is derived from name and size, so the same call on two
+        The payload is derived from name, size and architecture, so the same call on two
         hosts gives the same id. entrypoint/cmd are lists, env a dict.
         """
-        meta = {"RepoTags": [normalize_ref(name)], "Entrypoint": entrypoint,
-                "Cmd": cmd if cmd is not None else ["/bin/bash"],
-                "Env": [f"{k}={v}" for k, v in (env or {}).items()]}
-        if image_id:
-            meta["Id"] = image_id if image_id.startswith("sha256:") else "sha256:" + image_id
-        return self.store.install_image(meta, payload_chunks(name, size_bytes), registry)["Id"]
+        return install_image(self.store, name, size_bytes, image_id=image_id, entrypoint=entrypoint,
+                             cmd=cmd, env=env, registry=registry, arch=arch)
 
     def add_registry_image(self, name, **kwargs):
         """An image `docker pull` on this host can fetch."""
         return self.add_image(name, registry=True, **kwargs)
 
     def images(self):
-        return [{"id": i["Id"], "tags": i["RepoTags"], "size": i["Size"]}
-                for i in self.store.images()]
+        return [{"id": i["Id"], "tags": i["RepoTags"], "size": i["Size"],
+                 "arch": i.get("Architecture", "arm64")} for i in self.store.images()]
 
     def reset(self, images=False):
         """Back to a fresh host (containers, faults, calls, facts; images optional)."""
@@ -297,6 +296,7 @@ class Host:
             for folder in ("images", "registry"):
                 shutil.rmtree(Path(self.store.dir, folder))
                 Path(self.store.dir, folder).mkdir()
+            self.use_containerd_store(False)
         self._clear_private_dirs()
         self.reset_connections()
         if not self.is_up:
@@ -320,5 +320,31 @@ class Host:
         """Fake IB IPv4 addresses of this host (for the bed's address map)."""
         return [e["ipv4"] for e in self.ib() if e["ipv4"]]
 
+    def ssh_addresses(self):
+        """Where this host takes ssh logins: its management address and the CX7 addresses
+        it starts with (as a Spark's sshd listens on every interface)."""
+        return [self.addr] + [e["ipv4"] for e in facts.normalize_ib(facts.default_ib(self.addr))]
+
+    def use_containerd_store(self, enabled=True):
+        """Switch this host's docker to the containerd image store (or back to overlay2)."""
+        config = Path(self.store.dir) / "daemon.json"
+        if enabled:
+            config.write_text(json.dumps({"features": {"containerd-snapshotter": True}}))
+        else:
+            config.unlink(missing_ok=True)
+
     def write_addrmap(self, mapping):
         (self.root / "addrmap.json").write_text(json.dumps(mapping))
+
+
+def install_image(store, name, size_bytes=1024, image_id=None, entrypoint=None, cmd=None, env=None,
+                  registry=False, arch="arm64"):
+    """An image in a docker stand-in's store (a host's or the control machine's); returns its id.
+    Each architecture of a name has its own content, as the variants of a multi-arch image do."""
+    meta = {"RepoTags": [normalize_ref(name)], "Entrypoint": entrypoint,
+            "Cmd": cmd if cmd is not None else ["/bin/bash"],
+            "Env": [f"{k}={v}" for k, v in (env or {}).items()], "Architecture": arch}
+    if image_id:
+        meta["Id"] = image_id if image_id.startswith("sha256:") else "sha256:" + image_id
+    content = name if arch == "arm64" else f"{name}@{arch}"
+    return store.install_image(meta, payload_chunks(content, size_bytes), registry)["Id"]

@@ -47,14 +47,14 @@ def cmd_info(store, args):
 
 def cmd_version(store, args):
     opts, _pos = parse(args, FORMAT_SPEC)
-    part = {"Version": VERSION, "ApiVersion": "1.47", "Os": "linux", "Arch": "arm64"}
+    part = {"Version": VERSION, "ApiVersion": "1.47", "Os": "linux", "Arch": store.daemon_arch()}
     version = {"Client": part, "Server": part}
     if opts["format"]:
         print_formatted([version], opts["format"], {})
         return 0
     for side in ("Client", "Server"):
         print(f"{side}:\n Version:           {VERSION}\n API version:       1.47\n"
-              f" OS/Arch:           linux/arm64")
+              f" OS/Arch:           linux/{part['Arch']}")
     return 0
 
 

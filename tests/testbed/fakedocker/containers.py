@@ -321,7 +321,7 @@ def cmd_inspect(store, args):
         elif image:
             from . import images
 
-            found.append(images.inspect_obj(image))
+            found.append(images.inspect_obj(store, image))
         else:
             missing.append(ref)
     if opts["format"]:

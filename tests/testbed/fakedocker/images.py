@@ -25,21 +25,24 @@ IMAGE_HEADERS = {"Repository": "REPOSITORY", "Tag": "TAG", "ID": "IMAGE ID",
                  "CreatedSince": "CREATED", "Size": "SIZE"}
 
 
-def inspect_obj(image):
-    return {"Id": image["Id"], "RepoTags": image["RepoTags"], "RepoDigests": [],
+def inspect_obj(store, image):
+    return {"Id": store.shown_id(image), "RepoTags": image["RepoTags"],
+            "RepoDigests": image.get("RepoDigests", []),
             "Created": iso_time(image["Created"]), "Size": image["Size"],
-            "Architecture": "arm64", "Os": "linux",
+            "Architecture": image.get("Architecture", "arm64"), "Os": "linux",
+            "RootFS": {"Type": "layers", "Layers": image.get("Layers", [])},
             "Config": {"Entrypoint": image.get("Entrypoint"), "Cmd": image.get("Cmd"),
                        "Env": image.get("Env", []), "Labels": image.get("Labels") or {}}}
 
 
-def image_rows(image, trunc=True):
+def image_rows(store, image, trunc=True):
+    shown = store.shown_id(image)
     tags = image["RepoTags"] or ["<none>:<none>"]
     for tag in tags:
         repo, _, name = tag.rpartition(":")
         yield {"Containers": "N/A", "CreatedAt": created_at(image["Created"]),
                "CreatedSince": ago(image["Created"]), "Digest": "<none>",
-               "ID": image["Id"][7:19] if trunc else image["Id"], "Repository": repo,
+               "ID": shown[7:19] if trunc else shown, "Repository": repo,
                "SharedSize": "N/A", "Size": human_size(image["Size"]), "Tag": name,
                "UniqueSize": "N/A", "VirtualSize": human_size(image["Size"])}
 
@@ -51,10 +54,15 @@ def must_find(store, ref):
     return image
 
 
-def pull(store, ref, out):
-    """Copy an image from the host's pre-seeded registry; offline otherwise."""
-    remote = store.find_image(ref, registry=True)
+def pull(store, ref, out, platform=None):
+    """Copy an image from the host's pre-seeded registry; offline otherwise. A multi-arch tag
+    gives the variant of --platform, else of the daemon's own platform; a tag without that
+    variant fails as the registry's manifest list does."""
+    arch = (platform or f"linux/{store.daemon_arch()}").split("/")[1]
+    remote = store.find_image(ref, registry=True, arch=arch)
     if not remote:
+        if store.find_image(ref, registry=True):
+            raise daemon_error(f"no matching manifest for linux/{arch} in the manifest list entries")
         raise daemon_error(OFFLINE)
     tag = normalize_ref(ref)
     local = store.find_image(ref)
@@ -65,6 +73,12 @@ def pull(store, ref, out):
     else:
         with open(store.payload_path(remote, registry=True), "rb") as f:
             meta = {k: v for k, v in remote.items() if k != "Size"}
+            # RepoDigests: the digest the registry serves for the tag (the index of a
+            # multi-arch image), the same whichever variant was pulled.
+            import hashlib
+
+            index = hashlib.sha256(f"index:{tag}".encode()).hexdigest()
+            meta["RepoDigests"] = [f"{tag.rpartition(':')[0]}@sha256:{index}"]
             store.install_image(dict(meta, RepoTags=[tag]), iter(lambda: f.read(1 << 20), b""))
         print(f"Status: Downloaded newer image for {tag}", file=out)
     print(f"docker.io/{tag}", file=out)
@@ -92,7 +106,7 @@ def cmd_images(store, args):
     if pos:
         found = [i for i in found if any(t.rpartition(":")[0] == pos[0] or t == pos[0]
                                          for t in i["RepoTags"])]
-    rows = [r for i in found for r in image_rows(i, not opts["no_trunc"])]
+    rows = [r for i in found for r in image_rows(store, i, not opts["no_trunc"])]
     if opts["quiet"]:
         for image_id in dict.fromkeys(r["ID"] for r in rows):
             print(image_id)
@@ -108,7 +122,7 @@ def cmd_image_inspect(store, args):
     if not pos:
         raise DockerError('"docker image inspect" requires at least 1 argument.', 1)
     found = [store.find_image(ref) for ref in pos]
-    objs = [inspect_obj(i) for i in found if i]
+    objs = [inspect_obj(store, i) for i in found if i]
     if opts["format"]:
         print_formatted(objs, opts["format"], {})
     else:
@@ -121,10 +135,10 @@ def cmd_image_inspect(store, args):
 
 
 def cmd_pull(store, args):
-    _opts, pos = parse(args, PULL_SPEC)
+    opts, pos = parse(args, PULL_SPEC)
     if len(pos) != 1:
         raise DockerError('"docker pull" requires exactly 1 argument.', 1)
-    pull(store, pos[0], sys.stdout)
+    pull(store, pos[0], sys.stdout, opts["platform"])
     return 0
 
 
@@ -151,7 +165,8 @@ def cmd_save(store, args):
     with out as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
         for image, tags in chosen:
             hexid = image["Id"][7:]
-            meta = {k: v for k, v in image.items() if k not in ("RepoTags", "Size")}
+            # What a load keeps: the config (architecture, content), not the registry digests.
+            meta = {k: v for k, v in image.items() if k not in ("RepoTags", "Size", "RepoDigests")}
             _add_file(tar, f"{hexid}.json", json.dumps(meta).encode())
             tar.add(store.payload_path(image), arcname=f"{hexid}/layer.tar")
             manifest.append({"Config": f"{hexid}.json", "RepoTags": tags,

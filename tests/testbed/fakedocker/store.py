@@ -123,11 +123,33 @@ class Store:
         found = [read_json(join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
         return sorted((i for i in found if i), key=lambda i: -i["Created"])
 
-    def find_image(self, ref, registry=False):
+    def daemon_arch(self):
+        """The daemon's platform architecture (GOARCH names, as `docker version` shows them):
+        the simulated Sparks are arm64; the control machine's docker says what TESTBED_ARCH says."""
+        return os.environ.get("TESTBED_ARCH", "arm64")
+
+    def containerd_store(self):
+        """True when this daemon uses the containerd image store: /etc/docker/daemon.json's
+        {"features": {"containerd-snapshotter": true}}, here <state>/docker/daemon.json
+        (https://docs.docker.com/engine/storage/containerd/)."""
+        config = read_json(join(self.dir, "daemon.json")) or {}
+        return bool(config.get("features", {}).get("containerd-snapshotter"))
+
+    def shown_id(self, image):
+        """`.Id` as this daemon reports it. The classic store shows the config digest; the
+        containerd store shows the digest of the target descriptor (manifest or index), so the
+        same image has two IDs on two daemons (docker/cli#5526, moby/moby#47674)."""
+        if not self.containerd_store():
+            return image["Id"]
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(f"manifest:{image['Id']}".encode()).hexdigest()
+
+    def find_image(self, ref, registry=False, arch=None):
         images = self.images(registry)
         tag = normalize_ref(ref)
         for image in images:
-            if tag in image["RepoTags"]:
+            if tag in image["RepoTags"] and arch in (None, image.get("Architecture", "arm64")):
                 return image
         hexid = ref.removeprefix("sha256:").lower()
         if re.fullmatch(r"[0-9a-f]{4,64}", hexid):
@@ -156,10 +178,13 @@ class Store:
                 f.write(chunk)
         meta = dict(meta, Size=size)
         meta.setdefault("Id", "sha256:" + digest.hexdigest())
+        meta.setdefault("Architecture", "arm64")
+        meta.setdefault("Layers", ["sha256:" + digest.hexdigest()])  # RootFS diff IDs: the content
         meta.setdefault("Created", time.time())
         with self.lock():
             for tag in meta["RepoTags"]:
-                self.untag(tag, registry)
+                # A registry tag may name one image per platform (a multi-arch index).
+                self.untag(tag, registry, meta["Architecture"] if registry else None)
             old = read_json(join(folder, meta["Id"][7:] + ".json"))
             if old:
                 meta["RepoTags"] = sorted(set(old["RepoTags"]) | set(meta["RepoTags"]))
@@ -176,10 +201,10 @@ class Store:
             image["RepoTags"] = sorted(set(image["RepoTags"]) | {tag})
             write_json(path, image)
 
-    def untag(self, tag, registry=False):
+    def untag(self, tag, registry=False, arch=None):
         """Drop a tag from whichever image has it (caller holds the lock)."""
         for image in self.images(registry):
-            if tag in image["RepoTags"]:
+            if tag in image["RepoTags"] and arch in (None, image.get("Architecture", "arm64")):
                 image["RepoTags"].remove(tag)
                 write_json(join(self.image_dir(registry), image["Id"][7:] + ".json"), image)
 
