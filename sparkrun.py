@@ -1515,12 +1515,16 @@ def read_cached_config(hf_home: Path, repo_id: str, revision: str | None = None)
     return _read_json(snapshot / "config.json") if snapshot else None
 
 
+def gguf_quant_match(relative: str, gguf_quant: str) -> bool:
+    """Whether a path inside a snapshot belongs to the quant. The quant must stand alone in the
+    path: 'Q4_K' must not pick up 'Q4_K_M' files."""
+    return bool(re.search(rf"(?<![a-z0-9]){re.escape(gguf_quant.lower())}(?![a-z0-9_])", relative.lower()))
+
+
 def gguf_quant_files(snapshot: Path, gguf_quant: str) -> list[Path]:
-    """The .gguf files of one quant, split shards and quant-named subfolders included, in order.
-    The quant must stand alone in the path: 'Q4_K' must not pick up 'Q4_K_M' files."""
-    quant = re.compile(rf"(?<![a-z0-9]){re.escape(gguf_quant.lower())}(?![a-z0-9_])")
+    """The .gguf files of one quant, split shards and quant-named subfolders included, in order."""
     return sorted(path for path in snapshot.rglob("*.gguf")
-                  if quant.search(path.relative_to(snapshot).as_posix().lower()))
+                  if gguf_quant_match(path.relative_to(snapshot).as_posix(), gguf_quant) and not path.name.lower().startswith("mmproj"))
 
 
 def cached_weights_bytes(hf_home: Path, repo_id: str, revision: str | None = None,
@@ -1543,9 +1547,14 @@ def cached_weights_bytes(hf_home: Path, repo_id: str, revision: str | None = Non
         return None
 
 
+def hub_forbidden() -> bool:
+    """HF_HUB_OFFLINE says this machine must not reach the Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_offline() -> bool:
     """True when the Hugging Face Hub must not or cannot be reached; decided in about a second."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_forbidden():
         return True
     cached = getattr(hub_offline, "answer", None)
     if cached is None:
@@ -1897,6 +1906,44 @@ def rdma_port(hca: str) -> str:
     return re.sub(r"P\d+(?=p\d+s\d+f\d+$)", "", hca)
 
 
+SPARK_ARCH = "arm64"  # DGX Spark: Grace CPU; docker names platforms by Go's GOARCH
+# What identifies an image across `docker save | docker load` and image stores: `.Id` is the
+# config digest on overlay2 but the manifest digest on the containerd image store; RepoDigests
+# come from a registry; the layers' diff IDs (RootFS) stay the same (moby/moby#47674).
+IMAGE_FORMAT = "{{.Id}}|{{.Architecture}}|{{json .RepoDigests}}|{{json .RootFS.Layers}}"
+
+
+class ImageInfo(Record):
+    id: str
+    arch: str = ""
+    digests: tuple = ()
+    layers: tuple = ()
+
+
+def parse_image_info(text: str) -> ImageInfo | None:
+    """An IMAGE_FORMAT line (or a bare ID); None for an empty one."""
+    parts = text.split("|", 3)
+    if not parts[0]:
+        return None
+
+    def listed(value: str) -> tuple:
+        try:
+            return tuple(json.loads(value) or ())
+        except ValueError:
+            return ()
+
+    parts += [""] * (4 - len(parts))
+    return ImageInfo(parts[0], parts[1], listed(parts[2]), listed(parts[3]))
+
+
+def same_image(a: ImageInfo | None, b: ImageInfo | None) -> bool:
+    """The same image, whichever image store each side uses: same architecture, and the same
+    ID, a shared registry digest, or the same layers."""
+    if not a or not b or (a.arch and b.arch and a.arch != b.arch):
+        return False
+    return a.id == b.id or bool(set(a.digests) & set(b.digests)) or (bool(a.layers) and a.layers == b.layers)
+
+
 class HostFacts(Record):
     """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
     host: str
@@ -1907,7 +1954,8 @@ class HostFacts(Record):
     containers: tuple = ()  # docker ps JSON objects of sparkrun containers
     docker_error: str = ""
     listening: tuple = ()  # (address, port) of listening TCP sockets
-    images: tuple = ()  # (image, id or "")
+    images: tuple = ()  # (image, IMAGE_FORMAT line or "")
+    docker_arch: str = ""  # the docker daemon's platform architecture (arm64 on a Spark)
 
     @property
     def active_ib(self) -> list[IbDevice]:
@@ -1938,8 +1986,12 @@ class HostFacts(Record):
         own = {cidr.split("/")[0] for _, cidr in self.addresses} | {self.host}
         return any(p == port and (a in ("0.0.0.0", "::") or a in own) for a, p in self.listening)
 
+    def image_info(self, image: str) -> ImageInfo | None:
+        return parse_image_info(dict(self.images).get(image, ""))
+
     def image_id(self, image: str) -> str:
-        return dict(self.images).get(image, "")
+        info = self.image_info(image)
+        return info.id if info else ""
 
 
 def probe_script(images: tuple = ()) -> str:
@@ -1948,10 +2000,11 @@ def probe_script(images: tuple = ()) -> str:
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
     raw outputs are parsed here, so a probe starts few processes on the host."""
     inspect = "".join(
-        f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format '{{{{.Id}}}}' "
+        f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format {shlex.quote(IMAGE_FORMAT)} "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
     if inspect:
-        inspect = f"exec {{images}}< <(echo @@images; {inspect})\n"
+        inspect = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
+                   f"echo @@images; {inspect})\n")
     return f"""\
 exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
@@ -1983,7 +2036,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
     current = None
     for line in output.splitlines():
         marker = line[2:] if line.startswith("@@") else ""
-        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "images", "end"):
+        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "end"):
             current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
@@ -2010,7 +2063,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
     listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", []))
                       if len(f) > 3 and f[0] == "LISTEN")
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
-                     (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images)
+                     (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images,
+                     (sections.get("arch") or [""])[0].strip())
 
 
 def listen_address(local: str) -> tuple[str, int]:
@@ -2591,8 +2645,11 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         prefix.insert(0, "workspace=$PWD")
     if snapshot and snapshot.gguf_file:
         # llama.cpp would download with -hf; point it at the synced file instead.
+        # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
+        projector = (f" --mmproj {snapshot.container_path(snapshot.mmproj_file)}"
+                     if snapshot.mmproj_file and not re.search(r"(?:^|\s)(?:-mm|--mmproj|--no-mmproj)\b", command) else "")
         command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
-                         f"-m {snapshot.container_path(snapshot.gguf_file)}", command)
+                         f"-m {snapshot.container_path(snapshot.gguf_file)}{projector}", command)
     if snapshot and not options.no_sync:
         plain_env.append(("HF_HUB_OFFLINE", "1"))  # the model is on the host: engines must not reach out
     elif not snapshot and recipe.gguf_quant:
@@ -2978,16 +3035,130 @@ def pending_operations() -> list[dict]:
     return alive
 
 
-# -- Image and model distribution: from the control machine to the hosts that lack them, once.
+# -- Image and model distribution. Each repo and the image come from the best source: a host that
+# already has them, else this machine, else a download (here, or on the head). This machine sends
+# each byte at most once per launch, to one host; the hosts then copy to each other over their
+# CX7 addresses, logging in with the keys `setup ssh` installs.
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5", ".npz")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
+TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+LOGIN_FAILURE = re.compile(r"Permission denied|Host key verification failed|Connection (refused|timed out|closed)|"
+                           r"No route to host|Could not resolve hostname|kex_exchange")
+
+
+def fast_path_hint(hosts) -> str:
+    return (f"the hosts cannot log in to each other, so this machine sends each copy itself; run "
+            f"'sparkrun setup ssh -H {','.join(hosts)}' once to let them copy over their CX7 links")
+
+
+class RepoNeed(Record):
+    """A Hugging Face repo that every host of a launch needs in its cache."""
+    repo: str
+    role: str = "model"  # "model", "draft model" or "tokenizer"
+    revision: str | None = None
+    gguf_quant: str | None = None
+
+    @property
+    def cache_name(self) -> str:
+        return "models--" + self.repo.replace("/", "--")
+
+    @property
+    def ref(self) -> str:
+        return self.revision or "main"
+
+    @property
+    def label(self) -> str:
+        return self.repo if self.role == "model" else f"{self.repo} ({self.role})"
+
+    def download_patterns(self) -> list[str] | None:
+        """What to download of the repo: one quant (and the multimodal projector) of a GGUF
+        repo, the tokenizer files of a tokenizer repo, else everything."""
+        if self.gguf_quant:
+            q = self.gguf_quant
+            return [f"*{q}*.gguf", f"*{q.lower()}*.gguf", f"*{q}*/*.gguf", f"*{q.lower()}*/*.gguf", "*mmproj*.gguf"]
+        return TOKENIZER_PATTERNS if self.role == "tokenizer" else None
+
+
+def main_need(recipe: Recipe) -> RepoNeed:
+    return RepoNeed(recipe.model_repo, "model", recipe.model_revision, recipe.gguf_quant)
+
+
+def repo_needs(recipe: Recipe, command: str) -> list[RepoNeed]:
+    """The recipe's model, then every other repo its command names through the runtime's
+    REPO_FLAGS (draft models, tokenizers). Local paths are not repos."""
+    needs = [main_need(recipe)]
+    flags = getattr(load_runtime(recipe.runtime), "REPO_FLAGS", {})
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    for index, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag not in flags:
+            continue
+        if not eq:
+            value = words[index + 1] if index + 1 < len(words) else ""
+        role, json_key = flags[flag]
+        if json_key:
+            try:
+                value = json.loads(value).get(json_key, "")
+            except (ValueError, AttributeError):
+                continue
+        if isinstance(value, str) and HF_REPO_ID.fullmatch(value) and all(n.repo != value for n in needs):
+            needs.append(RepoNeed(value, role))
+    return needs
+
+
+def is_mmproj(path: str) -> bool:
+    return path.rpartition("/")[2].lower().startswith("mmproj") and path.endswith(".gguf")
+
+
+class SnapshotCopy(Record):
+    """What one Hugging Face cache (here or on a host) holds of a repo's snapshot."""
+    revision: str
+    files: dict  # path inside the snapshot -> size
+    shards: frozenset = frozenset()  # the weight files its safetensors index names
+
+    def usable(self, need: RepoNeed) -> dict | None:
+        """The files a launch takes from this snapshot; None when it is no usable copy: shards
+        missing (an interrupted download), no weights at all (the lone config.json that `show`
+        and `recipe vram` leave behind), no tokenizer in a tokenizer repo, no file of the quant."""
+        if need.gguf_quant:
+            files = {p: s for p, s in self.files.items()
+                     if p.endswith(".gguf") and (gguf_quant_match(p, need.gguf_quant) or is_mmproj(p))}
+            return files if any(not is_mmproj(p) for p in files) else None
+        if need.role == "tokenizer":
+            return self.files if any(p.rpartition("/")[2] in TOKENIZER_FILES for p in self.files) else None
+        if not any(p.endswith(WEIGHT_SUFFIXES) for p in self.files) or not self.shards <= self.files.keys():
+            return None
+        return self.files
+
+
+def local_copy(home: Path, need: RepoNeed) -> SnapshotCopy | None:
+    snapshot = cached_snapshot_dir(home, need.repo, need.revision)
+    if snapshot is None:
+        return None
+    try:
+        files = {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if not p.is_dir()}
+    except OSError:
+        return None  # a link whose blob never arrived
+    shards = {name for index in snapshot.glob("*.safetensors.index.json")
+              for name in ((_read_json(index) or {}).get("weight_map") or {}).values()}
+    return SnapshotCopy(snapshot.name, files, frozenset(shards))
+
 
 class ModelSnapshot(Record):
-    """A model as it sits in the local Hugging Face cache, and the files a launch needs."""
+    """A repo's snapshot as a launch takes it: the files, and where the local copy sits."""
     repo: str
     revision: str  # commit hash
     ref: str  # the name refs/ maps to it ("main" or the recipe's model_revision)
-    repo_dir: Path  # <hf_home>/hub/models--org--name
+    repo_dir: Path  # <hf_home>/hub/models--org--name (here; it may exist only on a host)
     files: tuple  # (path inside the snapshot, size)
     gguf_file: str | None = None  # first GGUF shard, for llama.cpp's -m
+    mmproj_file: str | None = None  # a GGUF repo's multimodal projector, for --mmproj
+    label: str = ""
 
     @property
     def cache_name(self) -> str:
@@ -3001,69 +3172,73 @@ class ModelSnapshot(Record):
         return f"{CONTAINER_HF_HOME}/hub/{self.cache_name}/snapshots/{self.revision}/{relative}"
 
 
+def make_snapshot(need: RepoNeed, copy: SnapshotCopy | None, home: Path) -> ModelSnapshot | None:
+    files = copy.usable(need) if copy else None
+    if files is None:
+        return None
+    ordered = tuple(sorted(files.items()))
+    weights = [p for p, _ in ordered if not is_mmproj(p)]
+    projectors = [p for p, _ in ordered if is_mmproj(p)]
+    return ModelSnapshot(need.repo, copy.revision, need.ref, home / "hub" / need.cache_name, ordered,
+                         weights[0] if need.gguf_quant else None, projectors[0] if projectors else None, need.label)
+
+
 def local_snapshot(recipe: Recipe, home: Path) -> ModelSnapshot | None:
     """The recipe's model from the local cache if it is complete there; never contacts the Hub."""
-    repo_dir = home / "hub" / ("models--" + recipe.model_repo.replace("/", "--"))
-    snapshot = cached_snapshot_dir(home, recipe.model_repo, recipe.model_revision)
-    if snapshot is None:
-        return None
-    if recipe.gguf_quant:
-        paths = gguf_quant_files(snapshot, recipe.gguf_quant)
-        if not paths:
-            return None
-    else:
-        paths = [p for p in snapshot.rglob("*") if not p.is_dir()]
-        index = next(snapshot.glob("*.safetensors.index.json"), None)
-        needed = set(((_read_json(index) or {}).get("weight_map") or {}).values()) if index else set()
-        if not paths or any(not (snapshot / n).exists() for n in needed):
-            return None  # an interrupted download: shards missing
-    try:
-        files = tuple((p.relative_to(snapshot).as_posix(), p.stat().st_size) for p in paths)
-    except OSError:
-        return None  # a link whose blob never arrived
-    ref = recipe.model_revision or "main"
-    gguf = files[0][0] if recipe.gguf_quant else None
-    return ModelSnapshot(recipe.model_repo, snapshot.name, ref, repo_dir, files, gguf)
+    need = main_need(recipe)
+    return make_snapshot(need, local_copy(home, need), home)
 
 
-def model_missing_message(recipe: Recipe, home: Path) -> str:
-    return (f"model {recipe.model} is not in the local Hugging Face cache ({home}/hub) and the Hub "
-            f"cannot be reached from here; copy the model's cache folder "
-            f"(hub/models--{recipe.model_repo.replace('/', '--')}) into {home}/hub, point --cache-dir or "
-            f"HF_HOME at a cache that has it, or pass --no-sync if the hosts already have it")
+def model_missing_message(need: RepoNeed, home: Path, hosts=()) -> str:
+    where = f", nor on {', '.join(hosts)}," if hosts else ""
+    return (f"model {need.repo} is not in the local Hugging Face cache ({home}/hub){where} and the Hub "
+            f"cannot be reached from here; copy the model's cache folder (hub/{need.cache_name}) into "
+            f"{home}/hub, point --cache-dir or HF_HOME at a cache that has it, or pass --no-sync if the "
+            f"hosts already have it")
 
 
-def resolve_model(recipe: Recipe, home: Path) -> ModelSnapshot:
-    """The model in the local cache, downloading it first when it is not there (online only)."""
-    cached = local_snapshot(recipe, home)
-    if cached:
-        return cached
+def hub_client_env() -> dict:
+    """The Hub settings of this machine that a download elsewhere should use too."""
+    return {k: os.environ[k] for k in ("HF_ENDPOINT", "HF_TOKEN") if os.environ.get(k)}
+
+
+def download_here(need: RepoNeed, home: Path) -> ModelSnapshot:
+    """Download the repo into the local cache (online only); its snapshot."""
     if hub_offline():
-        raise SparkrunError(model_missing_message(recipe, home))
+        raise SparkrunError(model_missing_message(need, home))
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    say(f"Downloading {recipe.model} into {home}/hub ...")
-    pending = record_pending(f"download {recipe.model}", ["this machine"])
+    say(f"Downloading {need.label} into {home}/hub ...")
+    pending = record_pending(f"download {need.repo}", ["this machine"])
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = None
-        if recipe.gguf_quant:
-            q = recipe.gguf_quant
-            patterns = [f"*{q}*.gguf", f"*{q.lower()}*.gguf", f"*{q}*/*.gguf", f"*{q.lower()}*/*.gguf"]
-        snapshot_download(recipe.model_repo, revision=recipe.model_revision, cache_dir=str(home / "hub"),
-                          allow_patterns=patterns)
+        snapshot_download(need.repo, revision=need.revision, cache_dir=str(home / "hub"),
+                          allow_patterns=need.download_patterns())
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the library raises many types; the message is what matters
-        raise SparkrunError(f"download of {recipe.model} failed: {str(exc).splitlines()[0][:300]}") from None
+        raise SparkrunError(f"download of {need.repo} failed: {str(exc).splitlines()[0][:300]}") from None
     finally:
         pending.unlink(missing_ok=True)
-    snapshot = local_snapshot(recipe, home)
+    snapshot = make_snapshot(need, local_copy(home, need), home)
     if snapshot is None:
-        raise SparkrunError(f"download of {recipe.model} finished but no {recipe.gguf_quant or 'model'} files "
+        raise SparkrunError(f"download of {need.repo} finished but no {need.gguf_quant or need.role} files "
                             "were found in it; check the recipe's model name")
     return snapshot
+
+
+def head_download_script(need: RepoNeed, root: str) -> str:
+    """Download on a host with its Hub client, into its cache: the same layout and revision as a
+    download here (the Hub client writes blobs, snapshot links and refs)."""
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_ETAG_TIMEOUT": "10", **hub_client_env()}
+    call = (f"snapshot_download({need.repo!r}, revision={need.revision!r}, "
+            f"cache_dir=os.path.join(os.path.expanduser('~'), {root!r}, 'hub'), "
+            f"allow_patterns={need.download_patterns()!r})")
+    return ("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()) +
+            "python3 - <<'PY'\nimport os, sys\ntry:\n    from huggingface_hub import snapshot_download\n"
+            "except ImportError:\n    sys.exit('huggingface_hub is not installed for python3 (pip install huggingface_hub)')\n"
+            f"try:\n    {call}\nexcept Exception as exc:\n    sys.exit(str(exc).splitlines()[0][:300])\nPY\n")
 
 
 def remote_cache_root(cache_dir_option: str | None) -> str:
@@ -3071,27 +3246,185 @@ def remote_cache_root(cache_dir_option: str | None) -> str:
     return cache_dir_option.rstrip("/") if cache_dir_option else ".cache/huggingface"
 
 
-def snapshot_check_script(snapshot: ModelSnapshot, root: str) -> str:
-    """Lists (path, size) of what the host already has of this snapshot."""
-    base = f"{quote_path(root)}/hub/{snapshot.cache_name}"
-    return (f"mkdir -p {base}\ncd {base}/snapshots/{snapshot.revision} 2>/dev/null || exit 0\n"
-            "find -L . -type f -printf '%P\\t%s\\n' 2>/dev/null\n")
-
-
 def quote_path(path: str) -> str:
     """A remote path for a script: relative paths are under the remote $HOME."""
     return shlex.quote(path) if path.startswith("/") else '"$HOME"/' + shlex.quote(path)
 
 
-def hosts_lacking_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> list[str]:
-    wanted = set(snapshot.files)
-    results = raise_first(ssh.run_all(list(hosts), snapshot_check_script(snapshot, root), timeout=60))
-    lacking = []
-    for host, result in results.items():
-        have = {(p, int(s)) for p, _, s in (l.partition("\t") for l in result.stdout.splitlines()) if s.isdigit()}
-        if not wanted <= have:
-            lacking.append(host)
-    return lacking
+SURVEY_FUNCTION = r"""survey() {  # cache folder, ref, revision (empty: the ref's)
+  local dir="$root/hub/$1" rev=$3 foreign
+  echo "@@repo $1"
+  [ -d "$dir" ] || return 0
+  foreign=$(find "$dir" ! -user "$me" -print -quit 2>/dev/null)
+  [ -n "$foreign" ] && echo "@@foreign $foreign"
+  [ -n "$rev" ] || read -r rev < "$dir/refs/$2" 2>/dev/null || rev=$2
+  [ -d "$dir/snapshots/$rev" ] || return 0
+  echo "@@revision $rev"
+  cd "$dir/snapshots/$rev" || return 0
+  find -L . -type f -printf '%P\t%s\n' 2>/dev/null
+  for index in *.safetensors.index.json; do
+    [ -f "$index" ] && grep -o '"[^"]*\.safetensors"' "$index" | sort -u | sed 's/^"/@@shard /; s/"$//'
+  done
+  cd - >/dev/null
+}
+"""
+
+
+class HostCache(Record):
+    """One host's Hugging Face cache, as far as a launch's repos go."""
+    free: int  # bytes available
+    copies: dict  # cache folder -> SnapshotCopy
+    foreign: dict  # cache folder -> a path in it the ssh user does not own
+
+
+def survey_script(wanted: list[tuple[RepoNeed, str]], root: str) -> str:
+    """Free space and, per (repo, revision or ""), what the host holds of it."""
+    calls = "".join(f"survey {shlex.quote(n.cache_name)} {shlex.quote(n.ref)} {shlex.quote(rev)}\n"
+                    for n, rev in wanted)
+    return (f"root={quote_path(root)}\nme=$(id -u)\nmkdir -p \"$root/hub\" 2>/dev/null\n"
+            "{ read -r _; read -r _ _ _ free _; } < <(df -PB1 \"$root/hub\" 2>/dev/null)\n"
+            "echo \"@@free ${free:-0}\"\n" + SURVEY_FUNCTION + calls)
+
+
+def parse_survey(output: str) -> HostCache:
+    free, copies, foreign = 0, {}, {}
+    name, revision, files, shards = None, None, {}, set()
+
+    def close():
+        if name and revision:
+            copies[name] = SnapshotCopy(revision, dict(files), frozenset(shards))
+
+    for line in output.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "@@free":
+            free = int(rest) if rest.isdigit() else 0
+        elif word == "@@repo":
+            close()
+            name, revision, files, shards = rest, None, {}, set()
+        elif word == "@@foreign":
+            foreign[name] = rest
+        elif word == "@@revision":
+            revision = rest
+        elif word == "@@shard":
+            shards.add(rest)
+        elif "\t" in line:
+            path, _, size = line.rpartition("\t")
+            if size.isdigit():
+                files[path] = int(size)
+    close()
+    return HostCache(free, copies, foreign)
+
+
+def survey_hosts(ssh: SSH, hosts, wanted: list[tuple[RepoNeed, str]], root: str) -> dict:
+    results = raise_first(ssh.run_all(list(hosts), survey_script(wanted, root), timeout=60))
+    return {h: parse_survey(r.stdout) for h, r in results.items()}
+
+
+def holds(cache: HostCache, snapshot: ModelSnapshot) -> bool:
+    copy = cache.copies.get(snapshot.cache_name)
+    return bool(copy) and copy.revision == snapshot.revision and all(
+        copy.files.get(path) == size for path, size in snapshot.files)
+
+
+def missing_bytes(cache: HostCache, snapshot: ModelSnapshot) -> int:
+    copy = cache.copies.get(snapshot.cache_name)
+    have = copy.files if copy and copy.revision == snapshot.revision else {}
+    return sum(size for path, size in snapshot.files if have.get(path) != size)
+
+
+def fix_permissions_message(host: str, path: str, cache_dir_option: str | None) -> str:
+    cache = f" --cache-dir {cache_dir_option}" if cache_dir_option else ""
+    return (f"the Hugging Face cache holds files this user does not own ({path}; containers write it as "
+            f"root), so the copy would fail; run: sparkrun setup fix-permissions -H {host}{cache}")
+
+
+def disk_full_message(needed: int, free: int, root: str) -> str:
+    return (f"not enough free disk for the model copy: {needed / GIB:.2f} GB to copy, {free / GIB:.2f} GB "
+            f"free under {root}; free some space there or pass --cache-dir")
+
+
+def check_room(surveys: dict, snapshots: list[ModelSnapshot], root: str, cache_dir_option: str | None) -> None:
+    """Before copying: every target must have room, and a cache the ssh user owns."""
+    errors = {}
+    for host, cache in surveys.items():
+        lacking = [s for s in snapshots if not holds(cache, s)]
+        foreign = next((cache.foreign[s.cache_name] for s in lacking if s.cache_name in cache.foreign), None)
+        needed = sum(missing_bytes(cache, s) for s in lacking)
+        if foreign:
+            errors[host] = RemoteFailed(host, fix_permissions_message(host, foreign, cache_dir_option))
+        elif needed > cache.free:
+            errors[host] = RemoteFailed(host, disk_full_message(needed, cache.free, root))
+    raise_first(errors)
+
+
+class Copy(Record):
+    """One copy of a repo or an image to a host: from this machine (source "") or from a host,
+    to the target's address as the source reaches it."""
+    source: str
+    target: str
+    address: str
+    bind: str = ""  # the source's own address on that network (ssh -o BindAddress)
+
+    @property
+    def origin(self) -> str:
+        return self.source or "this machine"
+
+
+def fabric_route(source: HostFacts | None, target: HostFacts | None, target_host: str) -> tuple[str, str]:
+    """(the target's address, the source's address) on a CX7 subnet both share; else the
+    target's name as given and no binding."""
+    import ipaddress
+
+    for mine in (source.active_ib if source else []):
+        subnet = ipaddress.ip_interface(mine.ipv4).network
+        for theirs in (target.active_ib if target else []):
+            if ipaddress.ip_interface(theirs.ipv4).network == subnet:
+                return theirs.ipv4.split("/")[0], mine.ipv4.split("/")[0]
+    return target_host.rpartition("@")[2], ""
+
+
+def plan_copies(lacking: list[str], holders: list[str], facts: dict) -> list[list[Copy]]:
+    """Rounds of copies: with no host holding it, this machine sends one copy (to the first
+    host lacking it); then the holders share out the other hosts, over the fabric, in parallel."""
+    lacking, holders, rounds = list(lacking), list(holders), []
+    if lacking and not holders:
+        seed = lacking.pop(0)
+        rounds.append([Copy("", seed, seed.rpartition("@")[2])])
+        holders = [seed]
+    if lacking:
+        rounds.append([Copy(holders[i % len(holders)], target,
+                            *fabric_route(facts.get(holders[i % len(holders)]), facts.get(target), target))
+                       for i, target in enumerate(lacking)])
+    return rounds
+
+
+def peer_ssh_command(ssh: SSH, copy: Copy) -> list[str]:
+    """The ssh a host runs to reach another: no prompts, the target's key as `setup ssh` recorded
+    it (under the name it was given), from the source's own CX7 address."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
+            "-o", f"HostKeyAlias={copy.target.rpartition('@')[2]}"]
+    if copy.bind:
+        argv += ["-o", f"BindAddress={copy.bind}"]
+    user = ssh.user or (copy.target.partition("@")[0] if "@" in copy.target else None)
+    return argv + (["-l", user] if user else [])
+
+
+def through_peer(command: str) -> str:
+    """A script line that ends with a host's own ssh to another: its exit 255 (ssh's own
+    failure) becomes 86, so that it is not taken for a failure of our connection to the host."""
+    return f"{command}\nrc=$?; [ $rc -eq 255 ] && rc=86; exit $rc\n"
+
+
+def snapshot_list_script(snapshot: ModelSnapshot, root: str) -> str:
+    """On a host that holds the snapshot: cd into its cache folder and write to $list the paths
+    that make a complete cache entry there (ref, snapshot links, the blobs they point at)."""
+    files = "\n".join(path for path, _ in snapshot.files)
+    return (f"cd {quote_path(root)}/hub/{shlex.quote(snapshot.cache_name)} || exit 1\n"
+            f"rev={shlex.quote(snapshot.revision)}\nlist=$(mktemp)\ntrap 'rm -f \"$list\"' EXIT\nhere=$(pwd -P)\n"
+            f"[ -f refs/{shlex.quote(snapshot.ref)} ] && echo refs/{shlex.quote(snapshot.ref)} >> \"$list\"\n"
+            "while IFS= read -r f; do\n  echo \"snapshots/$rev/$f\"\n  t=$(readlink -f \"snapshots/$rev/$f\")\n"
+            "  case $t in \"$here\"/*) echo \"${t#\"$here\"/}\";; esac\ndone >> \"$list\" <<'FILES'\n"
+            f"{files}\nFILES\n")
 
 
 def rsync_file_list(snapshot: ModelSnapshot) -> list[str]:
@@ -3107,40 +3440,195 @@ def rsync_file_list(snapshot: ModelSnapshot) -> list[str]:
     return sorted(entries)
 
 
-def sync_model(ssh: SSH, snapshot: ModelSnapshot, hosts, root: str) -> dict:
-    """rsync the snapshot to every host that lacks it, in parallel, resumable. Returns
-    host -> bytes sent (0 for hosts that already had it)."""
-    lacking = hosts_lacking_model(ssh, snapshot, hosts, root)
-    moved = {h: 0 for h in hosts}
-    if not lacking:
-        say(f"Model {snapshot.repo}: already on every host")
-        return moved
-    say(f"Model {snapshot.repo} ({snapshot.size / GIB:.2f} GB) -> {', '.join(lacking)}")
-    listing = cache_dir() / f"rsync-{os.getpid()}.list"
-    atomic_write(listing, "\n".join(rsync_file_list(snapshot)) + "\n")
-    pending = record_pending(f"model {snapshot.repo}", lacking)
+def rsync_sent(output: str) -> int:
+    return int((re.search(r"Total bytes sent: ([\d,]+)", output) or [0, "0"])[1].replace(",", ""))
 
-    def push(host):
+
+class Distribution:
+    """The copies of one launch: who sends what to whom, the one-time hint, the byte counts."""
+
+    def __init__(self, ssh: SSH, facts: dict, hosts, root: str = ""):
+        self.ssh, self.facts, self.hosts, self.root = ssh, facts, list(hosts), root
+        self.hinted = False
+        self.sent: dict[tuple[str, str], int] = {}  # (origin, target) -> bytes
+
+    def hint_once(self) -> None:
+        if not self.hinted:
+            self.hinted = True
+            warn(fast_path_hint(self.hosts))
+
+    def run_rounds(self, rounds: list[list[Copy]], copy_one, local_fallback) -> None:
+        """Each round in parallel. A host-to-host copy whose login fails is sent by
+        `local_fallback(targets)` instead (this machine, or relayed through it), after one hint."""
+        for copies in rounds:
+            results = in_parallel([c.target for c in copies], lambda t: copy_one(next(c for c in copies if c.target == t)))
+            refused = [t for t, r in results.items() if isinstance(r, LoginRefused)]
+            raise_first({t: r for t, r in results.items() if t not in refused})
+            if refused:
+                self.hint_once()
+                local_fallback(refused)
+
+    def model(self, snapshot: ModelSnapshot, holders: list[str], lacking: list[str], local: bool) -> None:
+        """Copy one snapshot to the hosts lacking it."""
+        say(f"Model {snapshot.label} ({snapshot.size / GIB:.2f} GB) -> {', '.join(lacking)}"
+            f" (from {', '.join(holders) if holders else 'this machine'})")
+        pending = record_pending(f"model {snapshot.repo}", lacking)
+        try:
+            self.run_rounds(plan_copies(lacking, holders, self.facts),
+                            lambda c: self.copy_model(snapshot, c),
+                            lambda targets: self.model_fallback(snapshot, holders, targets, local))
+        finally:
+            pending.unlink(missing_ok=True)
+
+    def copy_model(self, snapshot: ModelSnapshot, copy: Copy) -> int:
         start = time.monotonic()
-        argv = ["rsync", "-a", "--partial", "--stats", f"--files-from={listing}", "-e", ssh.rsync_shell(),
-                f"{snapshot.repo_dir}/", f"{host}:{root}/hub/{snapshot.cache_name}/"]
-        if ssh.verbose >= 2:
-            print(f"[{host}] {shlex.join(argv)}", file=sys.stderr)
-        done = subprocess.run(argv, capture_output=True, text=True)
+        if copy.source:
+            script = snapshot_list_script(snapshot, self.root) + through_peer(shlex.join(
+                ["rsync", "-a", "--partial", "--stats", "--files-from=LIST", "-e",
+                 shlex.join(peer_ssh_command(self.ssh, copy)), "./",
+                 f"{copy.address}:{self.root}/hub/{snapshot.cache_name}/"]).replace("LIST", '"$list"'))
+            result = self.ssh.run(copy.source, script, timeout=24 * 3600)
+            if not result.ok:
+                if LOGIN_FAILURE.search(result.stderr):
+                    raise LoginRefused(copy.target, result.stderr_tail(1))
+                raise RemoteFailed(copy.target, f"model copy from {copy.source} failed (rsync exit "
+                                                f"{result.returncode}): {result.stderr_tail(2)}; run again to resume")
+            sent = rsync_sent(result.stdout)
+        else:
+            sent = self.push_model(snapshot, copy.target)
+        self.sent[(copy.origin, copy.target)] = self.sent.get((copy.origin, copy.target), 0) + sent
+        elapsed = time.monotonic() - start
+        via = f" over {copy.address}" if copy.source else ""
+        say(f"[{copy.target}] model synced from {copy.origin}{via}: {sent / 2**20:.1f} MiB in {elapsed:.1f} s "
+            f"({sent / 2**20 / max(elapsed, 1e-3):.0f} MiB/s)")
+        return sent
+
+    def push_model(self, snapshot: ModelSnapshot, host: str) -> int:
+        """rsync from the local cache, resumable, over the host's master connection."""
+        listing = cache_dir() / f"rsync-{os.getpid()}-{threading.get_ident()}.list"
+        atomic_write(listing, "\n".join(rsync_file_list(snapshot)) + "\n")
+        try:
+            argv = ["rsync", "-a", "--partial", "--stats", f"--files-from={listing}", "-e", self.ssh.rsync_shell(),
+                    f"{snapshot.repo_dir}/", f"{host}:{self.root}/hub/{snapshot.cache_name}/"]
+            if self.ssh.verbose >= 2:
+                print(f"[{host}] {shlex.join(argv)}", file=sys.stderr)
+            done = subprocess.run(argv, capture_output=True, text=True)
+        finally:
+            listing.unlink(missing_ok=True)
         if done.returncode != 0:
             raise RemoteFailed(host, f"model transfer failed (rsync exit {done.returncode}): "
                                      f"{' | '.join(done.stderr.strip().splitlines()[-2:])}; run again to resume")
-        sent = int((re.search(r"Total bytes sent: ([\d,]+)", done.stdout) or [0, "0"])[1].replace(",", ""))
-        elapsed = time.monotonic() - start
-        say(f"[{host}] model synced: {sent / 2**20:.1f} MiB in {elapsed:.1f} s ({sent / 2**20 / max(elapsed, 1e-3):.0f} MiB/s)")
-        return sent
+        return rsync_sent(done.stdout)
 
+    def model_fallback(self, snapshot: ModelSnapshot, holders: list[str], targets: list[str], local: bool) -> None:
+        """Without host-to-host logins: this machine sends from its cache, or relays a holder's copy."""
+        if local:
+            raise_first(in_parallel(targets, lambda t: self.copy_model(snapshot, Copy("", t, t))))
+            return
+        source = holders[0] if holders else next(h for h in self.hosts if h not in targets)
+        tar = snapshot_list_script(snapshot, self.root) + 'tar -cf - -T "$list"\n'
+        unpack = f"mkdir -p {quote_path(self.root)}/hub/{shlex.quote(snapshot.cache_name)} && cd \"$_\" && tar -xf -"
+        moved = stream_to_hosts(self.ssh, self.ssh.argv(source, ["bash", "-c", shlex.quote(tar)], stream=True),
+                                targets, ["bash", "-c", shlex.quote(unpack)], what=f"model {snapshot.repo}")
+        for target, sent in moved.items():
+            self.sent[(f"{source} via this machine", target)] = sent
+
+
+    def copy_image(self, image: str, copy: Copy) -> int:
+        """One image copy: this machine's `docker save` streamed into the target, or the
+        source host's streamed over the fabric."""
+        if not copy.source:
+            moved = stream_to_hosts(self.ssh, ["docker", "save", image], [copy.target], ["docker", "load"])
+            self.sent[("this machine", copy.target)] = moved[copy.target]
+            return moved[copy.target]
+        start = time.monotonic()
+        load = shlex.join([*peer_ssh_command(self.ssh, copy), "--", copy.address, "docker", "load"])
+        result = self.ssh.run(copy.source, through_peer(f"set -o pipefail\ndocker save {shlex.quote(image)} | {load}"),
+                              timeout=24 * 3600)
+        if not result.ok:
+            if LOGIN_FAILURE.search(result.stderr):
+                raise LoginRefused(copy.target, result.stderr_tail(1))
+            raise RemoteFailed(copy.target, f"image copy from {copy.source} failed: {result.stderr_tail(2)}")
+        say(f"[{copy.target}] image received from {copy.source} over {copy.address} in {time.monotonic() - start:.1f} s")
+        return 0
+
+    def image_fallback(self, image: str, holders: list[str], targets: list[str], local: bool) -> None:
+        """Without host-to-host logins: one `docker save` here (or on a holder, relayed through
+        this machine) streamed to every target at once."""
+        source = [] if local else self.ssh.argv(holders[0], ["docker", "save", image], stream=True)
+        moved = stream_to_hosts(self.ssh, source or ["docker", "save", image], targets, ["docker", "load"])
+        for target, sent in moved.items():
+            self.sent[("this machine" if local else f"{holders[0]} via this machine", target)] = sent
+
+
+class LoginRefused(HostError):
+    """A host could not log in to another (no `setup ssh` yet)."""
+
+
+def sync_snapshot(ssh: SSH, snapshot: ModelSnapshot, facts: dict, hosts, root: str) -> None:
+    """Copy a snapshot of the local cache to the hosts lacking it."""
+    surveys = survey_hosts(ssh, hosts, [(RepoNeed(snapshot.repo, revision=snapshot.ref), snapshot.revision)], root)
+    lacking = [h for h in hosts if not holds(surveys[h], snapshot)]
+    if lacking:
+        Distribution(ssh, facts, hosts, root).model(snapshot, [h for h in hosts if h not in lacking], lacking, local=True)
+
+
+def distribute_models(ssh: SSH, needs: list[RepoNeed], facts: dict, hosts, *, home: Path, root: str,
+                      cache_dir_option: str | None, download_on: str) -> list[ModelSnapshot]:
+    """Every repo the launch needs onto every host, each from its best source: a host that holds
+    it, this machine, a download. Returns the snapshots, the main model first."""
+    hosts = list(hosts)
+    local = {n.repo: make_snapshot(n, local_copy(home, n), home) for n in needs}
+    surveys = survey_hosts(ssh, hosts, [(n, local[n.repo].revision if local[n.repo] else "") for n in needs], root)
+    plans = []
+    for need in needs:
+        snapshot, here = local[need.repo], bool(local[need.repo])
+        if snapshot is None:
+            snapshot = next((s for h in hosts
+                             if (s := make_snapshot(need, surveys[h].copies.get(need.cache_name), home))), None)
+        if snapshot is None:
+            snapshot, here = obtain(ssh, need, hosts, home=home, root=root, download_on=download_on)
+        plans.append((need, snapshot, here))
+    # The hosts were asked about the local revision, else the ref's; ask again for another reference.
+    again = [(n, s.revision) for n, s, _ in plans if not local[n.repo]]
+    if again:
+        for host, cache in survey_hosts(ssh, hosts, again, root).items():
+            surveys[host].copies.update(cache.copies)
+            surveys[host].foreign.update(cache.foreign)
+    check_room(surveys, [s for _, s, _ in plans], root, cache_dir_option)
+    dist = Distribution(ssh, facts, hosts, root)
+    for need, snapshot, here in plans:
+        holders = [h for h in hosts if holds(surveys[h], snapshot)]
+        lacking = [h for h in hosts if h not in holders]
+        if lacking:
+            dist.model(snapshot, holders, lacking, local=here)
+        else:
+            say(f"Model {snapshot.label}: already on every host")
+    return [s for _, s, _ in plans]
+
+
+def obtain(ssh: SSH, need: RepoNeed, hosts, *, home: Path, root: str, download_on: str) -> tuple[ModelSnapshot, bool]:
+    """A repo nobody has, downloaded: here, or on the head with its Hub client (--download-on
+    head, or when the Hub cannot be reached from here unless HF_HUB_OFFLINE says to stay
+    offline). Returns the snapshot and whether it is here."""
+    head = hosts[0]
+    if download_on == "here" or (download_on == "auto" and (not hub_offline() or hub_forbidden())):
+        return download_here(need, home), True
+    say(f"Downloading {need.label} on {head} ...")
+    pending = record_pending(f"download {need.repo}", [head])
     try:
-        moved.update(raise_first(in_parallel(lacking, push)))
+        result = ssh.run(head, head_download_script(need, root), timeout=24 * 3600)
     finally:
         pending.unlink(missing_ok=True)
-        listing.unlink(missing_ok=True)
-    return moved
+    if not result.ok:
+        raise SparkrunError(f"{model_missing_message(need, home, hosts)}; the download on {head} failed too: "
+                            f"{result.stderr_tail(1)}")
+    survey = survey_hosts(ssh, [head], [(need, "")], root)[head]
+    snapshot = make_snapshot(need, survey.copies.get(need.cache_name), home)
+    if snapshot is None:
+        raise SparkrunError(f"download of {need.repo} on {head} finished but no {need.gguf_quant or need.role} "
+                            "files were found in it; check the recipe's model name")
+    return snapshot, False
 
 
 def sync_mods(ssh: SSH, plan: LaunchPlan) -> None:
@@ -3164,51 +3652,155 @@ def mirror_folders(ssh: SSH, hosts, sources: list[str], remote: str, what: str) 
     raise_first(in_parallel(list(hosts), push))
 
 
-def local_image_id(image: str) -> str:
+def local_image_info(image: str) -> ImageInfo | None:
     try:
-        done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image],
+        done = subprocess.run(["docker", "image", "inspect", "--format", IMAGE_FORMAT, image],
                               capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+        return None
+    return parse_image_info(done.stdout.strip()) if done.returncode == 0 else None
 
 
-def distribute_image(ssh: SSH, image: str, facts: dict, hosts) -> dict:
-    """Make every host hold `image` with the same ID: `docker save` once (here, or on a host
-    that has it when this machine has no copy), streamed to every host lacking it in parallel.
-    Returns host -> bytes sent."""
-    ids = {h: facts[h].image_id(image) for h in hosts}
-    source_id = local_image_id(image)
-    source_host = None
-    if not source_id and len(set(ids.values())) == 1 and all(ids.values()):
-        return {h: 0 for h in hosts}
-    if not source_id:
-        pulled = subprocess.run(["docker", "pull", image], capture_output=True, text=True, timeout=3600) \
-            if shutil.which("docker") else None
-        source_id = local_image_id(image) if pulled and pulled.returncode == 0 else ""
-    if not source_id:
-        holders = [h for h in hosts if ids[h]]
-        if not holders:
-            raise SparkrunError(f"image {image} is on none of {', '.join(hosts)} and cannot be pulled here; "
-                                f"load it on this machine or on one host (docker load -i FILE), or pass --image")
-        source_host, source_id = holders[0], ids[holders[0]]
-    lacking = [h for h in hosts if ids[h] != source_id]
-    moved = {h: 0 for h in hosts}
+def image_nowhere_message(image: str, hosts, head: str) -> str:
+    return (f"image {image} is on none of {', '.join(hosts)} (for their platform) and could not be pulled on "
+            f"{head} or here; load it on this machine or on one host (docker load -i FILE), or pass --image")
+
+
+def platform_of(facts: HostFacts | None) -> str:
+    return f"linux/{facts.docker_arch if facts and facts.docker_arch else SPARK_ARCH}"
+
+
+def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None) -> dict:
+    """Make every host hold `image` for its own platform, from the best source: a host that has
+    it, else this machine (only a copy of the hosts' architecture: an amd64 image loaded onto a
+    Spark would replace its arm64 image of that tag), else a pull on the head for its own
+    platform, else a pull here with --platform, else `build` (eugr's images). This machine sends
+    at most one `docker save` stream, to one host; hosts copy to each other over the fabric.
+    Returns (origin, target) -> bytes sent from this machine or relayed through it."""
+    hosts = list(hosts)
+    head = hosts[0]
+    arch = {h: facts[h].docker_arch or SPARK_ARCH for h in hosts}
+    infos = {h: facts[h].image_info(image) for h in hosts}
+    fits = {h: infos[h] for h in hosts if infos[h] and infos[h].arch in ("", arch[h])}
+    local = local_image_info(image)
+    local = local if local and all(local.arch in ("", arch[h]) for h in hosts) else None
+    reference = local or next(iter(fits.values()), None)
+    if reference is None:
+        reference, local = obtain_image(ssh, image, facts, hosts, build)
+        if reference is not local:
+            fits[head] = infos[head] = reference
+    holders = [h for h in hosts if h in fits and same_image(fits[h], reference)]
+    lacking = [h for h in hosts if h not in holders]
+    dist = Distribution(ssh, facts, hosts)
     if not lacking:
-        return moved
-    origin = source_host or "this machine"
+        return dist.sent
+    origin = ", ".join(holders) if holders else "this machine"
     say(f"Image {image}: copying from {origin} to {', '.join(lacking)}")
-    save = ssh.argv(source_host, ["docker", "save", image], stream=True) if source_host else ["docker", "save", image]
     pending = record_pending(f"image {image}", lacking)
     try:
-        moved.update(stream_to_hosts(ssh, save, lacking, ["docker", "load"]))
+        dist.run_rounds(plan_copies(lacking, holders, facts), lambda c: dist.copy_image(image, c),
+                        lambda targets: dist.image_fallback(image, holders, targets, bool(local)))
     finally:
         pending.unlink(missing_ok=True)
-    return moved
+    return dist.sent
 
 
-def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[str]) -> dict:
-    """One producer, many `ssh host <sink>` consumers fed the same bytes; a line of progress."""
+def obtain_image(ssh: SSH, image: str, facts: dict, hosts, build) -> tuple[ImageInfo, ImageInfo | None]:
+    """An image no one has for the hosts' platform: pulled on the head (for its own platform),
+    else here with --platform, else built. Returns (its info, the local info when it is here)."""
+    head = hosts[0]
+    pulled = ssh.run(head, f"docker pull {shlex.quote(image)} >/dev/null && docker image inspect --format "
+                           f"{shlex.quote(IMAGE_FORMAT)} {shlex.quote(image)}\n", timeout=3600)
+    if pulled.ok and parse_image_info(pulled.stdout.strip()):
+        say(f"Image {image}: pulled on {head}")
+        return parse_image_info(pulled.stdout.strip()), None
+    platform = platform_of(facts.get(head))
+    if shutil.which("docker"):
+        here = subprocess.run(["docker", "pull", "--platform", platform, image], capture_output=True, text=True,
+                              timeout=3600)
+        local = local_image_info(image) if here.returncode == 0 else None
+        if local:
+            say(f"Image {image}: pulled here for {platform}")
+            return local, local
+    if build:
+        return build(), None
+    raise SparkrunError(image_nowhere_message(image, hosts, head))
+
+
+# eugr's recipes name `vllm-node` (or `vllm-node-*`): a tag its build-and-copy.sh builds on the
+# machine it runs on, never pushed to a registry.
+EUGR_IMAGE = re.compile(r"vllm-node(?:-[\w.-]+)?(?::[\w.-]+)?")
+EUGR_BUILD_SCRIPT = "build-and-copy.sh"
+REMOTE_EUGR_BUILD = ".cache/sparkrun/eugr-build"
+
+
+def images_config_file() -> Path:
+    return config_dir() / "images.yaml"
+
+
+def image_alias(image: str) -> str | None:
+    """A prebuilt image that stands for a locally built tag: `aliases:` in the configuration's
+    images.yaml, else `image_aliases:` in an enabled registry's manifest."""
+    tables = []
+    if images_config_file().is_file():
+        _, data = read_yaml_file(images_config_file())
+        tables.append((data or {}).get("aliases") if isinstance(data, dict) else None)
+    for clone in dict.fromkeys(registries_root() / e["clone"] for e in enabled_registries()):
+        if (clone / MANIFEST).is_file():
+            _, data = read_yaml_file(clone / MANIFEST)
+            tables.append(data.get("image_aliases") if isinstance(data, dict) else None)
+    name = image.partition(":")[0] if image.endswith(":latest") else image
+    return next((str(t[key]) for t in tables if isinstance(t, dict) for key in (image, name) if t.get(key)), None)
+
+
+def eugr_clone() -> Path | None:
+    """A registry clone that carries eugr's build script (a clone of eugr/spark-vllm-docker)."""
+    return next((clone for clone in dict.fromkeys(registries_root() / e["clone"] for e in enabled_registries())
+                 if (clone / EUGR_BUILD_SCRIPT).is_file()), None)
+
+
+def eugr_image_message(image: str) -> str:
+    return (f"image {image} is built by eugr's {EUGR_BUILD_SCRIPT} and exists on no host and not here; add eugr's "
+            f"registry (sparkrun registry add https://github.com/eugr/spark-vllm-docker.git) so it can be built "
+            f"on the head, or name a prebuilt image for it under 'aliases:' in {images_config_file()} "
+            f"(or pass --image)")
+
+
+def eugr_builder(ssh: SSH, recipe: Recipe, image: str, hosts):
+    """For eugr's image tags: a function that makes the image on the head when it exists nowhere
+    (a prebuilt image alias pulled and tagged, else eugr's build script with the recipe's
+    build_args) and returns its ImageInfo; None for other images."""
+    if not EUGR_IMAGE.fullmatch(image):
+        return None
+    head = hosts[0]
+
+    def build() -> ImageInfo:
+        alias = image_alias(image)
+        clone = eugr_clone()
+        if alias:
+            say(f"Image {image}: pulling its alias {alias} on {head}")
+            script = f"docker pull {shlex.quote(alias)} >/dev/null && docker tag {shlex.quote(alias)} {shlex.quote(image)}\n"
+        elif clone:
+            say(f"Image {image}: building it on {head} with eugr's {EUGR_BUILD_SCRIPT} (this takes a while)")
+            mirror_folders(ssh, [head], [f"{clone}/"], REMOTE_EUGR_BUILD, "eugr's build files")
+            build_args = [str(a) for a in recipe.build_args]
+            script = (f"cd {quote_path(REMOTE_EUGR_BUILD)} && "
+                      f"{shlex.join(['bash', EUGR_BUILD_SCRIPT, '-t', image, *build_args])}\n")
+        else:
+            raise SparkrunError(eugr_image_message(image))
+        ssh.run(head, script, timeout=6 * 3600, check=True,
+                what=f"{'pulling ' + alias if alias else 'building ' + image}")
+        info = ssh.run(head, f"docker image inspect --format {shlex.quote(IMAGE_FORMAT)} {shlex.quote(image)}\n",
+                       check=True, what=f"docker image inspect {image}")
+        return parse_image_info(info.stdout.strip())
+
+    return build
+
+
+def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[str], *,
+                    what: str = "image") -> dict:
+    """One producer, many `ssh host <sink>` consumers fed the same bytes; a line of progress.
+    Returns host -> bytes sent."""
     source = subprocess.Popen(source_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sinks = {h: subprocess.Popen(ssh.argv(h, sink_remote, stream=True) if h not in LOCAL_HOSTS else sink_remote,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -3240,14 +3832,15 @@ def stream_to_hosts(ssh: SSH, source_argv: list[str], hosts, sink_remote: list[s
     if source.wait() != 0:
         for sink in sinks.values():
             sink.kill()
-        raise SparkrunError(f"docker save failed: {source_err.strip()[-300:]}")
+        raise SparkrunError(f"reading the {what} failed: {source_err.strip()[-300:]}")
     elapsed = time.monotonic() - start
     for host, sink in sinks.items():
         err = sink.stderr.read()
         sink.wait()
         if sink.returncode != 0 or host in broken:
-            raise RemoteFailed(host, f"docker load failed: {err.decode(errors='replace').strip()[-300:] or broken.get(host)}")
-        say(f"[{host}] image loaded: {sent / 2**20:.1f} MiB in {elapsed:.1f} s")
+            raise RemoteFailed(host, f"receiving the {what} failed: "
+                                     f"{err.decode(errors='replace').strip()[-300:] or broken.get(host)}")
+        say(f"[{host}] {what} received: {sent / 2**20:.1f} MiB in {elapsed:.1f} s")
     return {h: sent for h in hosts}
 
 
@@ -4098,7 +4691,7 @@ def cmd_tune(args) -> int:
     distribute_image(ssh, plan.image, facts, [plan.host])
     files = tune_model_files(recipe, hf_home(args.cache_dir))
     if files:
-        sync_model(ssh, files, [plan.host], remote_cache_root(args.cache_dir))
+        sync_snapshot(ssh, files, facts, [plan.host], remote_cache_root(args.cache_dir))
     else:
         warn(f"model {recipe.model} is not in the local Hugging Face cache; the tuning scripts on "
              f"{plan.host} must find its config there or on the Hub")
@@ -4216,7 +4809,7 @@ def add_benchmark_parsers(sub, command, host_options) -> None:
     p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
     host_options(p)
     shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
-              "no_sync", "strict", "ready_timeout", "init_port", "ray_port", "dashboard", "dashboard_port",
+              "no_sync", "download_on", "strict", "ready_timeout", "init_port", "ray_port", "dashboard", "dashboard_port",
               "no_sync_tuning"}
     for action in run._actions:
         if action.dest in shared:
@@ -5865,7 +6458,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         port = choose_free_port(facts, selection.hosts)
         options = options.replace(overrides=dict(options.overrides, port=port))
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
-    snapshot = local_snapshot(recipe, local_home) if args.dry_run or args.no_sync else resolve_model(recipe, local_home)
+    snapshot = local_snapshot(recipe, local_home)
     plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     if args.dry_run:
         print(plan.describe())
@@ -5874,12 +6467,16 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if existing:
         say(f"Replacing the running {plan.cluster_id} ...")
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
+    distribution_started = time.monotonic()
+    distribute_image(ssh, image, facts, plan.hosts, build=eugr_builder(ssh, recipe, image, plan.hosts))
+    if not args.no_sync:
+        command = one_line(render_command(recipe, recipe_values(recipe, options.overrides)))
+        snapshot = distribute_models(ssh, repo_needs(recipe, command), reachable, plan.hosts, home=local_home,
+                                     root=remote_cache_root(args.cache_dir), cache_dir_option=args.cache_dir,
+                                     download_on=getattr(args, "download_on", "auto"))[0]
+        plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     for note in plan.notes:
         say(note)
-    distribution_started = time.monotonic()
-    distribute_image(ssh, image, facts, plan.hosts)
-    if not args.no_sync:
-        sync_model(ssh, snapshot, plan.hosts, remote_cache_root(args.cache_dir))
     if plan.mods:
         sync_mods(ssh, plan)
     if tuning:
@@ -6318,6 +6915,9 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--replace", action="store_true", help="stop this recipe's running launch first")
     p.add_argument("--no-sync", action="store_true",
                    help="do not copy the model to the hosts (they share storage or already have it)")
+    p.add_argument("--download-on", choices=("auto", "here", "head"), default="auto",
+                   help="where a model no one has is downloaded: here, or on the head with its Hub client "
+                        "(auto: here, or the head when the Hub cannot be reached from here)")
     p.add_argument("--strict", action="store_true", help="refuse to launch when the VRAM estimate does not fit")
     p.add_argument("--ready-timeout", type=float, default=3600, help="seconds to wait for readiness (3600)")
     p.add_argument("--init-port", type=int, help="rendezvous port (vLLM 29501, SGLang 25000)")

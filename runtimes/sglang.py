@@ -7,6 +7,9 @@ memory includes whatever the page cache holds at that moment.
 """
 
 NAME = "sglang"
+# Repos an SGLang command names besides the model (server arguments --tokenizer-path and
+# --speculative-draft-model-path, https://docs.sglang.ai/advanced_features/server_arguments.html).
+REPO_FLAGS = {"--tokenizer-path": ("tokenizer", None), "--speculative-draft-model-path": ("draft model", None)}
 
 # The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND). SGLang's
 # server arguments: https://docs.sglang.io/advanced_features/server_arguments.html

@@ -16,6 +16,12 @@ import re
 from sparkrun import UsageError
 
 NAME = "vllm-distributed"
+# Hugging Face repos a vLLM command names besides the model, which every host needs in its cache
+# (the containers run with HF_HUB_OFFLINE=1): flag -> (role, key of a JSON value or None).
+# vLLM's engine arguments: --tokenizer, --speculative-config '{"model": ...}', and the older
+# --speculative-model (https://docs.vllm.ai/en/latest/configuration/engine_args.html).
+REPO_FLAGS = {"--tokenizer": ("tokenizer", None), "--speculative-config": ("draft model", "model"),
+              "--speculative-model": ("draft model", None)}
 DATA_PARALLEL_SIZE = re.compile(r"(?:--data-parallel-size|-dp)[ =]")
 
 

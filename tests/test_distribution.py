@@ -152,8 +152,8 @@ def test_image_nowhere_and_no_registry_is_a_clear_error(bed):
     result = run(bed, "qwen3-1.7b-vllm", "-H", H1, "--no-sync")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: image {VLLM_IMAGE} is on none of {H1} and cannot be pulled here; load it on this machine "
-        "or on one host (docker load -i FILE), or pass --image")
+        f"Error: image {VLLM_IMAGE} is on none of {H1} (for their platform) and could not be pulled on {H1} "
+        "or here; load it on this machine or on one host (docker load -i FILE), or pass --image")
     assert bed.bed.hosts[0].containers() == []
 
 
