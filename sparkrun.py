@@ -3257,7 +3257,8 @@ SURVEY_FUNCTION = r"""survey() {  # cache folder, ref, revision (empty: the ref'
   [ -d "$dir" ] || return 0
   foreign=$(find "$dir" ! -user "$me" -print -quit 2>/dev/null)
   [ -n "$foreign" ] && echo "@@foreign $foreign"
-  [ -n "$rev" ] || read -r rev < "$dir/refs/$2" 2>/dev/null || rev=$2
+  [ -n "$rev" ] || read -r rev < "$dir/refs/$2" 2>/dev/null  # a ref file has no final newline
+  [ -n "$rev" ] || rev=$2
   [ -d "$dir/snapshots/$rev" ] || return 0
   echo "@@revision $rev"
   cd "$dir/snapshots/$rev" || return 0
@@ -3573,11 +3574,11 @@ def sync_snapshot(ssh: SSH, snapshot: ModelSnapshot, facts: dict, hosts, root: s
         Distribution(ssh, facts, hosts, root).model(snapshot, [h for h in hosts if h not in lacking], lacking, local=True)
 
 
-def distribute_models(ssh: SSH, needs: list[RepoNeed], facts: dict, hosts, *, home: Path, root: str,
-                      cache_dir_option: str | None, download_on: str) -> list[ModelSnapshot]:
+def distribute_models(dist: Distribution, needs: list[RepoNeed], *, home: Path, cache_dir_option: str | None,
+                      download_on: str) -> list[ModelSnapshot]:
     """Every repo the launch needs onto every host, each from its best source: a host that holds
     it, this machine, a download. Returns the snapshots, the main model first."""
-    hosts = list(hosts)
+    ssh, hosts, root = dist.ssh, dist.hosts, dist.root
     local = {n.repo: make_snapshot(n, local_copy(home, n), home) for n in needs}
     surveys = survey_hosts(ssh, hosts, [(n, local[n.repo].revision if local[n.repo] else "") for n in needs], root)
     plans = []
@@ -3596,7 +3597,6 @@ def distribute_models(ssh: SSH, needs: list[RepoNeed], facts: dict, hosts, *, ho
             surveys[host].copies.update(cache.copies)
             surveys[host].foreign.update(cache.foreign)
     check_room(surveys, [s for _, s, _ in plans], root, cache_dir_option)
-    dist = Distribution(ssh, facts, hosts, root)
     for need, snapshot, here in plans:
         holders = [h for h in hosts if holds(surveys[h], snapshot)]
         lacking = [h for h in hosts if h not in holders]
@@ -3670,7 +3670,7 @@ def platform_of(facts: HostFacts | None) -> str:
     return f"linux/{facts.docker_arch if facts and facts.docker_arch else SPARK_ARCH}"
 
 
-def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None) -> dict:
+def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, dist: Distribution | None = None) -> dict:
     """Make every host hold `image` for its own platform, from the best source: a host that has
     it, else this machine (only a copy of the hosts' architecture: an amd64 image loaded onto a
     Spark would replace its arm64 image of that tag), else a pull on the head for its own
@@ -3691,7 +3691,7 @@ def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None) ->
             fits[head] = infos[head] = reference
     holders = [h for h in hosts if h in fits and same_image(fits[h], reference)]
     lacking = [h for h in hosts if h not in holders]
-    dist = Distribution(ssh, facts, hosts)
+    dist = dist or Distribution(ssh, facts, hosts)
     if not lacking:
         return dist.sent
     origin = ", ".join(holders) if holders else "this machine"
@@ -6468,12 +6468,12 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         say(f"Replacing the running {plan.cluster_id} ...")
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
     distribution_started = time.monotonic()
-    distribute_image(ssh, image, facts, plan.hosts, build=eugr_builder(ssh, recipe, image, plan.hosts))
+    dist = Distribution(ssh, reachable, plan.hosts, remote_cache_root(args.cache_dir))
+    distribute_image(ssh, image, facts, plan.hosts, build=eugr_builder(ssh, recipe, image, plan.hosts), dist=dist)
     if not args.no_sync:
         command = one_line(render_command(recipe, recipe_values(recipe, options.overrides)))
-        snapshot = distribute_models(ssh, repo_needs(recipe, command), reachable, plan.hosts, home=local_home,
-                                     root=remote_cache_root(args.cache_dir), cache_dir_option=args.cache_dir,
-                                     download_on=getattr(args, "download_on", "auto"))[0]
+        snapshot = distribute_models(dist, repo_needs(recipe, command), home=local_home,
+                                     cache_dir_option=args.cache_dir, download_on=args.download_on)[0]
         plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     for note in plan.notes:
         say(note)

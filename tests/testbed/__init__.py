@@ -6,9 +6,8 @@
     h1.ssh("docker ps").stdout
     bed.stop()
 
-Hosts. Host N is an sshd on 127.0.0.(first_octet+N-1) and on its CX7
-addresses 127.10.10.x / 127.10.11.x (port 2222, behind the bed's byte meter
-on port 22: bed.transfers() lists who sent how many bytes to whom), with
+Hosts. Host N is an sshd on 127.0.0.(first_octet+N-1):22 and on its CX7
+addresses 127.10.10.x / 127.10.11.x, with
 its own host key, run inside a private mount + UTS namespace: hostname
 spark-N, /root and /tmp bind-mounted from <root>/home and <root>/tmp.
 sshd's SetEnv gives every session:
@@ -50,6 +49,10 @@ two CX7 ports, each as twin RDMA devices, the first twin of each cabled port
 addressed. Tests read a container's real environment with host.container_env(name);
 a Ray worker node keeps the environment vLLM gave its worker process in
 /tmp/ray/actor_env.json (host.tmp / "ray/actor_env.json").
+
+Bytes. `ssh` on the hosts and on the control machine carries each connection
+through a counting relay (hostbin/ssh, meter.py): bed.transfers() lists who
+sent how many bytes to whom; bed.reset() starts counting again.
 
 Platforms. Host dockers are arm64 (`docker version` Server.Arch); the control
 machine's docker says TESTBED_ARCH (the CLI fixture: amd64). A registry tag

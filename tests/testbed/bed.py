@@ -40,9 +40,9 @@ class TestBed:
         self.known_hosts = self.client_dir / "known_hosts"
         self.ssh_config = self.client_dir / "ssh_config"
         self.control_home = None
-        self.meter = Meter()
         self.hosts = [Host(self, i, f"127.0.0.{first_octet + i - 1}")
                       for i in range(1, n_hosts + 1)]
+        self.meter = Meter([self.workdir / "meter"] + [h.meter_dir for h in self.hosts])
         self.started = False
 
     def __enter__(self):
@@ -71,9 +71,6 @@ class TestBed:
         atexit.register(self.stop)
         try:
             self._setup()
-            for host in self.hosts:
-                for address in host.ssh_addresses():
-                    self.meter.listen(address)
             for host in self.hosts:
                 host.up(wait=False)
             for host in self.hosts:
@@ -120,7 +117,6 @@ class TestBed:
             return
         self.started = False
         atexit.unregister(self.stop)
-        self.meter.close()
         for host in self.hosts:
             host.down()
         marked = [p for p in procs.marked(f"TESTBED_RUN={self.token}".encode())
@@ -148,8 +144,8 @@ class TestBed:
         self.meter.reset()
 
     def transfers(self):
-        """Every ssh connection to a host since the last reset (meter.py): dicts with from
-        (the address it came from), to (the address it reached), sent and received bytes."""
+        """Every ssh connection since the last reset that carried bytes (meter.py): dicts with
+        from (the address it came from, "control" for this machine), to, sent, received."""
         return self.meter.transfers()
 
     # -- helpers -------------------------------------------------------------
@@ -180,7 +176,7 @@ class TestBed:
         home = self.control_home
         return {"SPARKRUN_SSH_OPTS": f"-F {self.ssh_config}", "HOME": str(home),
                 "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-                "TESTBED_RUN": self.token}
+                "TESTBED_RUN": self.token, "TESTBED_METER_DIR": str(self.workdir / "meter")}
 
     def client_env(self):
         """Full environment for ssh clients run by the bed itself."""

@@ -10,10 +10,9 @@ from pathlib import Path
 from . import facts
 from .fakedocker import procs
 from .fakedocker.store import Store, normalize_ref, payload_chunks
-from .meter import SSHD_PORT
 
 HERE = Path(__file__).resolve().parent
-HOST_TOOLS = ("docker", "ip", "nvidia-smi", "ping", "df")
+HOST_TOOLS = ("docker", "ip", "nvidia-smi", "ping", "df", "ssh")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STASH = Path("/mnt")  # mount point used briefly inside the namespace
 
@@ -27,6 +26,7 @@ class Host:
         self.root = bed.workdir / "hosts" / self.id
         self.home, self.tmp, self.bin = self.root / "home", self.root / "tmp", self.root / "bin"
         self.sshd_dir = self.root / "sshd"
+        self.meter_dir = self.root / "meter"  # its ssh connections' byte counts (meter.py)
         self.log = self.sshd_dir / "sshd.log"
         self.store = None
         self._ib = facts.normalize_ib(facts.default_ib(addr))
@@ -63,15 +63,15 @@ class Host:
                "SPARKRUN_SYSFS": str(self.root / "sysfs"), "TESTBED_RUN": self.bed.token,
                # setup cx7 / clear-cache write these instead of the machine's real files.
                "SPARKRUN_NETPLAN_DIR": str(self.root / "etc" / "netplan"),
-               "SPARKRUN_DROP_CACHES": str(self.root / "drop_caches")}
+               "SPARKRUN_DROP_CACHES": str(self.root / "drop_caches"),
+               "TESTBED_METER_DIR": str(self.meter_dir)}
         if not self.bed.isolated:
             env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
         # With a private /root, the host's own ~/.ssh/authorized_keys counts too (setup ssh
         # fills it); without one, %h would be the real /root, so only the bed's file counts.
         keys = f"{self.sshd_dir / 'authorized_keys'}" + (" .ssh/authorized_keys" if self.bed.isolated else "")
         setenv = " ".join(f'"{k}={v}"' for k, v in env.items())
-        # sshd listens beside the bed's byte meter, which owns port 22 of every address (meter.py).
-        listen = [f"ListenAddress {address}:{SSHD_PORT}" for address in self.ssh_addresses()]
+        listen = [f"ListenAddress {address}:22" for address in self.ssh_addresses()]
         return "\n".join([
             *listen,
             f"HostKey {self.sshd_dir / 'host_ed25519'}",
@@ -116,7 +116,7 @@ class Host:
                 self.down()
                 log = "".join(p.read_text() for p in (self.sshd_dir / "stderr.log", self.log)
                               if p.exists())
-                raise RuntimeError(f"sshd for {self.id} on {self.addr}:{SSHD_PORT} did not start:\n{log}")
+                raise RuntimeError(f"sshd for {self.id} on {self.addr}:22 did not start:\n{log}")
             time.sleep(0.01)
 
     def down(self):

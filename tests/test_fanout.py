@@ -1,0 +1,350 @@
+"""Distribution from the best source, end to end on the bed: this machine sends each byte once,
+hosts copy to each other over their CX7 addresses (bed.transfers() counts who sent what to whom),
+downloads here or on the head, every repo a launch needs, the checks before copying, images by
+platform and identity across image stores, and eugr's locally built images."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import sparkrun
+from conftest import H1, H2, H3
+from hubserver import FakeHub, commit_sha_for, make_gguf_repo, make_safetensors_repo
+from test_distribution import (LLAMA_IMAGE, MODEL, VLLM_IMAGE, control_image, files_of, online, run,
+                               seed_local_model)
+from testbed.host import install_image
+from testbed.fakedocker.store import Store
+
+ALL = f"{H1},{H2},{H3}"
+CONTROL = "control"  # this machine, in the bed's byte records
+DRAFT, TOKENIZER, MMPROJ_GGUF = "org/Draft-0.6B", "org/Tokenizer", "org/Vision-GGUF"
+HUB_VENV = Path(os.environ.get("SPARKRUN_TEST_HUB_VENV", "/var/tmp/sparkrun-testdeps/hub-venv"))
+
+
+def vision_gguf_repo():
+    spec = make_gguf_repo("Vision", size=256 * 1024)
+    spec["files"]["mmproj-Vision-F16.gguf"] = b"GGUF" + bytes(4096)
+    spec["revision"] = commit_sha_for(spec["files"])
+    return spec
+
+
+@pytest.fixture(scope="module")
+def hub():
+    repos = {MODEL: make_safetensors_repo(n_files=2, size=4 << 20), DRAFT: make_safetensors_repo(size=1 << 20, seed=1),
+             TOKENIZER: make_safetensors_repo(size=1 << 20, seed=2), MMPROJ_GGUF: vision_gguf_repo()}
+    with FakeHub(repos) as server:
+        yield server
+
+
+@pytest.fixture
+def mesh(bed):
+    """The bed after `setup ssh`: every host logs in to every other."""
+    if not bed.bed.isolated:
+        pytest.skip("needs hosts with private home folders (mount namespaces)")
+    bed("setup", "ssh", "-H", ALL, "--no-include-self", check=0)
+    bed.bed.meter.reset()
+    return bed
+
+
+def model_size(bed, model=MODEL):
+    blobs = bed.home / "hf" / "hub" / f"models--{model.replace('/', '--')}" / "blobs"
+    return sum(p.stat().st_size for p in blobs.iterdir())
+
+
+def sent_by(bed, source):
+    """Bytes `source` sent to each address, over all its connections."""
+    totals = {}
+    for t in bed.bed.transfers():
+        if t["from"] == source:
+            totals[t["to"]] = totals.get(t["to"], 0) + t["sent"]
+    return totals
+
+
+def between_hosts(bed):
+    return [t for t in bed.bed.transfers() if t["from"] != CONTROL]
+
+
+def cache_entry(folder):
+    """The files of a repo's cache folder that a copy carries (not the Hub client's own notes)."""
+    return {k: v for k, v in files_of(folder).items() if not k.startswith(("trees/", ".no_exist"))}
+
+
+def host_repo(host, model):
+    return host.home / ".cache/huggingface/hub" / f"models--{model.replace('/', '--')}"
+
+
+def test_this_machine_sends_once_and_hosts_copy_over_cx7(mesh, hub):
+    bed = mesh
+    seed_local_model(bed, hub.url)
+    control_image(bed, VLLM_IMAGE, size=2 << 20)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3")
+    assert result.returncode == 0, result.stderr
+    size = model_size(bed) + (2 << 20)
+    from_here = sent_by(bed, CONTROL)
+    assert sum(from_here.values()) <= 1.05 * size, from_here
+    assert from_here.get(H1, 0) >= size, (bed.bed.transfers(), result.stderr)
+    assert from_here.get(H2, 0) < 200_000 and from_here.get(H3, 0) < 200_000
+    peers = between_hosts(bed)
+    for host in (H2, H3):
+        carried = [t for t in peers if t["to"].startswith("127.10.1") and t["to"].endswith("." + host.rsplit(".", 1)[1])]
+        assert sum(t["sent"] for t in carried) >= size * 0.95, peers
+        assert all(t["from"].startswith("127.10.1") for t in carried)
+    assert sparkrun.fast_path_hint(ALL.split(",")) not in result.stderr
+    want = cache_entry(bed.home / "hf/hub/models--Qwen--Qwen3-1.7B")
+    for host in bed.bed.hosts:
+        assert cache_entry(host_repo(host, MODEL)) == want
+        assert {i["arch"] for i in host.images()} == {"arm64"}
+    bed("stop", "--all", "-H", ALL, check=0)
+
+    bed.bed.meter.reset()
+    again = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3")
+    assert again.returncode == 0, again.stderr
+    assert f"Model {MODEL}: already on every host" in again.stderr and "Image" not in again.stderr
+    assert sum(sent_by(bed, CONTROL).values()) < 200_000 and between_hosts(bed) == []
+    bed("stop", "--all", "-H", ALL, check=0)
+
+
+def test_without_host_logins_this_machine_sends_and_says_once_how_to_enable_the_fast_path(bed, hub):
+    seed_local_model(bed, hub.url)
+    control_image(bed, VLLM_IMAGE)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(sparkrun.fast_path_hint(ALL.split(","))) == 1
+    from_here = sent_by(bed, CONTROL)
+    assert all(from_here[h] >= model_size(bed) for h in ALL.split(","))
+    for host in bed.bed.hosts:
+        assert host_repo(host, MODEL).is_dir()
+    bed("stop", "--all", "-H", ALL, check=0)
+
+
+def test_model_only_on_a_host_is_copied_from_it_without_error(mesh, hub):
+    bed = mesh
+    control_image(bed, VLLM_IMAGE)
+    seed_local_model(bed, hub.url)
+    local = bed.home / "hf/hub/models--Qwen--Qwen3-1.7B"
+    holder = host_repo(bed.bed.hosts[1], MODEL)
+    holder.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(local), str(holder)], check=True)
+    subprocess.run(["rm", "-rf", str(local)], check=True)
+    bed.bed.meter.reset()
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"(from {H2})" in result.stderr
+    assert sum(sent_by(bed, CONTROL).values()) < 1.05 * (1 << 20) + 200_000  # the image only
+    for host in bed.bed.hosts:
+        assert cache_entry(host_repo(host, MODEL)) == cache_entry(holder)
+    bed("stop", "--all", "-H", ALL, check=0)
+
+
+@pytest.fixture
+def head_python(bed):
+    """The head's python3 has the Hub client (a system-Python venv: hosts have a private /root)."""
+    if not (HUB_VENV / "bin" / "python3").exists():
+        pytest.fail(f"{HUB_VENV} is missing: run .ci/run")
+    wrapper = bed.bed.hosts[0].bin / "python3"  # run by its venv path, so that the venv counts
+    wrapper.write_text(f"#!/bin/sh\nexec {HUB_VENV / 'bin' / 'python3'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    yield
+    wrapper.unlink()
+
+
+def test_download_on_the_head_keeps_layout_and_revision_then_fans_out(mesh, hub, head_python):
+    bed = mesh
+    control_image(bed, VLLM_IMAGE)
+    hub.clear()
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", "--download-on", "head", env=online(hub))
+    assert result.returncode == 0, result.stderr
+    assert f"Downloading {MODEL} on {H1}" in result.stderr
+    assert not (bed.home / "hf/hub/models--Qwen--Qwen3-1.7B").exists()  # nothing was downloaded here
+    head = host_repo(bed.bed.hosts[0], MODEL)
+    revision = (head / "refs" / "main").read_text()
+    assert revision == hub.commit(MODEL)
+    links = list((head / "snapshots" / revision).iterdir())
+    assert links and all(p.is_symlink() and os.readlink(p).startswith("../../blobs/") for p in links)
+    assert sum(sent_by(bed, CONTROL).values()) < 1.05 * (1 << 20) + 200_000  # the image only
+    for host in bed.bed.hosts[1:]:
+        assert cache_entry(host_repo(host, MODEL)) == cache_entry(head)
+    bed("stop", "--all", "-H", ALL, check=0)
+
+
+def test_a_snapshot_holding_only_config_json_is_not_a_cached_model(bed, hub):
+    control_image(bed, VLLM_IMAGE)
+    seed_local_model(bed, hub.url, pattern="config.json")  # what `show` and `recipe vram` fetch
+    snapshots = bed.home / "hf/hub/models--Qwen--Qwen3-1.7B/snapshots"
+    assert [p.name for p in snapshots.rglob("*") if p.is_file() or p.is_symlink()] == ["config.json"]
+    offline = run(bed, "qwen3-1.7b-vllm", "-H", H1, env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1 and "is not in the local Hugging Face cache" in offline.stderr
+    result = run(bed, "qwen3-1.7b-vllm", "-H", H1, env=online(hub))
+    assert result.returncode == 0, result.stderr
+    assert list(host_repo(bed.bed.hosts[0], MODEL).rglob("*.safetensors"))
+    bed("stop", "--all", "-H", H1, check=0)
+
+
+def test_draft_model_and_tokenizer_repos_are_distributed_too(bed, hub):
+    control_image(bed, VLLM_IMAGE)
+    recipe = bed.home / "spec.yaml"
+    spec = json.dumps({"model": DRAFT, "num_speculative_tokens": 3})
+    recipe.write_text(json.dumps({
+        "model": MODEL, "runtime": "vllm", "container": VLLM_IMAGE,
+        "command": f"vllm serve {{model}} --speculative-config '{spec}' --tokenizer {TOKENIZER} --host {{host}} --port {{port}}"}))
+    result = run(bed, recipe, "-H", f"{H1},{H2}", "--tp", "2", env=online(hub))
+    assert result.returncode == 0, result.stderr
+    assert f"Model {DRAFT} (draft model)" in result.stderr and f"Model {TOKENIZER} (tokenizer)" in result.stderr
+    for host in bed.bed.hosts[:2]:
+        assert list(host_repo(host, DRAFT).rglob("*.safetensors"))
+        assert list(host_repo(host, TOKENIZER).rglob("tokenizer.json"))
+        assert not list(host_repo(host, TOKENIZER).rglob("*.safetensors"))  # a tokenizer repo: tokenizer files only
+        assert host.containers()[0]["env"]["HF_HUB_OFFLINE"] == "1"
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+def test_multimodal_projector_is_synced_and_named(bed, hub):
+    control_image(bed, LLAMA_IMAGE)
+    recipe = bed.home / "vision.yaml"
+    recipe.write_text(f"model: {MMPROJ_GGUF}:Q8_0\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
+                      "defaults: {served_model_name: vision}\n"
+                      "command: llama-server -hf {model} --alias {served_model_name} --host {host} --port {port}\n")
+    result = run(bed, recipe, "-H", H1, env=online(hub))
+    assert result.returncode == 0, result.stderr
+    synced = sorted(p.name for p in host_repo(bed.bed.hosts[0], MMPROJ_GGUF).rglob("*.gguf"))
+    assert synced == ["Vision-Q8_0.gguf", "mmproj-Vision-F16.gguf"]
+    command = bed.bed.hosts[0].containers()[0]["command"][-1]
+    assert "--mmproj /root/.cache/huggingface/hub/models--org--Vision-GGUF/snapshots/" in command
+    bed("stop", "--all", "-H", H1, check=0)
+
+
+def test_a_target_without_room_is_an_error_with_the_sizes(bed, hub):
+    seed_local_model(bed, hub.url)
+    control_image(bed, VLLM_IMAGE)
+    bed.bed.hosts[1].fault("disk_free", 1 << 20)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2")
+    assert result.returncode == 1
+    needed = model_size(bed)
+    assert result.stderr.strip().splitlines()[-1] == "Error: " + f"{H2}: " + sparkrun.disk_full_message(
+        needed, 1 << 20, ".cache/huggingface")
+    assert not host_repo(bed.bed.hosts[0], MODEL).exists()  # nothing copied anywhere
+
+
+def test_a_root_owned_cache_names_fix_permissions(bed, hub):
+    seed_local_model(bed, hub.url)
+    control_image(bed, VLLM_IMAGE)
+    owned = host_repo(bed.bed.hosts[0], MODEL) / "blobs"
+    owned.mkdir(parents=True)
+    os.chown(owned, 65534, 65534)  # as a container (another user than the ssh user) left it
+    result = run(bed, "qwen3-1.7b-vllm", "-H", H1)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {H1}: the Hugging Face cache holds files this user does not own")
+    assert last.endswith(f"run: sparkrun setup fix-permissions -H {H1}")
+
+
+# -- images ---------------------------------------------------------------------------
+
+def test_a_multi_arch_image_is_never_loaded_in_the_wrong_architecture(mesh):
+    bed = mesh
+    control = Store(bed.control_state)
+    for arch in ("amd64", "arm64"):  # what the registry serves for the tag
+        install_image(control, VLLM_IMAGE, 1 << 20, registry=True, arch=arch)
+    install_image(control, VLLM_IMAGE, 1 << 20, arch="amd64")  # an x86 laptop's `docker pull` got this
+    bed.bed.hosts[0].add_registry_image(VLLM_IMAGE, size_bytes=1 << 20)  # the head can pull for itself
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", "--no-sync")
+    assert result.returncode == 0, result.stderr
+    assert f"Image {VLLM_IMAGE}: pulled on {H1}" in result.stderr
+    for host in bed.bed.hosts:
+        assert [i["arch"] for i in host.images() if f"{VLLM_IMAGE}" in i["tags"]] == ["arm64"]
+    assert sum(sent_by(bed, CONTROL).values()) < 300_000  # the amd64 copy never left this machine
+    assert all(t["from"].startswith("127.10.1") for t in between_hosts(bed))
+    bed("stop", "--all", "-H", ALL, check=0)
+
+
+def test_pulled_here_for_the_hosts_platform_when_no_host_can_pull(bed):
+    control = Store(bed.control_state)
+    for arch in ("amd64", "arm64"):
+        install_image(control, VLLM_IMAGE, 1 << 20, registry=True, arch=arch)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", H1, "--no-sync")
+    assert result.returncode == 0, result.stderr
+    assert f"Image {VLLM_IMAGE}: pulled here for linux/arm64" in result.stderr
+    assert [i["arch"] for i in bed.bed.hosts[0].images()] == ["arm64"]
+    bed("stop", "--all", "-H", H1, check=0)
+
+
+def test_an_image_on_the_containerd_store_is_recognised(bed):
+    control_image(bed, VLLM_IMAGE)
+    bed.bed.hosts[1].use_containerd_store()
+    first = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync")
+    assert first.returncode == 0, first.stderr
+    shown = bed.bed.hosts[1].ssh(f"docker image inspect --format '{{{{.Id}}}}' {VLLM_IMAGE}").stdout.strip()
+    assert shown != bed.bed.hosts[0].images()[0]["id"]  # two stores, two IDs for one image
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+    for host in bed.bed.hosts:
+        host.clear_docker_calls()
+    again = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync")
+    assert again.returncode == 0, again.stderr
+    assert "Image" not in again.stderr
+    assert not any(c[:1] == ["load"] for h in bed.bed.hosts for c in h.docker_calls())
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+# -- eugr's locally built images ------------------------------------------------------
+
+EUGR_RECIPE = """recipe_version: "1"
+model: Qwen/Qwen3-1.7B
+container: vllm-node-tf5
+build_args:
+  - --tf5
+command: vllm serve Qwen/Qwen3-1.7B --host 0.0.0.0 --port 8000
+"""
+BASE_IMAGE = "nvcr.io/nvidia/pytorch:26.01-py3"
+# A stand-in for eugr's build-and-copy.sh: `-t TAG` names the image it builds FROM the NGC PyTorch
+# base, the other arguments are build options (eugr/spark-vllm-docker's README).
+BUILD_SCRIPT = """#!/bin/bash
+set -e
+echo "$@" > "$HOME/build-args"
+while [ $# -gt 0 ]; do case $1 in -t) tag=$2; shift 2;; *) shift;; esac; done
+docker pull {base} >/dev/null
+docker tag {base} "$tag"
+"""
+
+
+def test_eugr_image_nowhere_names_both_ways(bed):
+    recipe = bed.home / "eugr.yaml"
+    recipe.write_text(EUGR_RECIPE)
+    result = run(bed, recipe, "-H", H1, "--no-sync")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: image vllm-node-tf5 is built by eugr's build-and-copy.sh and exists on no host")
+    assert "sparkrun registry add https://github.com/eugr/spark-vllm-docker.git" in last
+    assert f"under 'aliases:' in {bed.home / 'config' / 'images.yaml'}" in last
+
+
+def test_eugr_image_from_an_alias_in_the_configuration(bed):
+    recipe = bed.home / "eugr.yaml"
+    recipe.write_text(EUGR_RECIPE)
+    (bed.home / "config").mkdir(exist_ok=True)
+    (bed.home / "config" / "images.yaml").write_text("aliases:\n  vllm-node-tf5: ghcr.io/lab/vllm-node:tf5\n")
+    bed.bed.hosts[0].add_registry_image("ghcr.io/lab/vllm-node:tf5", size_bytes=1 << 20)
+    result = run(bed, recipe, "-H", f"{H1},{H2}", "--no-sync", "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    for host in bed.bed.hosts[:2]:
+        assert any("vllm-node-tf5:latest" in i["tags"] for i in host.images())
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+def test_eugr_image_built_on_the_head_with_the_recipe_build_args(bed):
+    repo = bed.home / "spark-vllm-docker"
+    (repo / "recipes").mkdir(parents=True)
+    (repo / "recipes" / "tf5.yaml").write_text(EUGR_RECIPE)
+    (repo / "build-and-copy.sh").write_text(BUILD_SCRIPT.format(base=BASE_IMAGE))
+    for argv in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *argv], check=True)
+    assert bed("registry", "add", str(repo), "--name", "eugr", "--path", "recipes").returncode == 0
+    bed.bed.hosts[0].add_registry_image(BASE_IMAGE, size_bytes=1 << 20)
+    result = run(bed, "@eugr/tf5", "-H", f"{H1},{H2}", "--no-sync", "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    assert "building it on" in result.stderr
+    assert (bed.bed.hosts[0].home / "build-args").read_text().split() == ["-t", "vllm-node-tf5", "--tf5"]
+    assert any("vllm-node-tf5:latest" in i["tags"] for i in bed.bed.hosts[1].images())
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
