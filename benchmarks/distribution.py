@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""Model distribution: a generated model (1 GiB by default) from this machine's Hugging Face
-cache to 3 simulated hosts over ssh on loopback, against a plain rsync of the same folder to
-one host; then a second run, which should move nothing.
+"""Model and image distribution: a generated model (256 MiB by default) and a 64 MiB image from this
+machine to 1, 2 and 3 simulated hosts after `setup ssh`, then a second run. Prints the bytes this
+machine sent (against the model and image size), the bytes between hosts and over which addresses
+(the bed's byte meter), the time of the launch's distribution step against plain copies from this
+machine (rsync of the model, docker save | load) to the same hosts, and what the second run moved.
+Every "host" shares this machine's CPU and disk, so times show overheads, not a fabric's speed.
 
-Usage: python3 benchmarks/distribution.py [--gib 1.0]
+Usage: python3 benchmarks/distribution.py [--mib 256]   (SPARKRUN_TEST_BED_OCTET moves the hosts)
 """
 
 import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 
 from common import bed, sparkrun
 
 IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
+IMAGE_SIZE = 64 << 20
 MODEL = "bench/generated-model"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -42,41 +47,82 @@ def make_model(hf_home, size: int) -> None:
         (snapshot / name).symlink_to(f"../../blobs/{blob.name}")
 
 
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def fresh_hosts(testbed, env, hosts: str) -> None:
+    """Hosts without the model or the image, logging in to each other (`setup ssh`)."""
+    testbed.reset(images=True)
+    sparkrun(env, "setup", "ssh", "-H", hosts, "--no-include-self")
+    testbed.meter.reset()
+
+
+def launch(testbed, env, recipe, hosts: str, count: int) -> tuple[float, list]:
+    """(seconds of the launch's distribution step, the bytes each ssh connection carried)."""
+    _, result = sparkrun(env, "run", recipe, "-H", hosts, "--tp", count, "--no-follow", "-v")
+    moved = testbed.transfers()
+    sparkrun(env, "stop", recipe, "-H", hosts)
+    return float(re.search(r"of which ([\d.]+) s image and model distribution", result.stderr)[1]), moved
+
+
+def report(moved: list, payload: int) -> None:
+    from_here = sum(t["sent"] for t in moved if t["from"] == "control")
+    print(f"  this machine sent {mib(from_here)} ({from_here / payload:.3f} x model + image)")
+    for t in sorted((t for t in moved if t["from"] != "control"), key=lambda t: (t["from"], t["to"])):
+        print(f"  host to host: {t['from']} -> {t['to']}: {mib(t['sent'])}")
+
+
+def plain_copy(testbed, env, home, hosts: list) -> float:
+    """The same copies without sparkrun, from this machine to every host in parallel: rsync of
+    the model folder, and `docker save | ssh host docker load`."""
+    ssh = f"ssh -F {testbed.ssh_config}"
+    start = time.perf_counter()
+    jobs = [subprocess.Popen(["bash", "-c", f"rsync -a -e {shlex.quote(ssh)} {shlex.quote(str(home / 'hf' / 'hub'))}/ "
+                                            f"{host}:plain-copy/ && docker save {IMAGE} | {ssh} {host} docker load"],
+                             env=env, stdout=subprocess.DEVNULL) for host in hosts]
+    if any(job.wait() != 0 for job in jobs):
+        raise SystemExit("plain copy failed")
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--mib", type=int, default=256)
     args = parser.parse_args()
-    size = int(args.gib * (1 << 30))
-    with bed(4, first_octet=91) as (testbed, env, home):
-        testbed.add_image(IMAGE)
+    size = args.mib << 20
+    octet = int(os.environ.get("SPARKRUN_TEST_BED_OCTET", "91"))
+    with bed(3, first_octet=octet) as (testbed, env, home):
         make_model(home / "hf", size)
         recipe = home / "bench.yaml"
         recipe.write_text(f"model: {MODEL}\nruntime: vllm\ncontainer: {IMAGE}\ndefaults: {{served_model_name: m}}\n"
                           "command: vllm serve {model} --served-model-name {served_model_name} --host {host} --port {port}\n")
-        hosts = ",".join(h.addr for h in testbed.hosts[:3])
-        wall, result = sparkrun(env, "run", recipe, "-H", hosts, "--tp", 3, "--no-follow")
-        synced = [l for l in result.stderr.splitlines() if "model synced" in l]
-        sparkrun(env, "stop", recipe, "-H", hosts)
-        print(f"first run, {args.gib:g} GiB model to 3 hosts: {wall:.1f} s wall "
-              f"({3 * size / (1 << 20) / wall:.0f} MiB/s aggregate)")
-        for line in synced:
-            print(f"  {line}")
+        payload = size + IMAGE_SIZE
+        install_control_image(env)
+        print(f"model {mib(size)}, image {mib(IMAGE_SIZE)}")
+        for count in (1, 2, 3):
+            addresses = [h.addr for h in testbed.hosts[:count]]
+            hosts = ",".join(addresses)
+            fresh_hosts(testbed, env, hosts)
+            seconds, moved = launch(testbed, env, recipe, hosts, count)
+            print(f"{count} host(s): distribution step {seconds:.1f} s")
+            report(moved, payload)
+            plain = plain_copy(testbed, env, home, addresses)
+            print(f"  plain rsync and docker save | load from this machine to each host in parallel: {plain:.1f} s")
+            testbed.meter.reset()
+            seconds, moved = launch(testbed, env, recipe, hosts, count)
+            between = sum(t["sent"] for t in moved if t["from"] != "control")
+            from_here = sum(t["sent"] for t in moved if t["from"] == "control")
+            print(f"  second run: distribution step {seconds:.2f} s; {between} bytes between hosts; this machine sent "
+                  f"{from_here / 1024:.0f} KiB (its commands: no model or image data)")
 
-        plain_target = testbed.hosts[3]
-        start = time.perf_counter()
-        subprocess.run(["rsync", "-a", "-e", f"ssh -F {testbed.ssh_config}",
-                        str(home / "hf" / "hub") + "/", f"{plain_target.addr}:plain-copy/"], check=True, env=env)
-        plain = time.perf_counter() - start
-        print(f"plain rsync of the same folder to 1 host: {plain:.1f} s ({size / (1 << 20) / plain:.0f} MiB/s)")
 
-        wall, result = sparkrun(env, "run", recipe, "-H", hosts, "--tp", 3, "--no-follow", "-v")
-        moved = sum(int(n.replace(",", "")) for n in re.findall(r"model synced: ([\d,.]+) MiB", result.stderr))
-        skipped = "already on every host" in result.stderr
-        waited = float(re.search(r"([\d.]+) s waiting for the server", result.stderr)[1])
-        distribution = float(re.search(r"of which ([\d.]+) s image and model distribution", result.stderr)[1])
-        sparkrun(env, "stop", recipe, "-H", hosts)
-        print(f"second run: {moved} bytes of model moved (skipped: {skipped}); distribution step {distribution:.2f} s; "
-              f"{wall:.2f} s wall for the whole launch, of which {wall - waited:.2f} s sparkrun's own")
+def install_control_image(env) -> None:
+    """The image in this machine's docker (the stand-in's state of the control machine)."""
+    from testbed.host import install_image
+    from testbed.fakedocker.store import Store
+
+    install_image(Store(env["TESTBED_STATE"]), IMAGE, IMAGE_SIZE)
 
 
 if __name__ == "__main__":
