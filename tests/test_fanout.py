@@ -348,3 +348,60 @@ def test_eugr_image_built_on_the_head_with_the_recipe_build_args(bed):
     assert (bed.bed.hosts[0].home / "build-args").read_text().split() == ["-t", "vllm-node-tf5", "--tf5"]
     assert any("vllm-node-tf5:latest" in i["tags"] for i in bed.bed.hosts[1].images())
     bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+# -- the pure parts -------------------------------------------------------------------
+
+def ib_facts(host, *addresses):
+    ib = tuple(sparkrun.IbDevice(f"roce{i}", "4: ACTIVE", f"enp{i}", a, 3) for i, a in enumerate(addresses))
+    return sparkrun.HostFacts(host, ib=ib, addresses=tuple((f"enp{i}", a) for i, a in enumerate(addresses)))
+
+
+def test_copies_this_machine_sends_once_then_holders_share_out_over_the_fabric():
+    facts = {h: ib_facts(h, f"10.0.0.{n}/24") for n, h in enumerate(["a", "b", "c", "d"], 1)}
+    rounds = sparkrun.plan_copies(["a", "b", "c", "d"], [], facts)
+    assert [[(c.source, c.target, c.address, c.bind) for c in r] for r in rounds] == [
+        [("", "a", "a", "")],
+        [("a", "b", "10.0.0.2", "10.0.0.1"), ("a", "c", "10.0.0.3", "10.0.0.1"), ("a", "d", "10.0.0.4", "10.0.0.1")]]
+    shared = sparkrun.plan_copies(["c", "d"], ["a", "b"], facts)
+    assert [(c.source, c.target) for c in shared[0]] == [("a", "c"), ("b", "d")] and len(shared) == 1
+    # No CX7 subnet in common: the name the host was given, no binding.
+    apart = {"a": ib_facts("a", "10.0.0.1/24"), "b": ib_facts("b", "10.9.0.2/24")}
+    assert sparkrun.fabric_route(apart["a"], apart["b"], "user@b") == ("b", "")
+
+
+def test_image_identity_survives_image_stores_but_not_architectures():
+    overlay = sparkrun.parse_image_info('sha256:c0nf|arm64|[]|["sha256:l1","sha256:l2"]')
+    containerd = sparkrun.parse_image_info('sha256:man1fest|arm64|["r@sha256:1dx"]|["sha256:l1","sha256:l2"]')
+    other_arch = sparkrun.parse_image_info('sha256:x86|amd64|["r@sha256:1dx"]|["sha256:l9"]')
+    assert sparkrun.same_image(overlay, containerd)
+    assert not sparkrun.same_image(containerd, other_arch)  # one index digest, two platforms
+    assert sparkrun.parse_image_info("sha256:1234").as_dict() == {"id": "sha256:1234", "arch": "", "digests": (), "layers": ()}
+    assert sparkrun.parse_image_info("") is None
+
+
+def test_repos_a_command_needs_besides_the_model(tmp_path):
+    recipe = sparkrun.recipe_from_mapping({"model": "org/main", "runtime": "vllm", "container": "i",
+                                           "command": "vllm serve {model}"}, tmp_path / "r.yaml", "Local", "")
+    command = ("vllm serve org/main --speculative-config '{\"model\": \"org/draft\", \"num_speculative_tokens\": 3}' "
+               "--tokenizer=org/tok --speculative-model /models/local-draft")
+    assert [(n.repo, n.role) for n in sparkrun.repo_needs(recipe, command)] == [
+        ("org/main", "model"), ("org/draft", "draft model"), ("org/tok", "tokenizer")]
+    recipe.declared_runtime = "sglang"
+    command = "sglang serve --model-path org/main --speculative-draft-model-path org/eagle --tokenizer-path org/main"
+    assert [n.repo for n in sparkrun.repo_needs(recipe, command)] == ["org/main", "org/eagle"]
+
+
+def test_what_makes_a_usable_snapshot():
+    model = sparkrun.RepoNeed("org/m")
+    weights = {"config.json": 10, "model-1.safetensors": 5, "model-2.safetensors": 5}
+    assert sparkrun.SnapshotCopy("r", {"config.json": 10}).usable(model) is None
+    assert sparkrun.SnapshotCopy("r", weights, frozenset(["model-1.safetensors"])).usable(model) == weights
+    assert sparkrun.SnapshotCopy("r", {"config.json": 10, "model-1.safetensors": 5},
+                                 frozenset(["model-1.safetensors", "model-2.safetensors"])).usable(model) is None
+    gguf = sparkrun.RepoNeed("org/g", gguf_quant="Q4_K")
+    files = {"m-Q4_K.gguf": 1, "m-Q4_K_M.gguf": 2, "mmproj-F16.gguf": 3, "README.md": 4}
+    assert sparkrun.SnapshotCopy("r", files).usable(gguf) == {"m-Q4_K.gguf": 1, "mmproj-F16.gguf": 3}
+    assert sparkrun.SnapshotCopy("r", {"mmproj-F16.gguf": 3}).usable(gguf) is None
+    tokenizer = sparkrun.RepoNeed("org/t", "tokenizer")
+    assert sparkrun.SnapshotCopy("r", {"tokenizer.json": 1}).usable(tokenizer) == {"tokenizer.json": 1}
