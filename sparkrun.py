@@ -3446,12 +3446,11 @@ def rsync_sent(output: str) -> int:
 
 
 class Distribution:
-    """The copies of one launch: who sends what to whom, the one-time hint, the byte counts."""
+    """The copies of one launch: who sends what to whom, and the one-time hint."""
 
     def __init__(self, ssh: SSH, facts: dict, hosts, root: str = ""):
         self.ssh, self.facts, self.hosts, self.root = ssh, facts, list(hosts), root
         self.hinted = False
-        self.sent: dict[tuple[str, str], int] = {}  # (origin, target) -> bytes
 
     def hint_once(self) -> None:
         if not self.hinted:
@@ -3497,7 +3496,6 @@ class Distribution:
             sent = rsync_sent(result.stdout)
         else:
             sent = self.push_model(snapshot, copy.target)
-        self.sent[(copy.origin, copy.target)] = self.sent.get((copy.origin, copy.target), 0) + sent
         elapsed = time.monotonic() - start
         via = f" over {copy.address}" if copy.source else ""
         say(f"[{copy.target}] model synced from {copy.origin}{via}: {sent / 2**20:.1f} MiB in {elapsed:.1f} s "
@@ -3529,19 +3527,15 @@ class Distribution:
         source = holders[0] if holders else next(h for h in self.hosts if h not in targets)
         tar = snapshot_list_script(snapshot, self.root) + 'tar -cf - -T "$list"\n'
         unpack = f"mkdir -p {quote_path(self.root)}/hub/{shlex.quote(snapshot.cache_name)} && cd \"$_\" && tar -xf -"
-        moved = stream_to_hosts(self.ssh, self.ssh.argv(source, ["bash", "-c", shlex.quote(tar)], stream=True),
-                                targets, ["bash", "-c", shlex.quote(unpack)], what=f"model {snapshot.repo}")
-        for target, sent in moved.items():
-            self.sent[(f"{source} via this machine", target)] = sent
+        stream_to_hosts(self.ssh, self.ssh.argv(source, ["bash", "-c", shlex.quote(tar)], stream=True),
+                        targets, ["bash", "-c", shlex.quote(unpack)], what=f"model {snapshot.repo}")
 
 
     def copy_image(self, image: str, copy: Copy) -> int:
         """One image copy: this machine's `docker save` streamed into the target, or the
         source host's streamed over the fabric."""
         if not copy.source:
-            moved = stream_to_hosts(self.ssh, ["docker", "save", image], [copy.target], ["docker", "load"])
-            self.sent[("this machine", copy.target)] = moved[copy.target]
-            return moved[copy.target]
+            return stream_to_hosts(self.ssh, ["docker", "save", image], [copy.target], ["docker", "load"])[copy.target]
         start = time.monotonic()
         load = shlex.join([*peer_ssh_command(self.ssh, copy), "--", copy.address, "docker", "load"])
         result = self.ssh.run(copy.source, through_peer(f"set -o pipefail\ndocker save {shlex.quote(image)} | {load}"),
@@ -3557,9 +3551,7 @@ class Distribution:
         """Without host-to-host logins: one `docker save` here (or on a holder, relayed through
         this machine) streamed to every target at once."""
         source = [] if local else self.ssh.argv(holders[0], ["docker", "save", image], stream=True)
-        moved = stream_to_hosts(self.ssh, source or ["docker", "save", image], targets, ["docker", "load"])
-        for target, sent in moved.items():
-            self.sent[("this machine" if local else f"{holders[0]} via this machine", target)] = sent
+        stream_to_hosts(self.ssh, source or ["docker", "save", image], targets, ["docker", "load"])
 
 
 class LoginRefused(HostError):
@@ -3670,13 +3662,12 @@ def platform_of(facts: HostFacts | None) -> str:
     return f"linux/{facts.docker_arch if facts and facts.docker_arch else SPARK_ARCH}"
 
 
-def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, dist: Distribution | None = None) -> dict:
+def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, dist: Distribution | None = None) -> None:
     """Make every host hold `image` for its own platform, from the best source: a host that has
     it, else this machine (only a copy of the hosts' architecture: an amd64 image loaded onto a
     Spark would replace its arm64 image of that tag), else a pull on the head for its own
     platform, else a pull here with --platform, else `build` (eugr's images). This machine sends
-    at most one `docker save` stream, to one host; hosts copy to each other over the fabric.
-    Returns (origin, target) -> bytes sent from this machine or relayed through it."""
+    at most one `docker save` stream, to one host; hosts copy to each other over the fabric."""
     hosts = list(hosts)
     head = hosts[0]
     arch = {h: facts[h].docker_arch or SPARK_ARCH for h in hosts}
@@ -3688,12 +3679,12 @@ def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, di
     if reference is None:
         reference, local = obtain_image(ssh, image, facts, hosts, build)
         if reference is not local:
-            fits[head] = infos[head] = reference
+            fits[head] = reference
     holders = [h for h in hosts if h in fits and same_image(fits[h], reference)]
     lacking = [h for h in hosts if h not in holders]
-    dist = dist or Distribution(ssh, facts, hosts)
     if not lacking:
-        return dist.sent
+        return
+    dist = dist or Distribution(ssh, facts, hosts)
     origin = ", ".join(holders) if holders else "this machine"
     say(f"Image {image}: copying from {origin} to {', '.join(lacking)}")
     pending = record_pending(f"image {image}", lacking)
@@ -3702,7 +3693,6 @@ def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, di
                         lambda targets: dist.image_fallback(image, holders, targets, bool(local)))
     finally:
         pending.unlink(missing_ok=True)
-    return dist.sent
 
 
 def obtain_image(ssh: SSH, image: str, facts: dict, hosts, build) -> tuple[ImageInfo, ImageInfo | None]:
