@@ -405,3 +405,20 @@ def test_what_makes_a_usable_snapshot():
     assert sparkrun.SnapshotCopy("r", {"mmproj-F16.gguf": 3}).usable(gguf) is None
     tokenizer = sparkrun.RepoNeed("org/t", "tokenizer")
     assert sparkrun.SnapshotCopy("r", {"tokenizer.json": 1}).usable(tokenizer) == {"tokenizer.json": 1}
+
+
+def test_eugr_image_from_an_alias_in_a_registry_manifest(bed):
+    repo = bed.home / "lab-registry"
+    (repo / ".sparkrun").mkdir(parents=True)
+    (repo / "recipes").mkdir()
+    (repo / "recipes" / "tf5.yaml").write_text(EUGR_RECIPE)
+    (repo / ".sparkrun" / "registry.yaml").write_text(
+        "registries:\n  - name: lab\n    recipes: recipes\nimage_aliases:\n  vllm-node-tf5: ghcr.io/lab/vllm-node:tf5\n")
+    for argv in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *argv], check=True)
+    assert bed("registry", "add", str(repo)).returncode == 0
+    bed.bed.hosts[0].add_registry_image("ghcr.io/lab/vllm-node:tf5", size_bytes=1 << 20)
+    result = run(bed, "@lab/tf5", "-H", H1, "--no-sync")
+    assert result.returncode == 0, result.stderr
+    assert f"Image vllm-node-tf5: pulling its alias ghcr.io/lab/vllm-node:tf5 on {H1}" in result.stderr
+    bed("stop", "--all", "-H", H1, check=0)
