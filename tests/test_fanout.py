@@ -250,6 +250,13 @@ def test_a_multi_arch_image_is_never_loaded_in_the_wrong_architecture(mesh):
         install_image(control, VLLM_IMAGE, 1 << 20, registry=True, arch=arch)
     install_image(control, VLLM_IMAGE, 1 << 20, arch="amd64")  # an x86 laptop's `docker pull` got this
     bed.bed.hosts[0].add_registry_image(VLLM_IMAGE, size_bytes=1 << 20)  # the head can pull for itself
+    # What must not happen: an amd64 image on a Spark fails at its first exec.
+    spark = bed.bed.hosts[2]
+    install_image(spark.store, "lab/amd64-only:1", 1024, arch="amd64")
+    tried = spark.ssh("docker run --name tried lab/amd64-only:1 bash -c true; echo exit=$?")
+    assert "exec bash: exec format error" in tried.stdout + tried.stderr and "exit=1" in tried.stdout
+    assert "does not match the detected host platform (linux/arm64/v8)" in tried.stderr
+    spark.ssh("docker rm -f tried; docker rmi lab/amd64-only:1")
     result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", "--no-sync")
     assert result.returncode == 0, result.stderr
     assert f"Image {VLLM_IMAGE}: pulled on {H1}" in result.stderr

@@ -143,6 +143,19 @@ def new_container(store, opts, image, ref, argv, env, mounts):
     }
 
 
+def foreign_platform(store, image, argv):
+    """An image of another architecture (no emulation on the host): docker warns, and the
+    container's first program fails with "exec format error" and exit 1 (moby/moby#33428,
+    e.g. "exec /bin/bash: exec format error")."""
+    arch = image.get("Architecture", "arm64")
+    if arch == store.daemon_arch():
+        return argv
+    host = "linux/arm64/v8" if store.daemon_arch() == "arm64" else f"linux/{store.daemon_arch()}"
+    print(f"WARNING: The requested image's platform (linux/{arch}) does not match the detected host "
+          f"platform ({host}) and no specific platform was requested", file=sys.stderr)
+    return ["/bin/sh", "-c", f"echo 'exec {argv[0]}: exec format error' >&2; exit 1"]
+
+
 def check_gpus(opts):
     if not opts["gpus"]:
         return
@@ -193,6 +206,7 @@ def _run(store, args):
     open(store.log_path(container), "a").close()
     penv = process_env(container["Id"], container["Hostname"], env, mounts)
     workdir = opts["workdir"] if opts["workdir"] and os.path.isdir(opts["workdir"]) else "/"
+    argv = foreign_platform(store, image, argv)
     if opts["detach"]:
         launch.start(store, container, argv, penv, workdir)
         print(container["Id"])
