@@ -1524,7 +1524,7 @@ def gguf_quant_match(relative: str, gguf_quant: str) -> bool:
 def gguf_quant_files(snapshot: Path, gguf_quant: str) -> list[Path]:
     """The .gguf files of one quant, split shards and quant-named subfolders included, in order."""
     return sorted(path for path in snapshot.rglob("*.gguf")
-                  if gguf_quant_match(path.relative_to(snapshot).as_posix(), gguf_quant) and not path.name.lower().startswith("mmproj"))
+                  if gguf_quant_match(path.relative_to(snapshot).as_posix(), gguf_quant) and not is_mmproj(path.name))
 
 
 def cached_weights_bytes(hf_home: Path, repo_id: str, revision: str | None = None,
@@ -2646,8 +2646,8 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     if snapshot and snapshot.gguf_file:
         # llama.cpp would download with -hf; point it at the synced file instead.
         # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
-        projector = (f" --mmproj {snapshot.container_path(snapshot.mmproj_file)}"
-                     if snapshot.mmproj_file and not re.search(r"(?:^|\s)(?:-mm|--mmproj|--no-mmproj)\b", command) else "")
+        named = re.search(r"(?:^|\s)(?:-mm|--mmproj|--no-mmproj)\b", command)
+        projector = f" --mmproj {snapshot.container_path(snapshot.mmproj_file)}" if snapshot.mmproj_file and not named else ""
         command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
                          f"-m {snapshot.container_path(snapshot.gguf_file)}{projector}", command)
     if snapshot and not options.no_sync:
@@ -3461,7 +3461,8 @@ class Distribution:
         """Each round in parallel. A host-to-host copy whose login fails is sent by
         `local_fallback(targets)` instead (this machine, or relayed through it), after one hint."""
         for copies in rounds:
-            results = in_parallel([c.target for c in copies], lambda t: copy_one(next(c for c in copies if c.target == t)))
+            by_target = {c.target: c for c in copies}
+            results = in_parallel(list(by_target), lambda target: copy_one(by_target[target]))
             refused = [t for t, r in results.items() if isinstance(r, LoginRefused)]
             raise_first({t: r for t, r in results.items() if t not in refused})
             if refused:
