@@ -2476,6 +2476,12 @@ def load_runtime(name: str):
     raise UsageError(f"unknown runtime '{name}' (built in: {', '.join(RUNTIMES)})")
 
 
+def with_metrics_flag(command: str, runtime) -> str:
+    """The serve command plus the flag its engine needs to serve /metrics (the runtime's METRICS_FLAG)."""
+    flag = getattr(runtime, "METRICS_FLAG", "")
+    return f"{command} {flag}" if flag and flag not in command.split() else command
+
+
 def cluster_id(runtime: str, model: str, hosts, port, served: str) -> str:
     """Stable for the same launch, so a second `run` finds the first."""
     import hashlib
@@ -2676,12 +2682,13 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                              env=tuple(env), secret_env=tuple(secret_env), mounts=tuple(mounts),
                              labels=labels, privileged=bool(dev and dev.active_ib))
 
-    ctx = LaunchContext(recipe, values, command, hosts, rendezvous, peer_addresses,
+    module = load_runtime(runtime)
+    ctx = LaunchContext(recipe, values, with_metrics_flag(command, module), hosts, rendezvous, peer_addresses,
                         options.init_port or DEFAULT_INIT_PORT.get(runtime, 29501),
                         options.ray_port or DEFAULT_RAY_PORT, options.dashboard,
                         options.dashboard_port or DEFAULT_DASHBOARD_PORT, make_container,
                         1 if solo else data_parallel_size(values, command))
-    steps = tuple(load_runtime(runtime).plan(ctx))
+    steps = tuple(module.plan(ctx))
     readiness = "models" if EMBEDDING_HINTS.search(command) else "generate"
     if mods:
         notes.append(f"mods applied in every container before serving: {', '.join(n for n, _ in mods)}")

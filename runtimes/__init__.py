@@ -8,6 +8,11 @@ A runtime module has:
     EXAMPLES  (nodes, serve command, expected container commands) checked by the test suite.
     DEFAULT_COMMAND  optional: (base command, ((recipe default, flag), ...)), the serve command of
               a recipe without `command`: the base and one flag per default that has a value.
+    METRICS   optional: what `status` reads from the head's Prometheus /metrics: a dict of
+              figure -> metric names, the first one the server exports wins. Figures: running,
+              waiting (requests), prompt_tokens, generation_tokens (counters), kv_cache (0..1).
+    METRICS_FLAG  optional: the serve flag without which the engine serves no /metrics; the
+              serve command gets it unless it has it already.
 
 Third-party runtimes register a module under the entry point group `sparkrun.runtimes`.
 """

@@ -1,5 +1,6 @@
 """llama.cpp's llama-server, solo; experimental multi-node: rpc-server on the workers, and
-`--rpc w1:port,...` on the head once they listen."""
+`--rpc w1:port,...` on the head once they listen. llama-server gets METRICS_FLAG: without it,
+its /metrics answers 501."""
 
 NAME = "llama-cpp"
 
@@ -8,6 +9,15 @@ NAME = "llama-cpp"
 DEFAULT_COMMAND = ("llama-server -hf {model}", (
     ("host", "--host"), ("port", "--port"), ("max_model_len", "--ctx-size"), ("served_model_name", "--alias"),
 ))
+# llama-server's /metrics (llama.cpp tools/server/README.md, "GET /metrics").
+METRICS = {
+    "running": ("llamacpp:requests_processing",),
+    "waiting": ("llamacpp:requests_deferred",),
+    "prompt_tokens": ("llamacpp:prompt_tokens_total",),
+    "generation_tokens": ("llamacpp:tokens_predicted_total",),
+    "kv_cache": ("llamacpp:kv_cache_usage_ratio",),
+}
+METRICS_FLAG = "--metrics"
 
 
 def plan(ctx):
@@ -23,9 +33,10 @@ def plan(ctx):
 
 
 EXAMPLES = [
-    (1, "llama-server -m /m.gguf --port 8000", ["llama-server -m /m.gguf --port 8000"]),
+    (1, "llama-server -m /m.gguf --port 8000", ["llama-server -m /m.gguf --port 8000 --metrics"]),
+    (1, "llama-server -m /m.gguf --metrics", ["llama-server -m /m.gguf --metrics"]),
     (2, "llama-server -m /m.gguf", [
         "rpc-server --host {worker1} --port 50052",
-        "llama-server -m /m.gguf --rpc {worker1}:50052",
+        "llama-server -m /m.gguf --metrics --rpc {worker1}:50052",
     ]),
 ]

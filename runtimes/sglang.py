@@ -3,7 +3,8 @@
 Across nodes, each node advertises SGLANG_HOST_IP (its rendezvous address; SGLang otherwise
 takes the default route's), and the check that refuses to start when the nodes' free memory
 differs by more than ~10% ("The memory capacity is unbalanced") is off: on a Spark, free GPU
-memory includes whatever the page cache holds at that moment.
+memory includes whatever the page cache holds at that moment. Launches get METRICS_FLAG: without
+it SGLang serves no /metrics.
 """
 
 NAME = "sglang"
@@ -18,6 +19,15 @@ DEFAULT_COMMAND = ("python3 -m sglang.launch_server --model-path {model}", (
     ("gpu_memory_utilization", "--mem-fraction-static"), ("max_model_len", "--context-length"),
     ("served_model_name", "--served-model-name"),
 ))
+# SGLang's /metrics (https://docs.sglang.io/references/production_metrics.html).
+METRICS = {
+    "running": ("sglang:num_running_reqs",),
+    "waiting": ("sglang:num_queue_reqs",),
+    "prompt_tokens": ("sglang:prompt_tokens_total",),
+    "generation_tokens": ("sglang:generation_tokens_total",),
+    "kv_cache": ("sglang:token_usage",),
+}
+METRICS_FLAG = "--enable-metrics"
 
 
 def node_env(ctx, rank: int) -> tuple:
@@ -33,9 +43,12 @@ def plan(ctx):
 
 
 EXAMPLES = [
-    (1, "sglang serve --model-path m", ["sglang serve --model-path m"]),
+    (1, "sglang serve --model-path m", ["sglang serve --model-path m --enable-metrics"]),
+    (1, "sglang serve --model-path m --enable-metrics", ["sglang serve --model-path m --enable-metrics"]),
     (2, "sglang serve --model-path m --tp 2", [
-        "sglang serve --model-path m --tp 2 --dist-init-addr {rendezvous}:25000 --nnodes 2 --node-rank 0",
-        "sglang serve --model-path m --tp 2 --dist-init-addr {rendezvous}:25000 --nnodes 2 --node-rank 1",
+        "sglang serve --model-path m --tp 2 --enable-metrics --dist-init-addr {rendezvous}:25000 --nnodes 2 "
+        "--node-rank 0",
+        "sglang serve --model-path m --tp 2 --enable-metrics --dist-init-addr {rendezvous}:25000 --nnodes 2 "
+        "--node-rank 1",
     ]),
 ]

@@ -52,6 +52,15 @@ DEFAULT_COMMAND = ("vllm serve {model}", (
     ("gpu_memory_utilization", "--gpu-memory-utilization"), ("max_model_len", "--max-model-len"),
     ("served_model_name", "--served-model-name"),
 ))
+# vLLM's /metrics (https://docs.vllm.ai/en/stable/usage/metrics/); V1 engines renamed
+# gpu_cache_usage_perc to kv_cache_usage_perc.
+METRICS = {
+    "running": ("vllm:num_requests_running",),
+    "waiting": ("vllm:num_requests_waiting",),
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "generation_tokens": ("vllm:generation_tokens_total",),
+    "kv_cache": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+}
 
 
 def plan(ctx):
