@@ -11,7 +11,8 @@ import shutil
 
 MELLANOX, REALTEK = "0x15b3", "0x10ec"
 DEFAULT_GPU = {"name": "NVIDIA GB10", "memory_mib": 122572, "count": 1,
-               "driver": "580.95.05", "cuda": "13.0", "uuid": "5e1f0c2a-77d3-4b1e-9a60"}
+               "driver": "580.95.05", "cuda": "13.0", "uuid": "5e1f0c2a-77d3-4b1e-9a60",
+               "unified_memory": True}  # memory.total/used: [N/A], as on a DGX Spark
 MGMT_IF = "enP7s7"
 
 

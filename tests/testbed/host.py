@@ -201,9 +201,10 @@ class Host:
         """facts/links.json: netdev -> link-local addresses answering on its cable."""
         (self.root / "facts" / "links.json").write_text(json.dumps(links))
 
-    def set_gpu(self, name="NVIDIA GB10", memory_mib=122572, count=1, free_mib=None):
+    def set_gpu(self, name="NVIDIA GB10", memory_mib=122572, count=1, free_mib=None, unified_memory=True):
         """free_mib: GPU memory free to an engine (less when the page cache holds more)."""
-        self._gpu = dict(facts.DEFAULT_GPU, name=name, memory_mib=memory_mib, count=count)
+        self._gpu = dict(facts.DEFAULT_GPU, name=name, memory_mib=memory_mib, count=count,
+                         unified_memory=unified_memory)
         if free_mib is not None:
             self._gpu["free_mib"] = free_mib
         self._write_facts()

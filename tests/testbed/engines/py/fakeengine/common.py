@@ -67,7 +67,7 @@ def host_path(path):
 
 def start_faults(error_line):
     """Apply engine faults: engine_exit (prints error_line, exits 1),
-    engine_slow_ready, engine_crash_after."""
+    engine_slow_ready, engine_crash_after, engine_crash (exits 1 as soon as it is set)."""
     if fault("engine_exit") is not None:
         die(error_line)
     slow = fault("engine_slow_ready")
@@ -80,6 +80,15 @@ def start_faults(error_line):
             log("ERROR: engine core died unexpectedly (engine_crash_after fault)")
             os._exit(1)
         threading.Thread(target=crash_later, daemon=True).start()
+    threading.Thread(target=crash_when_told, daemon=True).start()
+
+
+def crash_when_told():
+    """The engine core dying under a running server (faults/engine_crash), checked 5 times a second."""
+    while fault("engine_crash") is None:
+        time.sleep(0.2)
+    log("ERROR: engine core died unexpectedly (engine_crash fault)")
+    os._exit(1)
 
 
 def loose_args(argv, values=(), bools=()):

@@ -3,12 +3,16 @@ import os
 import sys
 import threading
 
-from . import distributed, openai, rendezvous
+from . import distributed, metrics, openai, rendezvous
 from .common import check_model_path, die, log, loose_args, real_addr, start_faults
 
 SERVER_VALUES = {"m", "model", "hf", "hf-repo", "hfr", "a", "alias", "host", "port", "rpc",
                  "c", "ctx-size", "ngl", "n-gpu-layers"}
+SERVER_BOOLS = {"metrics"}
 RPC_VALUES = {"H", "host", "p", "port", "c", "cache"}
+# tools/server/server.cpp, without --metrics
+NO_METRICS = (501, {"error": {"code": 501, "message": "This server does not support metrics endpoint. "
+                              "Start it with `--metrics`", "type": "not_supported_error"}})
 
 
 def connect_rpc(servers):
@@ -27,7 +31,7 @@ def connect_rpc(servers):
 
 
 def server_main(argv=None):
-    opts, _ = loose_args(sys.argv[1:] if argv is None else argv, SERVER_VALUES)
+    opts, _ = loose_args(sys.argv[1:] if argv is None else argv, SERVER_VALUES, SERVER_BOOLS)
     model = opts.get("m") or opts.get("model")
     repo = opts.get("hf") or opts.get("hf-repo") or opts.get("hfr")
     if not model and not repo:
@@ -40,7 +44,10 @@ def server_main(argv=None):
     links = connect_rpc(opts.get("rpc") or "")
     log(f"llama_model_loader: loaded meta data from {model or repo} ({len(links)} RPC servers)")
     model_id = opts.get("a") or opts.get("alias") or model or repo
-    openai.serve(openai.Served("llamacpp", model_id, model or repo), real_addr(host), port, [
+    metrics.hold_gpu_memory(0.1, "llama-server")
+    meter = metrics.Meter(metrics.LLAMACPP) if opts.get("metrics") else None
+    served = openai.Served("llamacpp", model_id, model or repo, meter=meter, no_metrics=NO_METRICS)
+    openai.serve(served, real_addr(host), port, [
         f"main: server is listening on http://{host}:{port} - starting the main loop",
         "srv  update_slots: all slots are idle"])
     return 0

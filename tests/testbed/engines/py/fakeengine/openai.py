@@ -10,9 +10,11 @@ from .common import die, fault, log
 class Served:
     """What the server reports: model id and engine details."""
 
-    def __init__(self, engine, model_id, root=None, max_len=32768):
+    def __init__(self, engine, model_id, root=None, max_len=32768, meter=None, no_metrics=(404, {"detail": "Not Found"})):
         self.engine, self.model_id, self.root, self.max_len = engine, model_id, root, max_len
         self.generate = fault("no_generate") is None
+        self.meter = meter  # None: /metrics answers no_metrics (code, body), as the engine does
+        self.no_metrics = no_metrics
 
     def models(self):
         return {"object": "list", "data": [{
@@ -23,6 +25,8 @@ class Served:
     def completion(self, request, chat):
         text = f"Hello from {self.engine}."
         usage = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+        if self.meter:
+            self.meter.serve(usage["prompt_tokens"], usage["completion_tokens"])
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": "stop"} if chat else
                   {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
@@ -56,10 +60,22 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"status": "ok"})
         elif path == "/v1/models":
             self.send_json(200, served.models())
+        elif path == "/metrics":
+            self.send_metrics(served)
         elif path in ("/version", "/get_model_info", "/props"):
             self.send_json(200, {"version": "fake", "model_path": served.root or served.model_id})
         else:
             self.send_json(404, {"detail": "Not Found"})
+
+    def send_metrics(self, served):
+        if not served.meter:
+            return self.send_json(*served.no_metrics)
+        data = served.meter.render().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self):
         served = self.server.served

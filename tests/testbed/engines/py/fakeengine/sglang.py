@@ -2,13 +2,13 @@
 import os
 import sys
 
-from . import distributed, openai
+from . import distributed, metrics, openai
 from .common import advertised_ip, check_model_path, die, gpu_free_mib, log, loose_args, real_addr, start_faults
 
 IMBALANCE_CHECK = "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"
 
 VALUES = {"model-path", "model", "served-model-name", "host", "port", "tp", "tp-size",
-          "nnodes", "node-rank", "dist-init-addr"}
+          "nnodes", "node-rank", "dist-init-addr", "mem-fraction-static"}
 BOOLS = {"trust-remote-code", "enable-metrics"}
 
 
@@ -30,7 +30,10 @@ def launch_server(args):
         group = distributed.head(int(dist_port), nnodes - 1, "sglang", advertised_ip("SGLANG_HOST_IP", "HOST_IP"))
         check_memory_balance([gpu_free_mib()] + [m.get("free_mib", 0) for m in group.members.values()])
     log("Load weight end. type=FakeModel, avail mem=100.00 GB")
-    openai.serve(openai.Served("sglang", opts.get("served-model-name") or model, model),
+    name = opts.get("served-model-name") or model
+    metrics.hold_gpu_memory(opts.get("mem-fraction-static") or 0.85, "sglang::scheduler")
+    meter = metrics.Meter(metrics.SGLANG, f'model_name="{name}"') if opts.get("enable-metrics") else None
+    openai.serve(openai.Served("sglang", name, model, meter=meter),
                  real_addr(host), port, [
                      f"INFO:     Started server process [{os.getpid()}]",
                      "INFO:     Application startup complete.",

@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from . import distributed, openai, ray, rendezvous
+from . import distributed, metrics, openai, ray, rendezvous
 from .common import (advertised_ip, check_model_path, die, local_devices, log, loose_args, real_addr,
                      start_faults)
 
@@ -17,7 +17,7 @@ WORKER_SPECIFIC = {"VLLM_HOST_IP", "VLLM_HOST_PORT", "LOCAL_RANK", "CUDA_VISIBLE
 PLACEMENT_GROUP_WAIT_S = float(os.environ.get("TESTBED_PLACEMENT_GROUP_WAIT", "3"))
 
 VERSION = "0.11.0"
-VALUES = {"model", "served-model-name", "host", "port", "nnodes", "node-rank",
+VALUES = {"model", "served-model-name", "host", "port", "nnodes", "node-rank", "gpu-memory-utilization",
           "master-addr", "master-port", "tensor-parallel-size", "tp",
           "pipeline-parallel-size", "pp", "distributed-executor-backend", "max-model-len",
           "data-parallel-size", "dp", "data-parallel-size-local", "data-parallel-address",
@@ -56,7 +56,9 @@ def serve(args):
     vlog(f"Starting vLLM API server 0 on http://{opts.get('host') or '0.0.0.0'}:{port}",
          "launcher.py:34")
     bind = real_addr(opts.get("host") or "")
-    openai.serve(openai.Served("vllm", name, model), bind, port, [
+    metrics.hold_gpu_memory(opts.get("gpu-memory-utilization") or 0.9, "VLLM::EngineCore")
+    meter = metrics.Meter(metrics.VLLM, f'engine="0",model_name="{name}"')
+    openai.serve(openai.Served("vllm", name, model, meter=meter), bind, port, [
         f"INFO:     Started server process [{os.getpid()}]",
         "INFO:     Waiting for application startup.",
         "INFO:     Application startup complete.",
