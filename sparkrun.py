@@ -1956,6 +1956,12 @@ class HostFacts(Record):
     listening: tuple = ()  # (address, port) of listening TCP sockets
     images: tuple = ()  # (image, IMAGE_FORMAT line or "")
     docker_arch: str = ""  # the docker daemon's platform architecture (arm64 on a Spark)
+    # The status probe's (monitor=True) figures:
+    clock: float = 0.0  # the host's time, epoch seconds
+    mem_available_mib: int | None = None
+    gpu_load: tuple = ()  # GpuLoad per GPU
+    gpu_processes: tuple = ()  # (pid, MiB) of the processes holding GPU memory
+    engines: dict = {}  # container name -> ContainerProbe
 
     @property
     def active_ib(self) -> list[IbDevice]:
@@ -1994,11 +2000,13 @@ class HostFacts(Record):
         return info.id if info else ""
 
 
-def probe_script(images: tuple = ()) -> str:
+def probe_script(images: tuple = (), metric_names: tuple = ()) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
-    raw outputs are parsed here, so a probe starts few processes on the host."""
+    raw outputs are parsed here, so a probe starts few processes on the host. With metric_names
+    (the status probe) it also reports the host's load and each sparkrun container's health,
+    with those figures from the head's /metrics (see monitor_pipes)."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format {shlex.quote(IMAGE_FORMAT)} "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
@@ -2026,8 +2034,59 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker{" /dev/fd/$images" if images else ""}
+{monitor_pipes(metric_names) + MONITOR_BUILTINS if metric_names else ""}\
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker{" /dev/fd/$images" if images else ""}\
+{" /dev/fd/$gpu_load /dev/fd/$gpu_processes /dev/fd/$engines" if metric_names else ""}
 echo @@end
+"""
+
+
+METRICS_TIMEOUT_S = 3
+FAILED_LOG_LINES = 8
+METRIC_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+# Bash builtins only: the host's clock (for uptimes and rates) and its available memory.
+MONITOR_BUILTINS = """\
+echo @@clock; echo "${EPOCHREALTIME:-$(date +%s.%N)}"
+echo @@meminfo
+while read -r key value _; do [ "$key" = MemAvailable: ] && echo "$value"; done < /proc/meminfo
+"""
+
+
+def monitor_pipes(metric_names: tuple) -> str:
+    """The status probe's pipes, started with the others: the GPU's load, the processes holding
+    GPU memory (on a DGX Spark, the only memory figure nvidia-smi has), and per sparkrun container
+    its state; for a running head, the HTTP status and the lines of metric_names of its /metrics
+    (asked from the host itself, on 127.0.0.1 and then the head's address, so it works whether or
+    not the endpoint is reachable from here); for a stopped container, its last log lines."""
+    names = "|".join(n for n in metric_names if METRIC_NAME.fullmatch(n))
+    container_format = ("{{.Name}}|{{.State.Status}}|{{.State.ExitCode}}|{{.RestartCount}}|{{.State.StartedAt}}|"
+                        '{{index .Config.Labels "sparkrun.role"}}|{{index .Config.Labels "sparkrun.port"}}|'
+                        '{{index .Config.Labels "sparkrun.head"}}')
+    return f"""\
+exec {{gpu_load}}< <(echo @@gpu_load; nvidia-smi --query-gpu=memory.used,utilization.gpu,temperature.gpu,power.draw --format=csv,noheader,nounits 2>/dev/null)
+exec {{gpu_processes}}< <(echo @@gpu_processes; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null)
+exec {{engines}}< <(echo @@engines
+metrics() {{
+  for address in 127.0.0.1 "$3"; do
+    {{ exec 3<>"/dev/tcp/$address/$2"; }} 2>/dev/null || continue
+    printf 'GET /metrics HTTP/1.0\\r\\nHost: %s:%s\\r\\nConnection: close\\r\\n\\r\\n' "$address" "$2" >&3
+    timeout {METRICS_TIMEOUT_S} grep -E '^(HTTP/|({names})[{{ ])' <&3 | while IFS= read -r line; do echo "metric|$1|${{line%$'\\r'}}"; done
+    exec 3<&-
+    return
+  done
+  echo "metric|$1|"
+}}
+ids=$(docker ps -aq --filter label=sparkrun.cluster 2>/dev/null)
+[ -n "$ids" ] && docker inspect --format {shlex.quote(container_format)} $ids 2>/dev/null |
+while IFS='|' read -r name state code restarts started role port head; do
+  name=${{name#/}}
+  echo "container|$name|$state|$code|$restarts|$started"
+  if [ "$state" != running ]; then
+    docker logs --tail {FAILED_LOG_LINES} "$name" 2>&1 | while IFS= read -r line; do echo "log|$name|$line"; done
+  elif [ "$role" = head ] && [ -n "$port" ]; then
+    metrics "$name" "$port" "${{head##*@}}"
+  fi
+done)
 """
 
 
@@ -2036,7 +2095,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
     current = None
     for line in output.splitlines():
         marker = line[2:] if line.startswith("@@") else ""
-        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "end"):
+        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "end", "clock",
+                      "meminfo", "gpu_load", "gpu_processes", "engines"):
             current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
@@ -2064,7 +2124,88 @@ def parse_probe(host: str, output: str) -> HostFacts:
                       if len(f) > 3 and f[0] == "LISTEN")
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
                      (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images,
-                     (sections.get("arch") or [""])[0].strip())
+                     (sections.get("arch") or [""])[0].strip(),
+                     clock=parse_clock(sections.get("clock", [])),
+                     mem_available_mib=parse_mem_available(sections.get("meminfo", [])),
+                     gpu_load=parse_gpu_load(sections.get("gpu_load", [])),
+                     gpu_processes=parse_gpu_processes(sections.get("gpu_processes", [])),
+                     engines=parse_engines(sections.get("engines", [])))
+
+
+class GpuLoad(Record):
+    """One GPU's figures; None where nvidia-smi says [N/A] (a DGX Spark's memory.used)."""
+    memory_used_mib: float | None
+    utilization: float | None  # percent
+    temperature: float | None  # degrees C
+    power: float | None  # watts
+
+
+class ContainerProbe(Record, mutable=True):
+    """One sparkrun container as the status probe saw it."""
+    state: str  # docker's: running, exited, restarting, dead, created, paused
+    exit_code: str
+    restarts: int
+    started: str  # RFC 3339
+    http_status: int | None = None  # of the head's /metrics; None: not answering
+    metrics: list = []  # its lines of the asked metric names
+    logs: list = []  # last log lines, when not running
+
+
+def number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # [N/A], [Not Supported]
+        return None
+
+
+def parse_clock(lines: list[str]) -> float:
+    """$EPOCHREALTIME (a comma in some locales)."""
+    return (number_or_none(lines[0].replace(",", ".")) or 0.0) if lines else 0.0
+
+
+def parse_mem_available(lines: list[str]) -> int | None:
+    """/proc/meminfo's MemAvailable, in kB, to MiB."""
+    return int(lines[0]) // 1024 if lines and lines[0].isdigit() else None
+
+
+def parse_gpu_load(lines: list[str]) -> tuple:
+    """`nvidia-smi --query-gpu=memory.used,utilization.gpu,temperature.gpu,power.draw
+    --format=csv,noheader,nounits`: "[N/A], 96, 61, 87.35" on a DGX Spark."""
+    return tuple(GpuLoad(*(number_or_none(v.strip()) for v in (line.split(",") + ["", "", ""])[:4]))
+                 for line in lines if line.strip())
+
+
+def parse_gpu_processes(lines: list[str]) -> tuple:
+    """`nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits`: "4242, 110315"."""
+    found = []
+    for line in lines:
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and number_or_none(mib.strip()) is not None:
+            found.append((int(pid), float(mib)))
+    return tuple(found)
+
+
+def parse_engines(lines: list[str]) -> dict:
+    """The engines pipe's "container|...", "metric|name|line" and "log|name|line" lines."""
+    probes: dict[str, ContainerProbe] = {}
+    for line in lines:
+        kind, _, rest = line.partition("|")
+        if kind == "container":
+            name, state, code, restarts, started = (rest.split("|") + [""] * 4)[:5]
+            probes[name] = ContainerProbe(state, code, int(restarts) if restarts.isdigit() else 0, started)
+            continue
+        name, _, text = rest.partition("|")
+        probe = probes.get(name)
+        if probe is None:
+            continue
+        if kind == "log":
+            probe.logs.append(text)
+        elif kind == "metric" and text.startswith("HTTP/"):
+            status = text.split()[1:2]
+            probe.http_status = int(status[0]) if status and status[0].isdigit() else None
+        elif kind == "metric" and text:
+            probe.metrics.append(text)
+    return probes
 
 
 def listen_address(local: str) -> tuple[str, int]:
@@ -2079,8 +2220,8 @@ def listen_address(local: str) -> tuple[str, int]:
     return address, int(port)
 
 
-def probe_hosts(ssh: SSH, hosts, images: tuple = ()) -> dict[str, HostFacts | HostError]:
-    results = ssh.run_all(list(hosts), probe_script(images), timeout=SSH_CONNECT_TIMEOUT + 20)
+def probe_hosts(ssh: SSH, hosts, images: tuple = (), metric_names: tuple = ()) -> dict[str, HostFacts | HostError]:
+    results = ssh.run_all(list(hosts), probe_script(images, metric_names), timeout=SSH_CONNECT_TIMEOUT + 20)
     facts = {}
     for host, result in results.items():
         if not isinstance(result, HostError) and "@@end" not in result.stdout:
@@ -6311,10 +6452,13 @@ def add_setup_parsers(sub, command, host_options) -> None:
 # ---------------------------------------------------------------------------
 
 def print_table(rows: list[list[str]], headers: list[str]) -> None:
+    header, *lines = table_lines(rows, headers)
+    print("\n".join([bold(header), *lines]))
+
+
+def table_lines(rows: list[list[str]], headers: list[str]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    print(bold("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
 
 
 def cmd_list(args) -> int:
@@ -6564,24 +6708,195 @@ def cmd_logs(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if args.check and (args.watch is not None or args.no_probe):
+        raise UsageError("--check needs one probed status: drop --watch and --no-probe")
+    if args.watch is not None and args.watch < MIN_WATCH_S:
+        raise UsageError(f"--watch takes at least {MIN_WATCH_S} seconds between refreshes")
     selection = select_hosts(args)
-    ssh = SSH(selection.user, args.verbose)
-    facts = probe_hosts(ssh, selection.hosts)
-    workloads = collect_workloads(facts)
-    if not args.no_probe:
-        for workload in workloads:
-            workload["ready"] = not probe_ready(workload["endpoint"], workload["served_model"], "models")
+    monitor = StatusMonitor(SSH(selection.user, args.verbose), selection.hosts, not args.no_probe,
+                            args.stall_after)
+    if args.watch is not None:
+        return watch_status(monitor, args.watch, args.count, args.json)
+    facts, workloads = monitor.refresh()
     pending = pending_operations()
     down = [h for h, f in facts.items() if isinstance(f, HostError)]
     if args.json:
-        print(json.dumps({"hosts": [host_status_dict(h, f) for h, f in facts.items()],
-                          "workloads": workloads, "pending": pending}, indent=2))
+        print(json.dumps(status_dict(facts, workloads, pending), indent=2))
     else:
-        print_status(facts, workloads, pending)
+        print("\n".join(status_lines(facts, workloads, pending)))
+    unhealthy = [w for w in workloads if w.get("health") not in HEALTHY]
+    if args.check and unhealthy:
+        for w in unhealthy:
+            print(unhealthy_message(w), file=sys.stderr)
+        return UNHEALTHY_EXIT
     return PARTIAL_EXIT if down else 0
 
 
 PARTIAL_EXIT = 3
+UNHEALTHY_EXIT = 4
+HEALTHY = ("ready", "busy")
+STALL_AFTER_S = 60.0
+MIN_WATCH_S = 0.2
+
+
+def unhealthy_message(workload: dict) -> str:
+    return f"Unhealthy: {workload['recipe']} at {workload['endpoint']} is {workload['health']}: {workload['reason']}"
+
+
+class StatusMonitor:
+    """One refresh = one probe round trip per host (host figures, containers, the heads' /metrics),
+    then each workload's health from it and from the previous samples (rates, stall clocks),
+    which are kept in the cache folder so that separate `status` runs see them too."""
+
+    def __init__(self, ssh: SSH, hosts: list, probe: bool, stall_after: float):
+        self.ssh, self.hosts, self.probe, self.stall_after = ssh, hosts, probe, stall_after
+        self.metric_names = runtime_metric_names() if probe else ()
+        self.samples_path = cache_dir() / "status-samples.json"
+
+    def refresh(self) -> tuple[dict, list]:
+        facts = probe_hosts(self.ssh, self.hosts, metric_names=self.metric_names)
+        workloads = collect_workloads(facts)
+        if self.probe:
+            samples = read_json_file(self.samples_path)
+            for workload in workloads:
+                assess_workload(workload, facts, samples, self.stall_after)
+            write_json_file(self.samples_path, {k: v for k, v in samples.items()
+                                                if v.get("at", 0) > time.time() - SAMPLES_KEPT_S})
+        return facts, workloads
+
+
+SAMPLES_KEPT_S = 86400
+
+
+def read_json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_file(path: Path, data: dict) -> None:
+    """Atomically: a concurrent reader sees the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(data))
+    temporary.replace(path)
+
+
+def runtime_metric_names() -> tuple:
+    """Every metric name the built-in runtimes read: what the status probe keeps of /metrics."""
+    names: list[str] = []
+    for runtime in RUNTIMES:
+        for options in getattr(load_runtime(runtime), "METRICS", {}).values():
+            names += [n for n in options if n not in names]
+    return tuple(names)
+
+
+def runtime_metrics(runtime: str) -> dict:
+    try:
+        return getattr(load_runtime(runtime), "METRICS", {})
+    except UsageError:  # a runtime not installed here
+        return {}
+
+
+PROMETHEUS_SAMPLE = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def engine_figures(lines: list[str], metrics: dict) -> dict:
+    """Prometheus text lines to {figure: value} by a runtime's METRICS: of a figure's names, the
+    first one present counts; its samples (one per engine or label set) add up, except the KV
+    cache usage, where the fullest counts."""
+    samples: dict[str, list[float]] = {}
+    for line in lines:
+        match = PROMETHEUS_SAMPLE.match(line)
+        if match and number_or_none(match.group(3)) is not None:
+            samples.setdefault(match.group(1), []).append(float(match.group(3)))
+    figures = {}
+    for figure, names in metrics.items():
+        name = next((n for n in names if n in samples), None)
+        if name:
+            figures[figure] = (max if figure == "kv_cache" else sum)(samples[name])
+    return figures
+
+
+def rfc3339_epoch(text: str) -> float | None:
+    """docker's StartedAt ("2026-11-28T09:51:53.123456789Z"); None for Go's zero time."""
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.year > 1 else None
+
+
+def assess_workload(workload: dict, facts: dict, samples: dict, stall_after: float) -> None:
+    """Add health, reason, uptime and the engine's figures to a workload (from collect_workloads).
+
+    failed: a container is not running, or restarted (with its last log lines); starting: the
+    head's server does not answer yet (or answers 503 while loading); stalled: requests run or
+    wait but generated tokens have not moved for stall_after seconds; busy: requests run or wait;
+    ready: idle."""
+    probes = [(c, facts[c["host"]].engines.get(c["name"])) for c in workload["containers"]]
+    head_container, head = next(((c, p) for c, p in probes if c["role"] == "head"), probes[0])
+    clock = facts[head_container["host"]].clock
+    started = rfc3339_epoch(head.started) if head else None
+    workload.update(health="", reason="", uptime_s=round(clock - started, 1) if started and clock else None,
+                    requests_running=None, requests_waiting=None, prompt_tokens_per_s=None,
+                    generation_tokens_per_s=None, interval_s=None, kv_cache_usage=None, last_log_lines=[])
+    broken = next(((c, p) for c, p in probes if p is None or p.state != "running" or p.restarts), None)
+    if broken:
+        container, probe = broken
+        workload.update(health="failed", reason=container_failure(container, probe),
+                        last_log_lines=probe.logs if probe else [])
+    elif head.http_status is None or head.http_status == 503:
+        port = workload["endpoint"].rpartition(":")[2].partition("/")[0]
+        workload.update(health="starting", reason=f"not answering on port {port} yet" if head.http_status is None
+                        else "loading (HTTP 503)")
+    else:
+        figures = engine_figures(head.metrics, runtime_metrics(workload["runtime"]))
+        assess_engine(workload, figures, samples, clock, stall_after)
+        if head.http_status != 200:
+            workload["reason"] = f"no engine figures (/metrics answered HTTP {head.http_status})"
+    workload["ready"] = workload["health"] in HEALTHY
+
+
+def container_failure(container: dict, probe) -> str:
+    where = f"container {container['name']} on {container['host']}"
+    if probe is None:
+        return f"{where} is gone"
+    if probe.state == "running":
+        return f"{where} restarted {probe.restarts} time{'s' * (probe.restarts != 1)}"
+    return f"{where} is {probe.state} (exit code {probe.exit_code})"
+
+
+def assess_engine(workload: dict, figures: dict, samples: dict, clock: float, stall_after: float) -> None:
+    """busy, stalled or ready from the engine's figures; rates since the previous sample."""
+    running, waiting = int(figures.get("running", 0)), int(figures.get("waiting", 0))
+    prompt, generated = figures.get("prompt_tokens"), figures.get("generation_tokens")
+    previous = samples.get(workload["cluster_id"]) or {}
+    interval = clock - previous.get("at", clock)
+    if interval > 0 and generated is not None and generated >= previous.get("generation", math.inf):
+        workload.update(interval_s=round(interval, 2),
+                        generation_tokens_per_s=round((generated - previous["generation"]) / interval, 1))
+        if prompt is not None and prompt >= previous.get("prompt", math.inf):
+            workload["prompt_tokens_per_s"] = round((prompt - previous["prompt"]) / interval, 1)
+    # The stall clock runs while requests are there and the generated-token counter stays still.
+    idle = running + waiting == 0
+    moved = clock if idle or not previous or generated != previous.get("generation") else previous["moved"]
+    samples[workload["cluster_id"]] = {"at": clock, "prompt": prompt, "generation": generated, "moved": moved}
+    workload.update(requests_running=running if "running" in figures else None,
+                    requests_waiting=waiting if "waiting" in figures else None,
+                    kv_cache_usage=figures.get("kv_cache"))
+    still = clock - moved
+    if idle:
+        workload["health"] = "ready"
+    elif generated is not None and still >= stall_after:
+        workload.update(health="stalled", reason=f"{running} running, {waiting} waiting, and no token generated "
+                                                 f"for {still:.0f} s")
+    else:
+        workload["health"] = "busy"
 
 
 def collect_workloads(facts: dict) -> list[dict]:
@@ -6604,16 +6919,55 @@ def collect_workloads(facts: dict) -> list[dict]:
     return list(groups.values())
 
 
+def gpu_memory_used_mib(fact: HostFacts) -> float | None:
+    """What the GPUs report in use; on a DGX Spark ([N/A]: unified memory), the sum of what
+    the processes holding GPU memory use."""
+    reported = [g.memory_used_mib for g in fact.gpu_load if g.memory_used_mib is not None]
+    if reported:
+        return sum(reported)
+    return sum(mib for _, mib in fact.gpu_processes) if fact.gpu_load else None
+
+
 def host_status_dict(host: str, fact) -> dict:
     if isinstance(fact, HostError):
         return {"host": host, "reachable": False, "error": str(fact)}
-    return {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
-            "gpu": fact.gpu, "docker_error": fact.docker_error,
-            "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers)}
+    found = {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
+             "gpu": fact.gpu, "docker_error": fact.docker_error,
+             "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers)}
+    if fact.clock:
+        first = fact.gpu_load[0] if fact.gpu_load else GpuLoad(None, None, None, None)
+        found.update(gpu_memory_used_mib=gpu_memory_used_mib(fact), gpu_utilization=first.utilization,
+                     gpu_temperature_c=first.temperature, gpu_power_w=first.power,
+                     gpu_processes=[{"pid": pid, "used_mib": mib} for pid, mib in fact.gpu_processes],
+                     mem_available_mib=fact.mem_available_mib)
+    return found
 
 
-def print_status(facts: dict, workloads: list, pending: list) -> None:
-    rows = []
+def status_dict(facts: dict, workloads: list, pending: list) -> dict:
+    return {"hosts": [host_status_dict(h, f) for h, f in facts.items()], "workloads": workloads, "pending": pending}
+
+
+def gib(mib) -> str:
+    return "-" if mib is None else f"{mib / 1024:.1f} GiB"
+
+
+def figure(value, unit: str = "", digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, hours, minutes = seconds // 86400, seconds // 3600 % 24, seconds // 60 % 60
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds % 60, "s")]
+    shown = [f"{n}{u}" for n, u in parts if n][:2]
+    return " ".join(shown) or "0s"
+
+
+def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
+    """The status as plain text lines (printed, or drawn by the live view)."""
+    rows, loads = [], []
     for host, fact in facts.items():
         if isinstance(fact, HostError):
             rows.append([host, "UNREACHABLE", "", "", str(fact).partition(": ")[2]])
@@ -6621,17 +6975,84 @@ def print_status(facts: dict, workloads: list, pending: list) -> None:
         ib = ", ".join(f"{d.netdev} {d.ipv4}" for d in fact.active_ib) or "none"
         state = "docker error" if fact.docker_error else "ok"
         rows.append([host, state, fact.management_ip, ib, fact.gpu or "no GPU found"])
-    print_table(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
-    print()
+        if fact.clock:
+            first = fact.gpu_load[0] if fact.gpu_load else GpuLoad(None, None, None, None)
+            holders = f" ({len(fact.gpu_processes)} proc)" if fact.gpu_processes else ""
+            loads.append([host, gib(gpu_memory_used_mib(fact)) + holders, figure(first.utilization, " %"),
+                          figure(first.temperature, " C"), figure(first.power, " W", 1), gib(fact.mem_available_mib)])
+    lines = table_lines(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
+    if loads:
+        lines += [""] + table_lines(loads, ["HOST", "GPU MEMORY USED", "GPU UTIL", "TEMP", "POWER", "MEMORY AVAILABLE"])
+    lines.append("")
     if not workloads:
-        print("No sparkrun workloads running.")
+        lines.append("No sparkrun workloads running.")
     for w in workloads:
-        ready = {True: "ready", False: "not answering"}.get(w.get("ready"), "")
-        print(f"{w['recipe']} ({w['runtime']})  {w['endpoint']}  model {w['served_model']}  {ready}")
+        lines.append(f"{w['recipe']} ({w['runtime']})  {w['endpoint']}  model {w['served_model']}"
+                     + (f"  {w['health']}" if w.get("health") else ""))
+        if w.get("health"):
+            lines.append("  " + workload_figures(w))
         for c in w["containers"]:
-            print(f"  [{c['host']}] {c['name']}  {c['role']}  {c['image']}  {c['status']}")
-    for op in pending:
-        print(f"Pending: {op['what']} (pid {op['pid']}) to {', '.join(op['hosts'])}")
+            lines.append(f"  [{c['host']}] {c['name']}  {c['role']}  {c['image']}  {c['status']}")
+        lines += [f"    | {line}" for line in w.get("last_log_lines", [])]
+    lines += [f"Pending: {op['what']} (pid {op['pid']}) to {', '.join(op['hosts'])}" for op in pending]
+    return lines
+
+
+def workload_figures(w: dict) -> str:
+    parts = [f"{w['health']}" + (f" ({w['reason']})" if w["reason"] else ""), f"up {duration(w['uptime_s'])}"]
+    if w["requests_running"] is not None or w["requests_waiting"] is not None:
+        parts.append(f"requests {figure(w['requests_running'])} running, {figure(w['requests_waiting'])} waiting")
+    if w["interval_s"]:
+        parts.append(f"tokens/s prompt {figure(w['prompt_tokens_per_s'], digits=1)}, generation "
+                     f"{figure(w['generation_tokens_per_s'], digits=1)} (last {w['interval_s']:.0f} s)")
+    if w["kv_cache_usage"] is not None:
+        parts.append(f"KV cache {w['kv_cache_usage'] * 100:.0f} %")
+    return "; ".join(parts)
+
+
+def watch_status(monitor: StatusMonitor, interval: float, count: int | None, as_json: bool) -> int:
+    """Refresh every `interval` seconds (`count` times, or until q or Ctrl+C): JSON lines, plain
+    blocks (not a terminal, or NO_COLOR), or a live view drawn in place with curses."""
+    live = not as_json and use_color()
+    try:
+        if live:
+            import curses
+
+            return curses.wrapper(lambda screen: live_view(screen, monitor, interval, count))
+        for done in range(count or sys.maxsize):
+            if done:
+                time.sleep(interval)
+            facts, workloads = monitor.refresh()
+            if as_json:
+                print(json.dumps({"time": time.time(), **status_dict(facts, workloads, [])}), flush=True)
+            else:
+                print("\n".join([watch_header(interval)] + status_lines(facts, workloads, []) + [""]), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def watch_header(interval: float) -> str:
+    return f"sparkrun status at {time.strftime('%H:%M:%S')}, every {interval:g} s (q or Ctrl+C quits)"
+
+
+def live_view(screen, monitor: StatusMonitor, interval: float, count: int | None) -> int:
+    import curses
+
+    curses.curs_set(0)
+    for done in range(count or sys.maxsize):
+        facts, workloads = monitor.refresh()
+        height, width = screen.getmaxyx()
+        screen.erase()
+        for row, line in enumerate(([watch_header(interval), ""] + status_lines(facts, workloads, []))[:height]):
+            screen.addnstr(row, 0, line, width - 1)
+        screen.refresh()
+        if done + 1 == count:
+            break
+        screen.timeout(int(interval * 1000))
+        if screen.getch() in (ord("q"), ord("Q")):
+            break
+    return 0
 
 
 def cmd_recipe_validate(args) -> int:
@@ -6938,10 +7359,20 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--tail", default="100", help="lines of history first (default 100, or 'all')")
     p.add_argument("--no-follow", action="store_true", help="print and exit")
 
-    p = command("status", cmd_status, "Hosts (reachable, networks, GPU) and running workloads.")
-    host_options(p, solo=False)
-    p.add_argument("--no-probe", action="store_true", help="do not query the endpoints")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    def status_options(p):
+        host_options(p, solo=False)
+        p.add_argument("--no-probe", action="store_true", help="hosts and containers only: no health, no figures")
+        p.add_argument("--json", action="store_true", help="machine-readable output (with --watch: JSON lines)")
+        p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                       help="refresh in place every SECONDS (default 2); q or Ctrl+C quits")
+        p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N refreshes")
+        p.add_argument("--check", action="store_true",
+                       help=f"exit {UNHEALTHY_EXIT} when a workload is not healthy (ready or busy)")
+        p.add_argument("--stall-after", type=float, default=STALL_AFTER_S, metavar="SECONDS",
+                       help=f"stalled: requests there but no token generated for SECONDS ({STALL_AFTER_S:g})")
+
+    status_options(command("status", cmd_status, "Hosts (reachable, networks, GPU load, memory) and running "
+                                                 "workloads (health, requests, throughput, KV cache)."))
 
     cluster = sub.add_parser("cluster", help="Saved clusters: create, list, show, update, delete, default.",
                              description="Saved clusters: named host lists with an optional ssh user.")
@@ -6966,10 +7397,7 @@ def build_parser(argv: list[str] | None = None):
     command("set-default", cmd_cluster_set_default, "Make a cluster the default.", csub).add_argument("name")
     command("unset-default", cmd_cluster_unset_default, "Have no default cluster.", csub)
     command("default", cmd_cluster_default, "Print the default cluster's name.", csub)
-    p = command("status", cmd_status, "Status of a cluster's hosts and workloads.", csub)
-    host_options(p, solo=False)
-    p.add_argument("--no-probe", action="store_true", help="do not query the endpoints")
-    p.add_argument("--json", action="store_true")
+    status_options(command("status", cmd_status, "Status of a cluster's hosts and workloads.", csub))
 
     catalog_options(command("list", cmd_list, "List recipes (bundled and registries)."))
     p = command("search", cmd_list, "Search recipes by name, model or description.")
