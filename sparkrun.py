@@ -6856,7 +6856,7 @@ def assess_workload(workload: dict, facts: dict, samples: dict, stall_after: flo
                         else "loading (HTTP 503)")
     else:
         figures = engine_figures(head.metrics, runtime_metrics(workload["runtime"]))
-        assess_engine(workload, figures, samples, clock, stall_after)
+        assess_engine(workload, figures, samples, f"{workload['cluster_id']}@{head.started}", clock, stall_after)
         if head.http_status != 200:
             workload["reason"] = f"no engine figures (/metrics answered HTTP {head.http_status})"
     workload["ready"] = workload["health"] in HEALTHY
@@ -6871,11 +6871,12 @@ def container_failure(container: dict, probe) -> str:
     return f"{where} is {probe.state} (exit code {probe.exit_code})"
 
 
-def assess_engine(workload: dict, figures: dict, samples: dict, clock: float, stall_after: float) -> None:
-    """busy, stalled or ready from the engine's figures; rates since the previous sample."""
+def assess_engine(workload: dict, figures: dict, samples: dict, key: str, clock: float, stall_after: float) -> None:
+    """busy, stalled or ready from the engine's figures; rates since the previous sample of the
+    same server (key: its launch and start time)."""
     running, waiting = int(figures.get("running", 0)), int(figures.get("waiting", 0))
     prompt, generated = figures.get("prompt_tokens"), figures.get("generation_tokens")
-    previous = samples.get(workload["cluster_id"]) or {}
+    previous = samples.get(key) or {}
     interval = clock - previous.get("at", clock)
     if interval > 0 and generated is not None and generated >= previous.get("generation", math.inf):
         workload.update(interval_s=round(interval, 2),
@@ -6884,8 +6885,8 @@ def assess_engine(workload: dict, figures: dict, samples: dict, clock: float, st
             workload["prompt_tokens_per_s"] = round((prompt - previous["prompt"]) / interval, 1)
     # The stall clock runs while requests are there and the generated-token counter stays still.
     idle = running + waiting == 0
-    moved = clock if idle or not previous or generated != previous.get("generation") else previous["moved"]
-    samples[workload["cluster_id"]] = {"at": clock, "prompt": prompt, "generation": generated, "moved": moved}
+    moved = previous["moved"] if previous.get("busy") and generated == previous.get("generation") else clock
+    samples[key] = {"at": clock, "prompt": prompt, "generation": generated, "moved": moved, "busy": not idle}
     workload.update(requests_running=running if "running" in figures else None,
                     requests_waiting=waiting if "waiting" in figures else None,
                     kv_cache_usage=figures.get("kv_cache"))
