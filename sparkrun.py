@@ -2013,8 +2013,9 @@ def probe_script(images: tuple = (), metric_names: tuple = ()) -> str:
     if inspect:
         inspect = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
                    f"echo @@images; {inspect})\n")
+    engines = f"\n{engines_script(metric_names)}" if metric_names else ""
     return f"""\
-exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
+exec {{docker}}< <(echo @@docker; containers=$(docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1) || containers+=$'\\n@@docker_failed'; [ -z "$containers" ] || echo "$containers"{engines})
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
 exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
@@ -2034,9 +2035,9 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-{monitor_pipes(metric_names) + MONITOR_BUILTINS if metric_names else ""}\
+{MONITOR_SCRIPT if metric_names else ""}\
 cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker{" /dev/fd/$images" if images else ""}\
-{" /dev/fd/$gpu_load /dev/fd/$gpu_processes /dev/fd/$engines" if metric_names else ""}
+{" /dev/fd/$gpu_load /dev/fd/$gpu_processes" if metric_names else ""}
 echo @@end
 """
 
@@ -2044,28 +2045,30 @@ echo @@end
 METRICS_TIMEOUT_S = 3
 FAILED_LOG_LINES = 8
 METRIC_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-# Bash builtins only: the host's clock (for uptimes and rates) and its available memory.
-MONITOR_BUILTINS = """\
+# The status probe's host figures: the GPU's load and the processes holding GPU memory (on a DGX
+# Spark, the only memory figure nvidia-smi has) in pipes of their own, then with builtins the host's
+# clock (for uptimes and rates) and its available memory.
+MONITOR_SCRIPT = """\
+exec {gpu_load}< <(echo @@gpu_load; nvidia-smi --query-gpu=memory.used,utilization.gpu,temperature.gpu,power.draw --format=csv,noheader,nounits 2>/dev/null)
+exec {gpu_processes}< <(echo @@gpu_processes; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null)
 echo @@clock; echo "${EPOCHREALTIME:-$(date +%s.%N)}"
 echo @@meminfo
 while read -r key value _; do [ "$key" = MemAvailable: ] && echo "$value"; done < /proc/meminfo
 """
 
 
-def monitor_pipes(metric_names: tuple) -> str:
-    """The status probe's pipes, started with the others: the GPU's load, the processes holding
-    GPU memory (on a DGX Spark, the only memory figure nvidia-smi has), and per sparkrun container
-    its state; for a running head, the HTTP status and the lines of metric_names of its /metrics
-    (asked from the host itself, on 127.0.0.1 and then the head's address, so it works whether or
-    not the endpoint is reachable from here); for a stopped container, its last log lines."""
+def engines_script(metric_names: tuple) -> str:
+    """The status probe's part of the docker pipe, given docker ps's lines in $containers: per
+    sparkrun container its state; for a running head, the HTTP status and the lines of
+    metric_names of its /metrics (asked from the host itself, on 127.0.0.1 and then the head's
+    address, so it works whether or not the endpoint is reachable from here); for a stopped
+    container, its last log lines."""
     names = "|".join(n for n in metric_names if METRIC_NAME.fullmatch(n))
     container_format = ("{{.Name}}|{{.State.Status}}|{{.State.ExitCode}}|{{.RestartCount}}|{{.State.StartedAt}}|"
                         '{{index .Config.Labels "sparkrun.role"}}|{{index .Config.Labels "sparkrun.port"}}|'
                         '{{index .Config.Labels "sparkrun.head"}}')
     return f"""\
-exec {{gpu_load}}< <(echo @@gpu_load; nvidia-smi --query-gpu=memory.used,utilization.gpu,temperature.gpu,power.draw --format=csv,noheader,nounits 2>/dev/null)
-exec {{gpu_processes}}< <(echo @@gpu_processes; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null)
-exec {{engines}}< <(echo @@engines
+echo @@engines
 metrics() {{
   for address in 127.0.0.1 "$3"; do
     {{ exec 3<>"/dev/tcp/$address/$2"; }} 2>/dev/null || continue
@@ -2076,8 +2079,9 @@ metrics() {{
   done
   echo "metric|$1|"
 }}
-ids=$(docker ps -aq --filter label=sparkrun.cluster 2>/dev/null)
-[ -n "$ids" ] && docker inspect --format {shlex.quote(container_format)} $ids 2>/dev/null |
+ids=() id_field='"ID":"([0-9a-f]+)"'
+while IFS= read -r line; do [[ $line =~ $id_field ]] && ids+=("${{BASH_REMATCH[1]}}"); done <<< "$containers"
+[ ${{#ids[@]}} -gt 0 ] && docker inspect --format {shlex.quote(container_format)} "${{ids[@]}}" 2>/dev/null |
 while IFS='|' read -r name state code restarts started role port head; do
   name=${{name#/}}
   echo "container|$name|$state|$code|$restarts|$started"
@@ -2086,8 +2090,7 @@ while IFS='|' read -r name state code restarts started role port head; do
   elif [ "$role" = head ] && [ -n "$port" ]; then
     metrics "$name" "$port" "${{head##*@}}"
   fi
-done)
-"""
+done"""
 
 
 def parse_probe(host: str, output: str) -> HostFacts:

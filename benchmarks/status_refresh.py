@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""One `status` refresh (what `status --watch` does each time) of 3 simulated hosts running 2
+workloads (vLLM on hosts 1+2, llama.cpp on host 3): wall time, the CPU it costs this machine,
+the CPU the probe costs a host (bash's `times` of the probe script), and SSH connections.
+
+On the bed, a host's docker and nvidia-smi are Python stand-ins: the host CPU figure includes
+their interpreter starts, which the real tools do not have.
+
+Usage: SPARKRUN_TEST_BED_OCTET=N python3 benchmarks/status_refresh.py [--runs N]
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+from common import REPO, bed, sparkrun
+
+sys.path.insert(0, str(REPO))
+import sparkrun as sr  # noqa: E402
+
+IMAGES = ("scitrera/dgx-spark-vllm:0.16.0-t5", "scitrera/dgx-spark-llama-cpp:b8094-cu131")
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, with its reaped children (the ssh clients)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def probe_cpu_on_host(monitor: sr.StatusMonitor, host: str) -> float:
+    """CPU seconds of one probe on the host: bash's `times` (the shell, then its children)."""
+    script = sr.probe_script(metric_names=monitor.metric_names) + "times\n"
+    lines = monitor.ssh.run(host, script).stdout.strip().splitlines()[-2:]
+    total = 0.0
+    for field in " ".join(lines).split():
+        minutes, _, seconds = field.rstrip("s").partition("m")
+        total += int(minutes) * 60 + float(seconds)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    octet = int(os.environ.get("SPARKRUN_TEST_BED_OCTET", "101"))
+    with bed(3, first_octet=octet) as (testbed, env, _):
+        for image in IMAGES:
+            testbed.add_image(image)
+        hosts = [h.addr for h in testbed.hosts]
+        sparkrun(env, "run", "qwen3-1.7b-vllm", "-H", f"{hosts[0]},{hosts[1]}", "--tp", 2, "--no-sync", "--no-follow")
+        sparkrun(env, "run", "qwen3-1.7b-llama-cpp", "-H", hosts[2], "--no-sync", "--no-follow")
+        os.environ.update(env)
+        monitor = sr.StatusMonitor(sr.SSH(None, 0), hosts, True, sr.STALL_AFTER_S)
+        _, workloads = monitor.refresh()  # the first one opens the ssh master connections
+        assert [w["health"] for w in workloads] == ["ready", "ready"], workloads
+        for host in testbed.hosts:
+            host.reset_connections()
+        walls, cpus = [], []
+        for _ in range(args.runs):
+            cpu, start = cpu_seconds(), time.perf_counter()
+            monitor.refresh()
+            walls.append(time.perf_counter() - start)
+            cpus.append(cpu_seconds() - cpu)
+        connections = [h.connection_count() for h in testbed.hosts]
+        host_cpu = statistics.median(probe_cpu_on_host(monitor, hosts[0]) for _ in range(max(3, args.runs // 3)))
+        command, _ = sparkrun(env, "status", "-H", ",".join(hosts), "--json")
+        print(f"one refresh, 3 hosts, 2 workloads: wall {statistics.median(walls) * 1000:.0f} ms median, "
+              f"{max(walls) * 1000:.0f} ms worst of {args.runs} (target <= 150 ms)")
+        print(f"CPU on this machine per refresh: {statistics.median(cpus) * 1000:.0f} ms median "
+              f"(sparkrun and its ssh clients)")
+        print(f"CPU on a host per refresh (host 1: vLLM head, probe script and the tools it starts): "
+              f"{host_cpu * 1000:.0f} ms median")
+        print(f"new SSH connections per host over the {args.runs} refreshes: {connections}")
+        print(f"`sparkrun status --json` as a command (Python start-up included): {command * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
