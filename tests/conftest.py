@@ -1,7 +1,9 @@
 """Shared fixtures: run the real CLI in a subprocess with its own config and cache dirs."""
 
 import os
+import select
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -39,6 +41,20 @@ def isolated_env(home: Path, extra: dict | None = None) -> dict:
     })
     env.update(extra or {})
     return env
+
+
+def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
+    """What a pseudo-terminal shows until `wanted` appears (or timeout, or the child closes it)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return seen
 
 
 class Cli:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import sparkrun
-from conftest import H1, H2, H3, REPO, TESTS, Cli
+from conftest import H1, H2, H3, REPO, TESTS, Cli, read_until
 
 ALL = f"{H1},{H2},{H3}"
 DATA = TESTS / "setup_data"
@@ -81,14 +81,7 @@ def type_into_shell(argv: list[str], env, keys: str, expect: str, timeout: float
     try:
         time.sleep(0.3)
         os.write(fd, keys.encode())
-        deadline = time.monotonic() + timeout
-        while expect.encode() not in output and time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    output += os.read(fd, 65536)
-                except OSError:
-                    break
+        output = read_until(fd, expect.encode(), timeout)
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)

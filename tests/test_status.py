@@ -5,7 +5,6 @@ pseudo-terminal; the probe's parsers on raw tool output."""
 import json
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import urllib.request
 import pytest
 
 import sparkrun as sr
-from conftest import H1, H2, REPO
+from conftest import H1, H2, REPO, read_until
 from test_lifecycle import lab, run_ok  # noqa: F401 (lab is a fixture)
 
 VLLM_METRICS_DOC = """\
@@ -161,20 +160,6 @@ def test_watch_without_a_terminal_prints_plain_blocks(lab):
 def test_check_and_watch_are_refused_together(cli):
     result = cli("status", "-H", H1, "--check", "--watch")
     assert result.returncode == 2 and "--check needs one probed status" in result.stderr
-
-
-def read_until(fd, wanted: bytes, timeout: float) -> bytes:
-    """What the terminal shows until `wanted` appears (or timeout, or the child closes it)."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while wanted not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            try:
-                seen += os.read(fd, 65536)
-            except OSError:
-                break
-    return seen
 
 
 def exit_code_within(pid: int, timeout: float) -> int | None:

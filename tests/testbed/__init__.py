@@ -39,6 +39,9 @@ Faults (host.fault(name, value)) are files in <root>/faults:
     engine_exit          engines print an error and exit 1 at start
     engine_slow_ready    engines wait <value> seconds before listening
     engine_crash_after   engines exit 1 <value> seconds after starting
+    engine_crash         running engines exit 1 as soon as it is set
+    engine_stall         the hang: /metrics shows <value> waiting requests and generation stops
+    engine_slow_generate completions generate a token every <value> seconds
     no_generate          /v1/models works, completions return HTTP 500
     no_default_route     an offline lab: engines find no default route to take their
                          own address from (vLLM and SGLang then advertise 0.0.0.0)
@@ -60,6 +63,10 @@ may hold one image per architecture (a multi-arch image): `docker pull` takes
 the daemon's own, or --platform's. host.use_containerd_store() makes a host's
 `.Id` the manifest digest instead of the config digest, as Docker's containerd
 image store does.
+
+Engines serve /metrics in their real names and types (fakeengine/metrics.py) and register
+their GPU memory in <root>/gpu_processes/<pid>, which nvidia-smi lists per process; the GB10's
+memory totals are [N/A], as on a DGX Spark.
 """
 from .bed import TestBed
 from .host import Host
