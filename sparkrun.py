@@ -6842,8 +6842,8 @@ def assess_workload(workload: dict, facts: dict, samples: dict, stall_after: flo
     wait but generated tokens have not moved for stall_after seconds; busy: requests run or wait;
     ready: idle."""
     probes = [(c, facts[c["host"]].engines.get(c["name"])) for c in workload["containers"]]
-    head_container, head = next(((c, p) for c, p in probes if c["role"] == "head"), probes[0])
-    clock = facts[head_container["host"]].clock
+    head_container, head = next(((c, p) for c, p in probes if c["role"] == "head"), (None, None))
+    clock = facts[head_container["host"]].clock if head_container else 0.0
     started = rfc3339_epoch(head.started) if head else None
     workload.update(health="", reason="", uptime_s=round(clock - started, 1) if started and clock else None,
                     requests_running=None, requests_waiting=None, prompt_tokens_per_s=None,
@@ -6853,6 +6853,9 @@ def assess_workload(workload: dict, facts: dict, samples: dict, stall_after: flo
         container, probe = broken
         workload.update(health="failed", reason=container_failure(container, probe),
                         last_log_lines=probe.logs if probe else [])
+    elif head is None:
+        head_host = workload["endpoint"].partition("//")[2].rpartition(":")[0]
+        workload.update(health="unknown", reason=f"its head ({head_host}) is not among the hosts asked")
     elif head.http_status is None or head.http_status == 503:
         port = workload["endpoint"].rpartition(":")[2].partition("/")[0]
         workload.update(health="starting", reason=f"not answering on port {port} yet" if head.http_status is None
@@ -6932,6 +6935,11 @@ def gpu_memory_used_mib(fact: HostFacts) -> float | None:
     return sum(mib for _, mib in fact.gpu_processes) if fact.gpu_load else None
 
 
+def first_gpu_load(fact: HostFacts) -> GpuLoad:
+    """The figures of the host's first GPU (a DGX Spark has one)."""
+    return fact.gpu_load[0] if fact.gpu_load else GpuLoad(None, None, None, None)
+
+
 def host_status_dict(host: str, fact) -> dict:
     if isinstance(fact, HostError):
         return {"host": host, "reachable": False, "error": str(fact)}
@@ -6939,7 +6947,7 @@ def host_status_dict(host: str, fact) -> dict:
              "gpu": fact.gpu, "docker_error": fact.docker_error,
              "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers)}
     if fact.clock:
-        first = fact.gpu_load[0] if fact.gpu_load else GpuLoad(None, None, None, None)
+        first = first_gpu_load(fact)
         found.update(gpu_memory_used_mib=gpu_memory_used_mib(fact), gpu_utilization=first.utilization,
                      gpu_temperature_c=first.temperature, gpu_power_w=first.power,
                      gpu_processes=[{"pid": pid, "used_mib": mib} for pid, mib in fact.gpu_processes],
@@ -6955,7 +6963,7 @@ def gib(mib) -> str:
     return "-" if mib is None else f"{mib / 1024:.1f} GiB"
 
 
-def figure(value, unit: str = "", digits: int = 0) -> str:
+def number_text(value, unit: str = "", digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
@@ -6980,10 +6988,10 @@ def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
         state = "docker error" if fact.docker_error else "ok"
         rows.append([host, state, fact.management_ip, ib, fact.gpu or "no GPU found"])
         if fact.clock:
-            first = fact.gpu_load[0] if fact.gpu_load else GpuLoad(None, None, None, None)
+            first = first_gpu_load(fact)
             holders = f" ({len(fact.gpu_processes)} proc)" if fact.gpu_processes else ""
-            loads.append([host, gib(gpu_memory_used_mib(fact)) + holders, figure(first.utilization, " %"),
-                          figure(first.temperature, " C"), figure(first.power, " W", 1), gib(fact.mem_available_mib)])
+            loads.append([host, gib(gpu_memory_used_mib(fact)) + holders, number_text(first.utilization, " %"),
+                          number_text(first.temperature, " C"), number_text(first.power, " W", 1), gib(fact.mem_available_mib)])
     lines = table_lines(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
     if loads:
         lines += [""] + table_lines(loads, ["HOST", "GPU MEMORY USED", "GPU UTIL", "TEMP", "POWER", "MEMORY AVAILABLE"])
@@ -7005,10 +7013,10 @@ def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
 def workload_figures(w: dict) -> str:
     parts = [f"{w['health']}" + (f" ({w['reason']})" if w["reason"] else ""), f"up {duration(w['uptime_s'])}"]
     if w["requests_running"] is not None or w["requests_waiting"] is not None:
-        parts.append(f"requests {figure(w['requests_running'])} running, {figure(w['requests_waiting'])} waiting")
+        parts.append(f"requests {number_text(w['requests_running'])} running, {number_text(w['requests_waiting'])} waiting")
     if w["interval_s"]:
-        parts.append(f"tokens/s prompt {figure(w['prompt_tokens_per_s'], digits=1)}, generation "
-                     f"{figure(w['generation_tokens_per_s'], digits=1)} (last {w['interval_s']:.0f} s)")
+        parts.append(f"tokens/s prompt {number_text(w['prompt_tokens_per_s'], digits=1)}, generation "
+                     f"{number_text(w['generation_tokens_per_s'], digits=1)} (last {w['interval_s']:.0f} s)")
     if w["kv_cache_usage"] is not None:
         parts.append(f"KV cache {w['kv_cache_usage'] * 100:.0f} %")
     return "; ".join(parts)
@@ -7030,14 +7038,15 @@ def watch_status(monitor: StatusMonitor, interval: float, count: int | None, as_
             if as_json:
                 print(json.dumps({"time": time.time(), **status_dict(facts, workloads, [])}), flush=True)
             else:
-                print("\n".join([watch_header(interval)] + status_lines(facts, workloads, []) + [""]), flush=True)
+                print("\n".join([watch_header(interval, "Ctrl+C quits")] + status_lines(facts, workloads, []) + [""]),
+                      flush=True)
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def watch_header(interval: float) -> str:
-    return f"sparkrun status at {time.strftime('%H:%M:%S')}, every {interval:g} s (q or Ctrl+C quits)"
+def watch_header(interval: float, keys: str) -> str:
+    return f"sparkrun status at {time.strftime('%H:%M:%S')}, every {interval:g} s ({keys})"
 
 
 def live_view(screen, monitor: StatusMonitor, interval: float, count: int | None) -> int:
@@ -7048,7 +7057,8 @@ def live_view(screen, monitor: StatusMonitor, interval: float, count: int | None
         facts, workloads = monitor.refresh()
         height, width = screen.getmaxyx()
         screen.erase()
-        for row, line in enumerate(([watch_header(interval), ""] + status_lines(facts, workloads, []))[:height]):
+        header = watch_header(interval, "q or Ctrl+C quits, any key refreshes")
+        for row, line in enumerate(([header, ""] + status_lines(facts, workloads, []))[:height]):
             screen.addnstr(row, 0, line, width - 1)
         screen.refresh()
         if done + 1 == count:

@@ -116,6 +116,8 @@ def test_stalled_when_requests_wait_and_no_token_moves(lab):
 def test_failed_worker_with_its_last_log_lines(lab):
     run_ok(lab, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2")
     assert only_workload(status_json(lab, hosts=(H1, H2)))["health"] == "ready"
+    worker_only = only_workload(status_json(lab, hosts=(H2,)))
+    assert (worker_only["health"], worker_only["reason"]) == ("unknown", f"its head ({H1}) is not among the hosts asked")
     lab.bed.hosts[1].fault("engine_crash")
     deadline = time.monotonic() + 10
     while any(c["running"] for c in lab.bed.hosts[1].containers()) and time.monotonic() < deadline:
