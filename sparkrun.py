@@ -1956,7 +1956,7 @@ class HostFacts(Record):
     listening: tuple = ()  # (address, port) of listening TCP sockets
     images: tuple = ()  # (image, IMAGE_FORMAT line or "")
     docker_arch: str = ""  # the docker daemon's platform architecture (arm64 on a Spark)
-    # The status probe's (monitor=True) figures:
+    # What the status probe (probe_script with metric_names) adds:
     clock: float = 0.0  # the host's time, epoch seconds
     mem_available_mib: int | None = None
     gpu_load: tuple = ()  # GpuLoad per GPU
@@ -2006,7 +2006,7 @@ def probe_script(images: tuple = (), metric_names: tuple = ()) -> str:
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
     raw outputs are parsed here, so a probe starts few processes on the host. With metric_names
     (the status probe) it also reports the host's load and each sparkrun container's health,
-    with those figures from the head's /metrics (see monitor_pipes)."""
+    with those figures from the head's /metrics (MONITOR_SCRIPT, engines_script)."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format {shlex.quote(IMAGE_FORMAT)} "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
@@ -2073,7 +2073,8 @@ metrics() {{
   for address in 127.0.0.1 "$3"; do
     {{ exec 3<>"/dev/tcp/$address/$2"; }} 2>/dev/null || continue
     printf 'GET /metrics HTTP/1.0\\r\\nHost: %s:%s\\r\\nConnection: close\\r\\n\\r\\n' "$address" "$2" >&3
-    timeout {METRICS_TIMEOUT_S} grep -E '^(HTTP/|({names})[{{ ])' <&3 | while IFS= read -r line; do echo "metric|$1|${{line%$'\\r'}}"; done
+    timeout {METRICS_TIMEOUT_S} grep -E '^(HTTP/|({names})[{{ ])' <&3 |
+      while IFS= read -r line; do echo "metric|$1|${{line%$'\\r'}}"; done
     exec 3<&-
     return
   done
@@ -2086,7 +2087,8 @@ while IFS='|' read -r name state code restarts started role port head; do
   name=${{name#/}}
   echo "container|$name|$state|$code|$restarts|$started"
   if [ "$state" != running ]; then
-    docker logs --tail {FAILED_LOG_LINES} "$name" 2>&1 | while IFS= read -r line; do echo "log|$name|$line"; done
+    docker logs --tail {FAILED_LOG_LINES} "$name" 2>&1 </dev/null |
+      while IFS= read -r line; do echo "log|$name|$line"; done
   elif [ "$role" = head ] && [ -n "$port" ]; then
     metrics "$name" "$port" "${{head##*@}}"
   fi
@@ -6991,7 +6993,8 @@ def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
             first = first_gpu_load(fact)
             holders = f" ({len(fact.gpu_processes)} proc)" if fact.gpu_processes else ""
             loads.append([host, gib(gpu_memory_used_mib(fact)) + holders, number_text(first.utilization, " %"),
-                          number_text(first.temperature, " C"), number_text(first.power, " W", 1), gib(fact.mem_available_mib)])
+                          number_text(first.temperature, " C"), number_text(first.power, " W", 1),
+                          gib(fact.mem_available_mib)])
     lines = table_lines(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
     if loads:
         lines += [""] + table_lines(loads, ["HOST", "GPU MEMORY USED", "GPU UTIL", "TEMP", "POWER", "MEMORY AVAILABLE"])
@@ -7013,10 +7016,11 @@ def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
 def workload_figures(w: dict) -> str:
     parts = [f"{w['health']}" + (f" ({w['reason']})" if w["reason"] else ""), f"up {duration(w['uptime_s'])}"]
     if w["requests_running"] is not None or w["requests_waiting"] is not None:
-        parts.append(f"requests {number_text(w['requests_running'])} running, {number_text(w['requests_waiting'])} waiting")
+        parts.append(f"requests {number_text(w['requests_running'])} running, "
+                     f"{number_text(w['requests_waiting'])} waiting")
     if w["interval_s"]:
         parts.append(f"tokens/s prompt {number_text(w['prompt_tokens_per_s'], digits=1)}, generation "
-                     f"{number_text(w['generation_tokens_per_s'], digits=1)} (last {w['interval_s']:.0f} s)")
+                     f"{number_text(w['generation_tokens_per_s'], digits=1)} (last {w['interval_s']:.1f} s)")
     if w["kv_cache_usage"] is not None:
         parts.append(f"KV cache {w['kv_cache_usage'] * 100:.0f} %")
     return "; ".join(parts)

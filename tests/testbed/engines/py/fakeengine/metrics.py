@@ -34,7 +34,8 @@ SGLANG = [
     ("kv_cache", "sglang:token_usage", "gauge", "The token usage"),
     ("running", "sglang:num_running_reqs", "gauge", "The number of running requests"),
     ("waiting", "sglang:num_queue_reqs", "gauge", "The number of requests in the waiting queue"),
-    ("latency", "sglang:e2e_request_latency_seconds", "histogram", "Histogram of End-to-end request latency in seconds"),
+    ("latency", "sglang:e2e_request_latency_seconds", "histogram",
+     "Histogram of End-to-end request latency in seconds"),
 ]
 LLAMACPP = [
     ("prompt", "llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed."),

@@ -10,7 +10,8 @@ from .common import die, fault, log
 class Served:
     """What the server reports: model id and engine details."""
 
-    def __init__(self, engine, model_id, root=None, max_len=32768, meter=None, no_metrics=(404, {"detail": "Not Found"})):
+    def __init__(self, engine, model_id, root=None, max_len=32768, meter=None,
+                 no_metrics=(404, {"detail": "Not Found"})):
         self.engine, self.model_id, self.root, self.max_len = engine, model_id, root, max_len
         self.generate = fault("no_generate") is None
         self.meter = meter  # None: /metrics answers no_metrics (code, body), as the engine does
