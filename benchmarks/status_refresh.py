@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One `status` refresh (what `status --watch` does each time) of 3 simulated hosts running 2
 workloads (vLLM on hosts 1+2, llama.cpp on host 3): wall time, the CPU it costs this machine,
-the CPU the probe costs a host (bash's `times` of the probe script), and SSH connections.
+the CPU and time the probe costs a host (measured on the host), and SSH connections.
 
 On the bed, a host's docker and nvidia-smi are Python stand-ins: the host CPU figure includes
 their interpreter starts, which the real tools do not have.
@@ -30,15 +30,18 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def probe_cpu_on_host(monitor: sr.StatusMonitor, host: str) -> float:
-    """CPU seconds of one probe on the host: bash's `times` (the shell, then its children)."""
-    script = sr.probe_script(metric_names=monitor.metric_names) + "times\n"
-    lines = monitor.ssh.run(host, script).stdout.strip().splitlines()[-2:]
-    total = 0.0
-    for field in " ".join(lines).split():
+def probe_on_host(monitor: sr.StatusMonitor, host: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of one probe on the host: $EPOCHREALTIME around it, and bash's `times`
+    (the shell, then its children) once every child is reaped."""
+    script = ("probe_start=$EPOCHREALTIME\n" + sr.probe_script(metric_names=monitor.metric_names)
+              + "wait\necho \"$probe_start $EPOCHREALTIME\"\ntimes\n")
+    *_, clocks, shell, children = monitor.ssh.run(host, script).stdout.strip().splitlines()
+    start, end = (float(c.replace(",", ".")) for c in clocks.split())
+    cpu = 0.0
+    for field in f"{shell} {children}".split():
         minutes, _, seconds = field.rstrip("s").partition("m")
-        total += int(minutes) * 60 + float(seconds)
-    return total
+        cpu += int(minutes) * 60 + float(seconds)
+    return end - start, cpu
 
 
 def main() -> None:
@@ -65,14 +68,15 @@ def main() -> None:
             walls.append(time.perf_counter() - start)
             cpus.append(cpu_seconds() - cpu)
         connections = [h.connection_count() for h in testbed.hosts]
-        host_cpu = statistics.median(probe_cpu_on_host(monitor, hosts[0]) for _ in range(max(3, args.runs // 3)))
+        on_host = [probe_on_host(monitor, hosts[0]) for _ in range(max(3, args.runs // 3))]
+        host_wall, host_cpu = (statistics.median(values) for values in zip(*on_host))
         command, _ = sparkrun(env, "status", "-H", ",".join(hosts), "--json")
         print(f"one refresh, 3 hosts, 2 workloads: wall {statistics.median(walls) * 1000:.0f} ms median, "
               f"{max(walls) * 1000:.0f} ms worst of {args.runs} (target <= 150 ms)")
         print(f"CPU on this machine per refresh: {statistics.median(cpus) * 1000:.0f} ms median "
               f"(sparkrun and its ssh clients)")
-        print(f"CPU on a host per refresh (host 1: vLLM head, probe script and the tools it starts): "
-              f"{host_cpu * 1000:.0f} ms median")
+        print(f"on a host per refresh (host 1: vLLM head; the probe script and the tools it starts): "
+              f"CPU {host_cpu * 1000:.0f} ms, wall {host_wall * 1000:.0f} ms (medians)")
         print(f"new SSH connections per host over the {args.runs} refreshes: {connections}")
         print(f"`sparkrun status --json` as a command (Python start-up included): {command * 1000:.0f} ms")
 
