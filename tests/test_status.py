@@ -133,20 +133,24 @@ def test_failed_worker_with_its_last_log_lines(lab):
     assert "    | ERROR: engine core died unexpectedly" in check.stdout
 
 
-def test_starting_while_the_server_loads(lab):
+@pytest.mark.parametrize("recipe, reason", [
+    ("qwen3-1.7b-sglang", "not answering on port 8000 yet"),  # SGLang listens once loaded
+    ("qwen3-1.7b-llama-cpp", "loading (HTTP 503)"),  # llama-server listens at once, 503 while loading
+])
+def test_starting_while_the_server_loads(lab, recipe, reason):
     lab.bed.hosts[0].fault("engine_slow_ready", 60)
-    launch = subprocess.Popen([sys.executable, str(REPO / "sparkrun.py"), "run", "qwen3-1.7b-sglang", "-H", H1,
+    launch = subprocess.Popen([sys.executable, str(REPO / "sparkrun.py"), "run", recipe, "-H", H1,
                                "--no-sync", "--no-follow"], env=lab.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
         workloads = []
         for _ in range(100):
             workloads = status_json(lab)["workloads"]
-            if workloads and workloads[0]["containers"][0]["state"] == "running":
+            if workloads and workloads[0]["reason"] == reason:
                 break
             time.sleep(0.2)
         (workload,) = workloads
-        assert (workload["health"], workload["reason"]) == ("starting", "not answering on port 8000 yet")
+        assert (workload["health"], workload["reason"]) == ("starting", reason)
         assert lab("status", "-H", H1, "--check").returncode == sr.UNHEALTHY_EXIT
     finally:
         launch.send_signal(signal.SIGINT)  # run removes what it started

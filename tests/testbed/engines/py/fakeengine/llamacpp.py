@@ -10,7 +10,8 @@ SERVER_VALUES = {"m", "model", "hf", "hf-repo", "hfr", "a", "alias", "host", "po
                  "c", "ctx-size", "ngl", "n-gpu-layers"}
 SERVER_BOOLS = {"metrics"}
 RPC_VALUES = {"H", "host", "p", "port", "c", "cache"}
-# tools/server/server.cpp, without --metrics
+# tools/server/server.cpp: while the model loads, and /metrics without --metrics
+LOADING = (503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
 NO_METRICS = (501, {"error": {"code": 501, "message": "This server does not support metrics endpoint. "
                               "Start it with `--metrics`", "type": "not_supported_error"}})
 
@@ -38,18 +39,23 @@ def server_main(argv=None):
         die("error: no model specified (use -m or -hf)")
     host, port = opts.get("host") or "127.0.0.1", int(opts.get("port") or 8080)
     log("build: 6000 (fake) with cc for aarch64-linux-gnu\nsystem info: n_threads = 20")
-    start_faults("llama_model_load: error loading model: tensor data is not within file bounds")
     if model:
         check_model_path(model)
     links = connect_rpc(opts.get("rpc") or "")
-    log(f"llama_model_loader: loaded meta data from {model or repo} ({len(links)} RPC servers)")
     model_id = opts.get("a") or opts.get("alias") or model or repo
-    metrics.hold_gpu_memory(0.1, "llama-server")
     meter = metrics.Meter(metrics.LLAMACPP) if opts.get("metrics") else None
     served = openai.Served("llamacpp", model_id, model or repo, meter=meter, no_metrics=NO_METRICS)
+
+    def load():
+        start_faults("llama_model_load: error loading model: tensor data is not within file bounds")
+        log(f"llama_model_loader: loaded meta data from {model or repo} ({len(links)} RPC servers)")
+        metrics.hold_gpu_memory(0.1, "llama-server")
+
+    # Like llama-server, listen first and answer 503 "Loading model" until the model is loaded.
+    log(f"main: HTTP server is listening, hostname: {host}, port: {port}, http threads: 19")
     openai.serve(served, real_addr(host), port, [
         f"main: server is listening on http://{host}:{port} - starting the main loop",
-        "srv  update_slots: all slots are idle"])
+        "srv  update_slots: all slots are idle"], load, LOADING)
     return 0
 
 

@@ -1,5 +1,6 @@
 """A minimal OpenAI-compatible HTTP server (threaded, stdlib only)."""
 import json
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,7 @@ class Served:
         self.generate = fault("no_generate") is None
         self.meter = meter  # None: /metrics answers no_metrics (code, body), as the engine does
         self.no_metrics = no_metrics
+        self.loading = None  # (code, body) every request gets while the model loads
 
     def models(self):
         return {"object": "list", "data": [{
@@ -57,7 +59,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         served = self.server.served
         path = self.path.split("?")[0]
-        if path in ("/health", "/health_generate", "/ping"):
+        if served.loading:
+            self.send_json(*served.loading)
+        elif path in ("/health", "/health_generate", "/ping"):
             self.send_json(200, {"status": "ok"})
         elif path == "/v1/models":
             self.send_json(200, served.models())
@@ -80,6 +84,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         served = self.server.served
+        if served.loading:
+            return self.send_json(*served.loading)
         length = int(self.headers.get("Content-Length") or 0)
         try:
             request = json.loads(self.rfile.read(length) or b"{}")
@@ -112,8 +118,9 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-def serve(served, addr, port, ready_lines):
-    """Bind, print the engine's ready lines, and serve until killed."""
+def serve(served, addr, port, ready_lines, load=None, loading=None):
+    """Bind, print the engine's ready lines, and serve until killed. With load, the server
+    answers `loading` (code, body) to every request until load() returns (llama-server)."""
     try:
         server = ThreadingHTTPServer((addr, port), Handler)
     except OSError as exc:
@@ -121,6 +128,14 @@ def serve(served, addr, port, ready_lines):
             f"('{addr}', {port}): {exc.strerror.lower()}")
     server.daemon_threads = True
     server.served = served
+    if load:
+        served.loading = loading
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        load()
+        served.loading = None
+        for line in ready_lines:
+            log(line)
+        threading.Event().wait()
     for line in ready_lines:
         log(line)
     server.serve_forever()
