@@ -157,12 +157,16 @@ def test_starting_while_the_server_loads(lab, recipe, reason):
         launch.wait(60)
 
 
-def test_watch_without_a_terminal_prints_plain_blocks(lab):
+def test_watch_without_a_terminal_prints_plain_blocks_over_one_connection_per_host(lab):
     run_ok(lab, "qwen3-1.7b-vllm", "-H", H1)
-    result = lab("status", "-H", H1, "--watch", "0.2", "--count", "2", check=0)
+    lab.bed.close_client_masters()
+    for host in lab.bed.hosts[:2]:
+        host.reset_connections()
+    result = lab("status", "-H", f"{H1},{H2}", "--watch", "0.2", "--count", "3", check=0)
     blocks = result.stdout.split("sparkrun status at ")
-    assert len(blocks) == 3 and all("qwen3-1.7b-vllm (vllm-distributed)" in b for b in blocks[1:])
+    assert len(blocks) == 4 and all("qwen3-1.7b-vllm (vllm-distributed)" in b for b in blocks[1:])
     assert "\033[" not in result.stdout
+    assert [h.connection_count() for h in lab.bed.hosts[:2]] == [1, 1]  # every refresh rides the master
 
 
 def test_check_and_watch_are_refused_together(cli):
@@ -178,6 +182,27 @@ def exit_code_within(pid: int, timeout: float) -> int | None:
             return os.waitstatus_to_exitcode(status)
         time.sleep(0.05)
     return None
+
+
+def test_no_color_on_a_terminal_prints_plain_blocks(lab):
+    env = dict(lab.env, TERM="xterm", NO_COLOR="1")
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.execve(sys.executable, [sys.executable, str(REPO / "sparkrun.py"), "status", "-H", H1,
+                                       "--watch", "0.2", "--count", "2"], env)
+        finally:
+            os._exit(127)
+    code = None
+    try:
+        shown = read_until(fd, b"never shown", 30)  # until it exits and the terminal closes
+        code = exit_code_within(pid, 10)
+    finally:
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert code == 0 and shown.count(b"sparkrun status at ") == 2 and b"\x1b[" not in shown
 
 
 @pytest.mark.parametrize("quit_key", [b"q", b"\x03"])
