@@ -1944,18 +1944,37 @@ def same_image(a: ImageInfo | None, b: ImageInfo | None) -> bool:
     return a.id == b.id or bool(set(a.digests) & set(b.digests)) or (bool(a.layers) and a.layers == b.layers)
 
 
+class GpuProcess(Record):
+    """A process `nvidia-smi --query-compute-apps` lists as holding GPU memory."""
+    pid: int
+    name: str
+    used_mib: int | None  # None when the driver does not say
+
+
 class HostFacts(Record):
-    """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
+    """What one round trip to a host tells: identity, networks, GPU, memory, docker, ports, images."""
     host: str
     hostname: str = ""
     addresses: tuple = ()  # (ifname, address/prefix)
     ib: tuple = ()  # IbDevice
-    gpu: str = ""
+    gpu: str = ""  # nvidia-smi's "name, memory.total" ("[N/A]" total on a Spark: memory is unified)
     containers: tuple = ()  # docker ps JSON objects of sparkrun containers
     docker_error: str = ""
     listening: tuple = ()  # (address, port) of listening TCP sockets
     images: tuple = ()  # (image, IMAGE_FORMAT line or "")
     docker_arch: str = ""  # the docker daemon's platform architecture (arm64 on a Spark)
+    other_containers: tuple = ()  # docker ps JSON objects of running containers that are not sparkrun's
+    gpu_processes: tuple = ()  # GpuProcess
+    mem_total_kib: int | None = None  # /proc/meminfo MemTotal
+    mem_available_kib: int | None = None  # /proc/meminfo MemAvailable
+
+    @property
+    def gpu_total_bytes(self) -> int | None:
+        """The GPU's memory; the host's when nvidia-smi has no figure (a Spark's unified memory)."""
+        total = re.search(r",\s*(\d+) MiB$", self.gpu)
+        if total:
+            return int(total[1]) * 2**20
+        return self.mem_total_kib * 1024 if self.mem_total_kib else None
 
     @property
     def active_ib(self) -> list[IbDevice]:
@@ -1998,7 +2017,9 @@ def probe_script(images: tuple = ()) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
-    raw outputs are parsed here, so a probe starts few processes on the host."""
+    raw outputs are parsed here, so a probe starts few processes on the host. MemAvailable is
+    read last, as of the GPU process list. SPARKRUN_SYSFS and SPARKRUN_MEMINFO replace /sys and
+    /proc/meminfo on the test bed's simulated hosts."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format {shlex.quote(IMAGE_FORMAT)} "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
@@ -2006,8 +2027,9 @@ def probe_script(images: tuple = ()) -> str:
         inspect = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
                    f"echo @@images; {inspect})\n")
     return f"""\
-exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
+exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
+exec {{apps}}< <(echo @@gpuapps; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits 2>/dev/null)
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
 exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
 {inspect}sysfs=${{SPARKRUN_SYSFS:-/sys}}
@@ -2026,7 +2048,11 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker{" /dev/fd/$images" if images else ""}
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker{" /dev/fd/$images" if images else ""}
+echo @@meminfo
+while read -r key value _; do
+  case $key in MemTotal:|MemAvailable:) echo "$key $value";; esac
+done < "${{SPARKRUN_MEMINFO:-/proc/meminfo}}"
 echo @@end
 """
 
@@ -2036,7 +2062,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
     current = None
     for line in output.splitlines():
         marker = line[2:] if line.startswith("@@") else ""
-        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "end"):
+        if marker in ("hostname", "addrs", "ib", "gpu", "gpuapps", "docker", "listen", "arch", "images", "meminfo",
+                      "end"):
             current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
@@ -2049,22 +2076,35 @@ def parse_probe(host: str, output: str) -> HostFacts:
         hca, state, netdev, gid = (line.split("|") + ["", "", "", ""])[:4]
         ib.append(IbDevice(hca, state.strip(), netdev, by_dev.get(netdev), int(gid) if gid.isdigit() else None))
     docker_lines = sections.get("docker", [])
-    containers, docker_error = [], ""
+    containers, others, docker_error = [], [], ""
     if "@@docker_failed" in docker_lines:
         docker_error = " ".join(l for l in docker_lines if l != "@@docker_failed").strip()
     else:
         for line in docker_lines:
             try:
-                containers.append(json.loads(line))
+                container = json.loads(line)
             except ValueError:
                 docker_error = line.strip()
+                continue
+            if "sparkrun.cluster" in label_map(container):
+                containers.append(container)
+            elif container.get("State") == "running":
+                others.append(container)
+    # `nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits`:
+    # "114687, /usr/bin/python3, 19135"; "[N/A]" where the driver has no figure.
+    apps = tuple(GpuProcess(int(f[0]), ", ".join(f[1:-1]), int(f[-1]) if f[-1].isdigit() else None)
+                 for f in (line.split(", ") for line in sections.get("gpuapps", []))
+                 if len(f) >= 3 and f[0].isdigit())
+    meminfo = {k.rstrip(":"): int(v) for k, _, v in (l.partition(" ") for l in sections.get("meminfo", []))
+               if v.isdigit()}
     images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
     # `ss -Hltn`: "LISTEN 0 4096 127.0.0.11:8000 0.0.0.0:*"
     listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", []))
                       if len(f) > 3 and f[0] == "LISTEN")
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
                      (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images,
-                     (sections.get("arch") or [""])[0].strip())
+                     (sections.get("arch") or [""])[0].strip(), tuple(others), apps, meminfo.get("MemTotal"),
+                     meminfo.get("MemAvailable"))
 
 
 def listen_address(local: str) -> tuple[str, int]:
@@ -2321,9 +2361,18 @@ DEFAULT_DASHBOARD_PORT = 8265
 CONTAINER_HF_HOME = "/root/.cache/huggingface"
 REMOTE_MODS = "~/.cache/sparkrun/mods"  # on the hosts, one folder per launch
 CONTAINER_MODS = "/root/.cache/sparkrun/mods"
+REMOTE_COMPILE_CACHE = "~/.cache/sparkrun/compile"  # on the hosts, one folder per engine
+CONTAINER_COMPILE_CACHE = "/root/.cache/sparkrun/compile"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
+
+
+# Every engine container: the host's network and GPU; the host's IPC namespace, which gives it the
+# host's /dev/shm (so no --shm-size, which only sizes a private one); unlimited locked memory for
+# RDMA; a 64 MiB stack, as NVIDIA's PyTorch containers ask for.
+DOCKER_RUN_FLAGS = ("--network", "host", "--gpus", "all", "--ipc", "host",
+                    "--ulimit", "memlock=-1", "--ulimit", "stack=67108864")
 
 
 class ContainerSpec(Record):
@@ -2339,8 +2388,7 @@ class ContainerSpec(Record):
     privileged: bool = False
 
     def docker_run_argv(self, env_file: str | None = None) -> list[str]:
-        argv = ["docker", "run", "-d", "--name", self.name, "--network", "host", "--gpus", "all",
-                "--ipc", "host", "--shm-size", "16g", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864"]
+        argv = ["docker", "run", "-d", "--name", self.name, *DOCKER_RUN_FLAGS]
         if self.privileged:
             argv.append("--privileged")
         for key, value in self.labels:
@@ -2629,6 +2677,9 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     cid = cluster_id(runtime, recipe.model, hosts, port, served)
     plain_env, secret_env = expand_env(recipe, environ)
     hf_mount = options.cache_dir or "~/.cache/huggingface"
+    module = load_runtime(runtime)
+    plain_env += runtime_env_defaults(module, recipe.env)
+    cache_mount = compile_cache_mount(module)
     notes = []
     host_env = {}
     per_link = cx7_per_link(hosts, facts, rendezvous)
@@ -2665,7 +2716,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                   ("sparkrun.hosts", ",".join(hosts)))
         env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host], *engine_env]
         dev = facts.get(host)
-        mounts = [(hf_mount, CONTAINER_HF_HOME)]
+        mounts = [(hf_mount, CONTAINER_HF_HOME), *cache_mount]
         if mods:
             mounts.append((f"{REMOTE_MODS}/{cid}", mods_mount, "ro"))
         if tuning:
@@ -2681,7 +2732,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                         options.ray_port or DEFAULT_RAY_PORT, options.dashboard,
                         options.dashboard_port or DEFAULT_DASHBOARD_PORT, make_container,
                         1 if solo else data_parallel_size(values, command))
-    steps = tuple(load_runtime(runtime).plan(ctx))
+    steps = tuple(module.plan(ctx))
     readiness = "models" if EMBEDDING_HINTS.search(command) else "generate"
     if mods:
         notes.append(f"mods applied in every container before serving: {', '.join(n for n, _ in mods)}")
@@ -2690,6 +2741,19 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
                       readiness, steps, tuple(notes), tuple(mods),
                       tuple(one_line(c) for c in recipe.post_exec))
+
+
+def runtime_env_defaults(module, recipe_env: dict) -> list[tuple[str, str]]:
+    """The runtime's default env and its compile-cache variables, except those the recipe sets."""
+    cache_env = {var: f"{CONTAINER_COMPILE_CACHE}/{sub}" for var, sub in getattr(module, "CACHES", {}).items()}
+    return [(k, v) for k, v in {**getattr(module, "ENV", {}), **cache_env}.items() if k not in recipe_env]
+
+
+def compile_cache_mount(module) -> list[tuple[str, str]]:
+    """The host's compile-cache folder of the runtime's engine, as a mount (none without caches)."""
+    if not getattr(module, "CACHES", None):
+        return []
+    return [(f"{REMOTE_COMPILE_CACHE}/{module.CACHE_ENGINE}", CONTAINER_COMPILE_CACHE)]
 
 
 def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
@@ -2733,16 +2797,18 @@ def remote_join(argv: list[str]) -> str:
 
 
 def start_container_script(spec: ContainerSpec) -> str:
-    """docker run on the host; secrets travel inside this script (stdin), into a 0600 env file
-    that is removed as soon as docker has read it, so no process list ever shows them."""
+    """docker run on the host, after creating the folders it mounts writable (docker would create
+    them as root); secrets travel inside this script (stdin), into a 0600 env file that is removed
+    as soon as docker has read it, so no process list ever shows them."""
+    folders = remote_join(["mkdir", "-p", *(m[0] for m in spec.mounts if m[2:] != ("ro",))]) + "\n"
     if not spec.secret_env:
-        return f"mkdir -p \"$HOME\"/.cache/huggingface\n{remote_join(spec.docker_run_argv())}\n"
+        return f"{folders}{remote_join(spec.docker_run_argv())}\n"
     for key, value in spec.secret_env:
         if "\n" in value:
             raise UsageError(f"env {key}: a value with a newline cannot be passed to docker")
     lines = "\n".join(f"{k}={v}" for k, v in spec.secret_env)
     docker_run = remote_join(spec.docker_run_argv("ENVFILE")).replace(" ENVFILE ", ' "$env_file" ')
-    return ("mkdir -p \"$HOME\"/.cache/huggingface\numask 077\nenv_file=$(mktemp)\n"
+    return (f"{folders}umask 077\nenv_file=$(mktemp)\n"
             f"cat > \"$env_file\" <<'SPARKRUN_SECRETS'\n{lines}\nSPARKRUN_SECRETS\n"
             f"{docker_run}\nrc=$?\nrm -f \"$env_file\"\nexit $rc\n")
 
@@ -2806,6 +2872,51 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
     if problems:
         raise SparkrunError("\n       ".join(problems))
     return existing
+
+
+def memory_need(estimate: VramEstimate, fraction, total: int | None) -> tuple[float | None, str]:
+    """What a host must have free, and why: an engine given gpu_memory_utilization reserves that
+    fraction of the GPU's total at start (vLLM refuses to start when less is free); otherwise the
+    estimate's weights and KV cache per GPU."""
+    if isinstance(fraction, (int, float)) and 0 < fraction <= 1 and total:
+        return fraction * total, f"gpu_memory_utilization {fraction:g} of {total / GIB:.1f} GB"
+    if estimate.per_gpu_bytes:
+        return estimate.per_gpu_bytes, "weights and KV cache"
+    return None, ""
+
+
+def gpu_memory_holders(fact: HostFacts, cluster: str) -> list[str]:
+    """What holds memory on a host besides this launch: running containers (other sparkrun
+    launches and anything else) and the processes nvidia-smi lists."""
+    holders = []
+    for container in fact.containers:
+        labels = label_map(container)
+        if container.get("State") == "running" and labels.get("sparkrun.cluster") != cluster:
+            holders.append(f"container {container.get('Names')} (sparkrun: {labels.get('sparkrun.recipe', '?')})")
+    holders += [f"container {c.get('Names')} (not sparkrun's, image {c.get('Image')})" for c in fact.other_containers]
+    holders += [f"process {p.pid} {p.name}" + (f" ({p.used_mib / 1024:.1f} GB)" if p.used_mib is not None else "")
+                for p in fact.gpu_processes]
+    return holders
+
+
+def memory_shortfalls(plan: LaunchPlan, facts: dict, estimate: VramEstimate, fraction, skip=()) -> list[str]:
+    """One line per host whose available memory (MemAvailable: a Spark's GPU shares it) is below
+    what the launch needs there. Hosts in `skip` are left out (their memory is this launch's own)."""
+    lines = []
+    for host in plan.hosts:
+        fact = facts.get(host)
+        if not isinstance(fact, HostFacts) or fact.mem_available_kib is None or host in skip:
+            continue
+        need, why = memory_need(estimate, fraction, fact.gpu_total_bytes)
+        available = fact.mem_available_kib * 1024
+        if need is None or need <= available:
+            continue
+        holders = gpu_memory_holders(fact, plan.cluster_id)
+        held = (f"held by {', '.join(holders)}; stop what you do not need" if holders
+                else "no container or GPU process holds it; free memory on the host")
+        lines.append(f"{host}: needs {need / GIB:.1f} GB ({why}) but {available / GIB:.1f} GB is available, "
+                     f"{held}, or lower --gpu-mem")
+    return lines
 
 
 def plan_ports(plan: LaunchPlan, host: str) -> set:
@@ -3622,6 +3733,52 @@ def obtain(ssh: SSH, need: RepoNeed, hosts, *, home: Path, root: str, download_o
         raise SparkrunError(f"download of {need.repo} on {head} finished but no {need.gguf_quant or need.role} "
                             "files were found in it; check the recipe's model name")
     return snapshot, False
+
+
+# -- Page cache: a Spark's GPU shares memory with the page cache, which a model copy just filled.
+# Drop it (root, or `sudo -n tee`: the rule `setup clear-cache --save-sudo` saves), else evict only
+# the model's files (`dd iflag=nocache count=0` is coreutils' posix_fadvise(POSIX_FADV_DONTNEED) on
+# the whole file, no root needed).
+
+PAGE_CACHE_SH = r'''
+sync
+if [ "$(id -u)" = 0 ]; then
+  printf '3\n' 2>/dev/null > TARGET && { echo "@@page-cache dropped"; exit 0; }
+elif printf '3\n' | sudo -n "$(command -v tee)" TARGET >/dev/null 2>&1; then
+  echo "@@page-cache dropped"; exit 0
+fi
+evicted=0 failed=0
+while IFS= read -r -d '' file; do
+  if dd if="$file" iflag=nocache count=0 status=none 2>/dev/null; then evicted=$((evicted + 1)); else failed=$((failed + 1)); fi
+done < <(find -L SNAPSHOT -type f -print0 2>/dev/null)
+if [ $evicted -gt 0 ] && [ $failed = 0 ]; then echo "@@page-cache evicted $evicted"; else echo "@@page-cache failed"; fi
+'''
+PAGE_CACHE_UNFREED = ("could not free the page cache on {hosts} (no root or sudo rule to drop it, and the model's "
+                      "files could not be evicted); the engine sees less free memory: run 'sparkrun setup "
+                      "clear-cache --save-sudo' once, or pass --no-drop-cache")
+
+
+def page_cache_script(snapshot: ModelSnapshot | None, root: str) -> str:
+    folder = (f"{quote_path(root)}/hub/{shlex.quote(snapshot.cache_name)}/snapshots/{shlex.quote(snapshot.revision)}"
+              if snapshot else "/nonexistent")
+    return PAGE_CACHE_SH.replace("TARGET", drop_caches_target()).replace("SNAPSHOT", folder)
+
+
+def free_page_cache(ssh: SSH, hosts, snapshot: ModelSnapshot | None, root: str) -> dict[str, str]:
+    """On every host at once: drop the page cache, else evict the model's files from it. Returns
+    host -> what happened ("dropped", "evicted N files" or "failed"), timed when -v; one warning
+    names the hosts where neither worked."""
+    results = raise_first(ssh.run_all(list(hosts), page_cache_script(snapshot, root), timeout=300))
+    outcomes = {}
+    for host, result in results.items():
+        found = re.search(r"@@page-cache (dropped|evicted (\d+)|failed)", result.stdout)
+        outcomes[host] = (f"evicted {found[2]} model files" if found[2] else found[1]) if found else "failed"
+        if ssh.verbose:
+            say(f"[{host}] page cache: {outcomes[host]} ({result.elapsed:.2f} s)")
+    unfreed = [h for h, outcome in outcomes.items() if outcome == "failed"]
+    if unfreed:
+        warn(PAGE_CACHE_UNFREED.format(hosts=", ".join(unfreed)))
+    return outcomes
 
 
 def sync_mods(ssh: SSH, plan: LaunchPlan) -> None:
@@ -4800,7 +4957,8 @@ def add_benchmark_parsers(sub, command, host_options) -> None:
     p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
     host_options(p)
     shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
-              "no_sync", "download_on", "strict", "ready_timeout", "init_port", "ray_port", "dashboard", "dashboard_port",
+              "no_sync", "download_on", "no_drop_cache", "strict", "ready_timeout", "init_port", "ray_port",
+              "dashboard", "dashboard_port",
               "no_sync_tuning"}
     for action in run._actions:
         if action.dest in shared:
@@ -6455,6 +6613,12 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         print(plan.describe())
         return None, ssh
     existing = preflight(plan, facts, args.replace)
+    short = memory_shortfalls(plan, facts, estimate, recipe_values(recipe, options.overrides).get(
+        "gpu_memory_utilization"), skip={h for h, _ in existing})
+    if short and args.strict:
+        raise SparkrunError("\n       ".join(short) + "\n       refusing to launch because of --strict")
+    for line in short:
+        warn(line)
     if existing:
         say(f"Replacing the running {plan.cluster_id} ...")
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
@@ -6473,6 +6637,11 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if tuning:
         sync_tuning(ssh, tuning, plan.hosts)
     distribution = time.monotonic() - distribution_started
+    page_cache = 0.0
+    if not args.no_drop_cache:
+        since = time.monotonic()
+        free_page_cache(ssh, plan.hosts, snapshot, remote_cache_root(args.cache_dir))
+        page_cache = time.monotonic() - since
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     for command in plan.post_exec:
@@ -6482,7 +6651,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if args.verbose:
         total = time.monotonic() - started
         say(f"timings: {total:.2f} s in all: {waited:.2f} s waiting for the server, "
-            f"{total - waited:.2f} s sparkrun's own (of which {distribution:.2f} s image and model distribution)")
+            f"{total - waited:.2f} s sparkrun's own (of which {distribution:.2f} s image and model distribution, "
+            f"{page_cache:.2f} s freeing the page cache)")
     return plan, ssh
 
 
@@ -6909,7 +7079,10 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--download-on", choices=("auto", "here", "head"), default="auto",
                    help="where a model no one has is downloaded: here, or on the head with its Hub client "
                         "(auto: here, or the head when the Hub cannot be reached from here)")
-    p.add_argument("--strict", action="store_true", help="refuse to launch when the VRAM estimate does not fit")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to launch when the VRAM estimate does not fit, or a host has too little free memory")
+    p.add_argument("--no-drop-cache", action="store_true",
+                   help="do not free the hosts' page cache before starting the containers")
     p.add_argument("--ready-timeout", type=float, default=3600, help="seconds to wait for readiness (3600)")
     p.add_argument("--init-port", type=int, help="rendezvous port (vLLM 29501, SGLang 25000)")
     p.add_argument("--ray-port", type=int, help=f"Ray head port ({DEFAULT_RAY_PORT})")

@@ -8,6 +8,11 @@ A runtime module has:
     EXAMPLES  (nodes, serve command, expected container commands) checked by the test suite.
     DEFAULT_COMMAND  optional: (base command, ((recipe default, flag), ...)), the serve command of
               a recipe without `command`: the base and one flag per default that has a value.
+    ENV       optional: default container env; a recipe's own value of a variable wins.
+    CACHE_ENGINE, CACHES
+              optional: the engine's compile caches, {VARIABLE: subfolder}. Each host keeps them in
+              ~/.cache/sparkrun/compile/<CACHE_ENGINE>, mounted into every container, with each
+              VARIABLE pointing at its subfolder, so a later launch reuses what an earlier compiled.
 
 Third-party runtimes register a module under the entry point group `sparkrun.runtimes`.
 """

@@ -6,10 +6,14 @@ differs by more than ~10% ("The memory capacity is unbalanced") is off: on a Spa
 memory includes whatever the page cache holds at that moment.
 """
 
+from sparkrun_runtimes import torch_engines
+
 NAME = "sglang"
 # Repos an SGLang command names besides the model (server arguments --tokenizer-path and
 # --speculative-draft-model-path, https://docs.sglang.ai/advanced_features/server_arguments.html).
 REPO_FLAGS = {"--tokenizer-path": ("tokenizer", None), "--speculative-draft-model-path": ("draft model", None)}
+ENV = torch_engines.ENV
+CACHE_ENGINE, CACHES = "sglang", torch_engines.SGLANG_CACHES
 
 # The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND). SGLang's
 # server arguments: https://docs.sglang.io/advanced_features/server_arguments.html

@@ -143,10 +143,20 @@ def local_devices():
             "ib": [h for h in hcas if "ACTIVE" in (ib / h / "ports" / "1" / "state").read_text()]}
 
 
-def gpu_free_mib():
-    """Free GPU memory of this host (facts/gpu.json: free_mib, else all of memory_mib)."""
+def host_facts(name):
+    """facts/<name>.json of this host ({} when missing)."""
     try:
-        gpu = json.loads((STATE / "facts" / "gpu.json").read_text())
+        return json.loads((STATE / "facts" / f"{name}.json").read_text())
     except (OSError, ValueError):
-        return 0
-    return gpu.get("free_mib", gpu.get("memory_mib", 0))
+        return {}
+
+
+def gpu_free_mib():
+    """Free GPU memory of this host (facts/gpu.json: free_mib, else all of memory_mib; on unified
+    memory, memory_mib null as on a GB10, the host's available memory from facts/memory.json)."""
+    gpu = host_facts("gpu")
+    if "free_mib" in gpu:
+        return gpu["free_mib"]
+    if gpu.get("memory_mib") is not None:
+        return gpu["memory_mib"]
+    return host_facts("memory").get("available_kib", 0) // 1024

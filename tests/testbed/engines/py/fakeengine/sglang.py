@@ -2,13 +2,13 @@
 import os
 import sys
 
-from . import distributed, openai
+from . import distributed, gpu, openai
 from .common import advertised_ip, check_model_path, die, gpu_free_mib, log, loose_args, real_addr, start_faults
 
 IMBALANCE_CHECK = "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"
 
 VALUES = {"model-path", "model", "served-model-name", "host", "port", "tp", "tp-size",
-          "nnodes", "node-rank", "dist-init-addr"}
+          "nnodes", "node-rank", "dist-init-addr", "mem-fraction-static"}
 BOOLS = {"trust-remote-code", "enable-metrics"}
 
 
@@ -30,6 +30,7 @@ def launch_server(args):
         group = distributed.head(int(dist_port), nnodes - 1, "sglang", advertised_ip("SGLANG_HOST_IP", "HOST_IP"))
         check_memory_balance([gpu_free_mib()] + [m.get("free_mib", 0) for m in group.members.values()])
     log("Load weight end. type=FakeModel, avail mem=100.00 GB")
+    gpu.hold_memory(float(opts.get("mem-fraction-static") or 0.88))
     openai.serve(openai.Served("sglang", opts.get("served-model-name") or model, model),
                  real_addr(host), port, [
                      f"INFO:     Started server process [{os.getpid()}]",
