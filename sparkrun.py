@@ -1967,6 +1967,7 @@ class HostFacts(Record):
     gpu_processes: tuple = ()  # GpuProcess
     mem_total_kib: int | None = None  # /proc/meminfo MemTotal
     mem_available_kib: int | None = None  # /proc/meminfo MemAvailable
+    compile_caches: tuple = ()  # (engine, KiB) of ~/.cache/sparkrun/compile/<engine>, when asked for
 
     @property
     def gpu_total_bytes(self) -> int | None:
@@ -2013,7 +2014,7 @@ class HostFacts(Record):
         return info.id if info else ""
 
 
-def probe_script(images: tuple = ()) -> str:
+def probe_script(images: tuple = (), caches: bool = False) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
@@ -2023,16 +2024,18 @@ def probe_script(images: tuple = ()) -> str:
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format {shlex.quote(IMAGE_FORMAT)} "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
-    if inspect:
-        inspect = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
-                   f"echo @@images; {inspect})\n")
+    optional = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
+                f"echo @@images; {inspect})\n") if inspect else ""
+    if caches:  # `status`: the size of each engine's compile cache (du -sk: "<KiB>\t<folder>/")
+        optional += (f"exec {{caches}}< <(echo @@caches; du -sk {remote_join([REMOTE_COMPILE_CACHE])}/*/ "
+                     "2>/dev/null)\n")
     return f"""\
 exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
 exec {{apps}}< <(echo @@gpuapps; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits 2>/dev/null)
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
 exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
-{inspect}sysfs=${{SPARKRUN_SYSFS:-/sys}}
+{optional}sysfs=${{SPARKRUN_SYSFS:-/sys}}
 echo @@hostname; echo "$HOSTNAME"
 echo @@ib
 for hca in "$sysfs"/class/infiniband/*; do
@@ -2048,7 +2051,7 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker{" /dev/fd/$images" if images else ""}
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker{" /dev/fd/$images" if images else ""}{" /dev/fd/$caches" if caches else ""}
 echo @@meminfo
 while read -r key value _; do
   case $key in MemTotal:|MemAvailable:) echo "$key $value";; esac
@@ -2062,8 +2065,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
     current = None
     for line in output.splitlines():
         marker = line[2:] if line.startswith("@@") else ""
-        if marker in ("hostname", "addrs", "ib", "gpu", "gpuapps", "docker", "listen", "arch", "images", "meminfo",
-                      "end"):
+        if marker in ("hostname", "addrs", "ib", "gpu", "gpuapps", "docker", "listen", "arch", "images", "caches",
+                      "meminfo", "end"):
             current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
@@ -2097,6 +2100,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
                  if len(f) >= 3 and f[0].isdigit())
     meminfo = {k.rstrip(":"): int(v) for k, _, v in (l.partition(" ") for l in sections.get("meminfo", []))
                if v.isdigit()}
+    caches = tuple((folder.rstrip("/").rpartition("/")[2], int(kib)) for kib, _, folder in
+                   (l.partition("\t") for l in sections.get("caches", [])) if kib.isdigit())
     images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
     # `ss -Hltn`: "LISTEN 0 4096 127.0.0.11:8000 0.0.0.0:*"
     listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", []))
@@ -2104,7 +2109,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
                      (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images,
                      (sections.get("arch") or [""])[0].strip(), tuple(others), apps, meminfo.get("MemTotal"),
-                     meminfo.get("MemAvailable"))
+                     meminfo.get("MemAvailable"), caches)
 
 
 def listen_address(local: str) -> tuple[str, int]:
@@ -2119,8 +2124,8 @@ def listen_address(local: str) -> tuple[str, int]:
     return address, int(port)
 
 
-def probe_hosts(ssh: SSH, hosts, images: tuple = ()) -> dict[str, HostFacts | HostError]:
-    results = ssh.run_all(list(hosts), probe_script(images), timeout=SSH_CONNECT_TIMEOUT + 20)
+def probe_hosts(ssh: SSH, hosts, images: tuple = (), caches: bool = False) -> dict[str, HostFacts | HostError]:
+    results = ssh.run_all(list(hosts), probe_script(images, caches), timeout=SSH_CONNECT_TIMEOUT + 20)
     facts = {}
     for host, result in results.items():
         if not isinstance(result, HostError) and "@@end" not in result.stdout:
@@ -5794,6 +5799,16 @@ def drop_caches_target() -> str:
     return '"${SPARKRUN_DROP_CACHES:-' + DROP_CACHES + '}"'
 
 
+# Containers write the compile caches as root: what the user cannot remove goes as root.
+EMPTY_COMPILE_CACHES_SH = """\
+  if [ -d CACHES ]; then
+    kib=$(du -sk CACHES | cut -f1)
+    rm -rf CACHES/* 2>/dev/null || as_root rm -rf -- CACHES/* || exit $?
+    echo "@@compile-emptied $kib"
+  fi
+"""
+
+
 def cmd_setup_clear_cache(args) -> int:
     selection = select_hosts(args)
     hosts = list(selection.hosts)
@@ -5805,7 +5820,8 @@ def cmd_setup_clear_cache(args) -> int:
     scripts = {}
     for host, fact in facts.items():
         argv = [fact.commands["tee"], fact.extra["target"]]
-        body = ("  before=$(awk '/^Cached:/ {print $2}' /proc/meminfo)\n  sync\n"
+        body = EMPTY_COMPILE_CACHES_SH.replace("CACHES", remote_join([REMOTE_COMPILE_CACHE])) if args.compile_caches else ""
+        body += ("  before=$(awk '/^Cached:/ {print $2}' /proc/meminfo)\n  sync\n"
                 f"  printf '3\\n' | as_root {shlex.join(argv)} >/dev/null || exit $?\n"
                 "  echo \"@@cached $before $(awk '/^Cached:/ {print $2}' /proc/meminfo)\"\n")
         if args.save_sudo:
@@ -5818,6 +5834,9 @@ def cmd_setup_clear_cache(args) -> int:
         cached = re.search(r"@@cached (\d+) (\d+)", result.stdout)
         sizes = f" (page cache {int(cached[1]) / 2**20:.1f} -> {int(cached[2]) / 2**20:.1f} GiB)" if cached else ""
         extra = sudo_outcome(result)
+        emptied = re.search(r"@@compile-emptied (\d+)", result.stdout)
+        if emptied:
+            print(f"{host}: emptied the compile caches ({int(emptied[1]) / 2**20:.2f} GB)")
         print(f"{host}: synced and dropped the page cache{sizes}" + (f"; {extra}" if extra else ""))
     raise_first(results)
     return 0
@@ -6455,6 +6474,8 @@ def add_setup_parsers(sub, command, host_options) -> None:
     host_options(p, solo=False)
     p.add_argument("--save-sudo", action="store_true",
                    help="install a sudoers rule allowing exactly this write to /proc/sys/vm/drop_caches")
+    p.add_argument("--compile-caches", action="store_true",
+                   help="also empty the engines' compile caches (~/.cache/sparkrun/compile) on each host")
 
 
 # ---------------------------------------------------------------------------
@@ -6729,7 +6750,7 @@ def cmd_logs(args) -> int:
 def cmd_status(args) -> int:
     selection = select_hosts(args)
     ssh = SSH(selection.user, args.verbose)
-    facts = probe_hosts(ssh, selection.hosts)
+    facts = probe_hosts(ssh, selection.hosts, caches=True)
     workloads = collect_workloads(facts)
     if not args.no_probe:
         for workload in workloads:
@@ -6772,7 +6793,8 @@ def host_status_dict(host: str, fact) -> dict:
         return {"host": host, "reachable": False, "error": str(fact)}
     return {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
             "gpu": fact.gpu, "docker_error": fact.docker_error,
-            "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers)}
+            "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers),
+            "compile_caches": {engine: kib * 1024 for engine, kib in fact.compile_caches}}
 
 
 def print_status(facts: dict, workloads: list, pending: list) -> None:
@@ -6785,6 +6807,10 @@ def print_status(facts: dict, workloads: list, pending: list) -> None:
         state = "docker error" if fact.docker_error else "ok"
         rows.append([host, state, fact.management_ip, ib, fact.gpu or "no GPU found"])
     print_table(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
+    for host, fact in facts.items():
+        if isinstance(fact, HostFacts) and fact.compile_caches:
+            sizes = ", ".join(f"{engine} {kib / 2**20:.2f} GB" for engine, kib in fact.compile_caches)
+            print(f"{host}: compile caches {sizes} (empty them: sparkrun setup clear-cache --compile-caches)")
     print()
     if not workloads:
         print("No sparkrun workloads running.")
