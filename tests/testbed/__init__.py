@@ -17,8 +17,22 @@ sshd's SetEnv gives every session:
     TESTBED_STATE      <root> (the host's state dir, same path on both sides)
     SPARKRUN_SYSFS     <root>/sysfs (fake class/infiniband and class/net)
     SPARKRUN_NETPLAN_DIR, SPARKRUN_DROP_CACHES
-                       <root>/etc/netplan and <root>/drop_caches (setup cx7 and
-                       clear-cache write these, not the machine's real files)
+                       <root>/etc/netplan and <root>/drop_caches (setup cx7,
+                       clear-cache and run's page-cache step write these, not
+                       the machine's real files; host.block_drop_caches() makes
+                       that write fail even for root)
+    SPARKRUN_MEMINFO   <root>/meminfo, the host's /proc/meminfo: MemTotal of a
+                       DGX Spark, MemAvailable from facts/memory.json
+                       (host.set_memory) minus what GPU processes hold
+Memory like a DGX Spark (GB10, unified). nvidia-smi reports "[N/A]" for
+memory.total/used/free (host.set_gpu(memory_mib=N) for a discrete GPU) and
+lists per-process used_memory with --query-compute-apps: the processes are
+<root>/gpu/<pid> files ("name<TAB>MiB") that the fake vLLM and SGLang write
+for their gpu_memory_utilization / mem_fraction_static; that query also
+rewrites <root>/meminfo (so read it after asking nvidia-smi, as sparkrun's
+probe does). The fake vLLM keeps a torch.compile cache under
+$VLLM_CACHE_ROOT and logs a hit when it starts again with the same model;
+outside a mount that cache lands in the container's own layer and is lost.
     TESTBED_RUN        token of this bed (every process carrying it is
                        killed by bed.stop())
 With a private /root, sshd also accepts keys in the host's own
