@@ -247,3 +247,37 @@ def test_without_the_mount_the_compile_cache_dies_with_the_container(lab):
         h1.wait_http(9200)
         assert "Compiling a graph for compile range" in h1.container_log("plain")
         assert h1.ssh("docker rm -f plain").returncode == 0
+
+
+# The sudo side for real, with a throwaway local user (see test_setup): the rule `setup clear-cache
+# --save-sudo` saves lets the page-cache step drop caches; without it, the model's files are evicted.
+
+from test_setup import grant, local_user, needs_root_and_sudo  # noqa: E402,F401  (local_user: a fixture)
+
+
+def page_cache_as(user, root: Path, target: Path) -> str:
+    snapshot = sparkrun.ModelSnapshot("Qwen/Qwen3-1.7B", REVISION, "main", root / "hub" / MODEL_DIR, ())
+    done = subprocess.run(["runuser", "-u", user["name"], "--", "env", f"SPARKRUN_DROP_CACHES={target}",
+                           "bash", "-c", sparkrun.page_cache_script(snapshot, str(root))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@needs_root_and_sudo
+def test_page_cache_step_uses_the_saved_sudo_rule_else_evicts_as_the_user(local_user):
+    user, name = local_user, local_user["name"]
+    root = user["home"] / "hf"
+    local_model(user["home"], {"config.json": 10, "model.safetensors": 1 << 20})
+    subprocess.run(["chown", "-R", f"{name}:{name}", str(user["home"])], check=True)
+    target = user["home"] / "drop_caches"  # stands in for /proc/sys/vm/drop_caches, writable by root only
+    target.write_text("")
+    assert page_cache_as(user, root, target) == "@@page-cache evicted 2"
+    assert target.read_text() == ""
+    grant(user, f"/usr/bin/tee {target}")  # what `setup clear-cache --save-sudo` installs
+    assert page_cache_as(user, root, target) == "@@page-cache dropped"
+    assert target.read_text() == "3\n"
+    user["sudoers"][-1].unlink()
+    (root / "hub" / MODEL_DIR / "blobs").chmod(0o700)
+    subprocess.run(["chown", "-R", "root:root", str(root / "hub" / MODEL_DIR / "blobs")], check=True)
+    assert page_cache_as(user, root, target) == "@@page-cache failed"  # files it cannot open
