@@ -160,7 +160,8 @@ def net_facts(number, addr, ib):
 
 def write_facts(root, number, addr, ib, gpu, memory):
     """sysfs/, facts/{net,gpu,memory}.json for one host (and no stale memo or meminfo: the
-    nvidia-smi stand-in writes <root>/meminfo from memory.json and the GPU processes)."""
+    nvidia-smi stand-in writes <root>/meminfo from memory.json and the GPU processes when asked
+    for them)."""
     shutil.rmtree(root / "facts" / "memo", ignore_errors=True)
     write_sysfs(root / "sysfs", number, ib)
     write(root / "facts" / "net.json", json.dumps(net_facts(number, addr, ib), indent=1))
