@@ -2032,7 +2032,8 @@ def probe_script(images: tuple = (), caches: bool = False) -> str:
     return f"""\
 exec {{docker}}< <(echo @@docker; docker ps -a --no-trunc --format '{{{{json .}}}}' 2>&1 || echo @@docker_failed)
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
-exec {{apps}}< <(echo @@gpuapps; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits 2>/dev/null)
+exec {{apps}}< <(echo @@gpuapps; nvidia-smi --query-compute-apps=pid,process_name,used_memory \\
+  --format=csv,noheader,nounits 2>/dev/null)
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
 exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
 {optional}sysfs=${{SPARKRUN_SYSFS:-/sys}}
@@ -2051,7 +2052,8 @@ for hca in "$sysfs"/class/infiniband/*; do
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
-cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker{" /dev/fd/$images" if images else ""}{" /dev/fd/$caches" if caches else ""}
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker \\
+  {" /dev/fd/$images" if images else ""}{" /dev/fd/$caches" if caches else ""}
 echo @@meminfo
 while read -r key value _; do
   case $key in MemTotal:|MemAvailable:) echo "$key $value";; esac
@@ -2881,8 +2883,9 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
 
 def memory_need(estimate: VramEstimate, fraction, total: int | None) -> tuple[float | None, str]:
     """What a host must have free, and why: an engine given gpu_memory_utilization reserves that
-    fraction of the GPU's total at start (vLLM refuses to start when less is free); otherwise the
-    estimate's weights and KV cache per GPU."""
+    fraction of the GPU's total at start (vLLM's worker refuses to start when less is free: "Free
+    memory on device ... is less than desired GPU memory utilization", vllm/v1/worker/gpu_worker.py);
+    otherwise the estimate's weights and KV cache per GPU."""
     if isinstance(fraction, (int, float)) and 0 < fraction <= 1 and total:
         return fraction * total, f"gpu_memory_utilization {fraction:g} of {total / GIB:.1f} GB"
     if estimate.per_gpu_bytes:
@@ -2898,7 +2901,8 @@ def gpu_memory_holders(fact: HostFacts, cluster: str) -> list[str]:
         labels = label_map(container)
         if container.get("State") == "running" and labels.get("sparkrun.cluster") != cluster:
             holders.append(f"container {container.get('Names')} (sparkrun: {labels.get('sparkrun.recipe', '?')})")
-    holders += [f"container {c.get('Names')} (not sparkrun's, image {c.get('Image')})" for c in fact.other_containers]
+    holders += [f"container {c.get('Names')} (not sparkrun's, image {c.get('Image')})"
+                for c in fact.other_containers]
     holders += [f"process {p.pid} {p.name}" + (f" ({p.used_mib / 1024:.1f} GB)" if p.used_mib is not None else "")
                 for p in fact.gpu_processes]
     return holders
@@ -3754,9 +3758,14 @@ elif printf '3\n' | sudo -n "$(command -v tee)" TARGET >/dev/null 2>&1; then
 fi
 evicted=0 failed=0
 while IFS= read -r -d '' file; do
-  if dd if="$file" iflag=nocache count=0 status=none 2>/dev/null; then evicted=$((evicted + 1)); else failed=$((failed + 1)); fi
+  if dd if="$file" iflag=nocache count=0 status=none 2>/dev/null; then
+    evicted=$((evicted + 1))
+  else
+    failed=$((failed + 1))
+  fi
 done < <(find -L SNAPSHOT -type f -print0 2>/dev/null)
-if [ $evicted -gt 0 ] && [ $failed = 0 ]; then echo "@@page-cache evicted $evicted"; else echo "@@page-cache failed"; fi
+if [ $evicted -gt 0 ] && [ $failed = 0 ]; then echo "@@page-cache evicted $evicted"
+else echo "@@page-cache failed"; fi
 '''
 PAGE_CACHE_UNFREED = ("could not free the page cache on {hosts} (no root or sudo rule to drop it, and the model's "
                       "files could not be evicted); the engine sees less free memory: run 'sparkrun setup "
@@ -3764,8 +3773,9 @@ PAGE_CACHE_UNFREED = ("could not free the page cache on {hosts} (no root or sudo
 
 
 def page_cache_script(snapshot: ModelSnapshot | None, root: str) -> str:
-    folder = (f"{quote_path(root)}/hub/{shlex.quote(snapshot.cache_name)}/snapshots/{shlex.quote(snapshot.revision)}"
-              if snapshot else "/nonexistent")
+    folder = "/nonexistent"
+    if snapshot:
+        folder = f"{quote_path(root)}/hub/{shlex.quote(snapshot.cache_name)}/snapshots/{shlex.quote(snapshot.revision)}"
     return PAGE_CACHE_SH.replace("TARGET", drop_caches_target()).replace("SNAPSHOT", folder)
 
 
@@ -4963,8 +4973,7 @@ def add_benchmark_parsers(sub, command, host_options) -> None:
     host_options(p)
     shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
               "no_sync", "download_on", "no_drop_cache", "strict", "ready_timeout", "init_port", "ray_port",
-              "dashboard", "dashboard_port",
-              "no_sync_tuning"}
+              "dashboard", "dashboard_port", "no_sync_tuning"}
     for action in run._actions:
         if action.dest in shared:
             p._add_action(action)  # run's own definitions (as argparse's parents= does): they cannot drift
@@ -5820,7 +5829,8 @@ def cmd_setup_clear_cache(args) -> int:
     scripts = {}
     for host, fact in facts.items():
         argv = [fact.commands["tee"], fact.extra["target"]]
-        body = EMPTY_COMPILE_CACHES_SH.replace("CACHES", remote_join([REMOTE_COMPILE_CACHE])) if args.compile_caches else ""
+        body = (EMPTY_COMPILE_CACHES_SH.replace("CACHES", remote_join([REMOTE_COMPILE_CACHE]))
+                if args.compile_caches else "")
         body += ("  before=$(awk '/^Cached:/ {print $2}' /proc/meminfo)\n  sync\n"
                 f"  printf '3\\n' | as_root {shlex.join(argv)} >/dev/null || exit $?\n"
                 "  echo \"@@cached $before $(awk '/^Cached:/ {print $2}' /proc/meminfo)\"\n")
