@@ -5808,14 +5808,19 @@ def drop_caches_target() -> str:
     return '"${SPARKRUN_DROP_CACHES:-' + DROP_CACHES + '}"'
 
 
-# Containers write the compile caches as root: what the user cannot remove goes as root.
+# Containers write the compile caches as root: what the user cannot remove goes as root. A folder
+# that is a symbolic link is left alone: emptying it would empty whatever it points at.
 EMPTY_COMPILE_CACHES_SH = """\
-  if [ -d CACHES ]; then
+  if [ -L CACHES ]; then
+    echo "@@compile-linked"
+  elif [ -d CACHES ]; then
     kib=$(du -sk CACHES | cut -f1)
     rm -rf CACHES/* 2>/dev/null || as_root rm -rf -- CACHES/* || exit $?
     echo "@@compile-emptied $kib"
   fi
 """
+COMPILE_CACHES_LINKED = ("{host}: ~/.cache/sparkrun/compile is a symbolic link; not emptied (empty the folder it "
+                         "points at yourself)")
 
 
 def cmd_setup_clear_cache(args) -> int:
@@ -5847,6 +5852,8 @@ def cmd_setup_clear_cache(args) -> int:
         emptied = re.search(r"@@compile-emptied (\d+)", result.stdout)
         if emptied:
             print(f"{host}: emptied the compile caches ({int(emptied[1]) / 2**20:.2f} GB)")
+        elif "@@compile-linked" in result.stdout:
+            warn(COMPILE_CACHES_LINKED.format(host=host))
         print(f"{host}: synced and dropped the page cache{sizes}" + (f"; {extra}" if extra else ""))
     raise_first(results)
     return 0

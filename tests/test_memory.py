@@ -232,6 +232,15 @@ def test_compile_cache_survives_the_container_and_status_and_clear_cache_see_it(
     assert cleared.returncode == 0, cleared.stderr
     assert f"{H1}: emptied the compile caches (" in cleared.stdout
     assert cache.parent.is_dir() and list(cache.parent.iterdir()) == []
+    # A linked folder is not followed: what it points at stays.
+    elsewhere = h1.home / "elsewhere"
+    (elsewhere / "keep").mkdir(parents=True)
+    cache.parent.rmdir()
+    cache.parent.symlink_to(elsewhere)
+    linked = lab("setup", "clear-cache", "-H", H1, "--compile-caches")
+    assert linked.returncode == 0 and (elsewhere / "keep").is_dir()
+    assert "Warning: " + sparkrun.COMPILE_CACHES_LINKED.format(host=H1) in linked.stderr
+    cache.parent.unlink()
     third = run(lab, "qwen3-1.7b-vllm", "-H", H1, "--no-sync")
     assert third.returncode == 0, third.stderr
     (container,) = [c for c in h1.containers() if c["running"]]
