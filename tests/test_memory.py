@@ -58,7 +58,7 @@ def test_the_corpus_recipes_that_set_the_allocator_keep_their_value():
         pytest.skip(f"no corpus at {CORPUS}")
     for path in paths:
         recipe = sparkrun.load_recipe(path)
-        added = dict(sparkrun.engine_env(sparkrun.load_runtime(recipe.runtime), recipe.env))
+        added = dict(sparkrun.runtime_env_defaults(sparkrun.load_runtime(recipe.runtime), recipe.env))
         own, _ = sparkrun.expand_env(recipe, {})
         assert "PYTORCH_CUDA_ALLOC_CONF" not in added and "VLLM_CACHE_ROOT" in added, path
         assert dict(own)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", path
