@@ -1945,23 +1945,34 @@ def same_image(a: ImageInfo | None, b: ImageInfo | None) -> bool:
 
 
 class HostFacts(Record):
-    """What one round trip to a host tells: identity, networks, GPU, docker, ports, images."""
+    """What one round trip to a host tells: identity, networks, GPU, memory, docker, ports, images."""
     host: str
     hostname: str = ""
     addresses: tuple = ()  # (ifname, address/prefix)
     ib: tuple = ()  # IbDevice
-    gpu: str = ""
+    gpu: str = ""  # nvidia-smi's "name, memory.total" ("[N/A]" total on a Spark: memory is unified)
     containers: tuple = ()  # docker ps JSON objects of sparkrun containers
     docker_error: str = ""
     listening: tuple = ()  # (address, port) of listening TCP sockets
     images: tuple = ()  # (image, IMAGE_FORMAT line or "")
     docker_arch: str = ""  # the docker daemon's platform architecture (arm64 on a Spark)
+    other_containers: tuple = ()  # docker ps JSON objects of running containers that are not sparkrun's
+    gpu_processes: tuple = ()  # (pid, MiB) of the processes holding GPU memory
+    mem_total_mib: int | None = None  # /proc/meminfo MemTotal
+    mem_available_mib: int | None = None  # /proc/meminfo MemAvailable
+    compile_caches: tuple = ()  # (engine, KiB) of ~/.cache/sparkrun/compile/<engine>, when asked for
     # What the status probe (probe_script with metric_names) adds:
     clock: float = 0.0  # the host's time, epoch seconds
-    mem_available_mib: int | None = None
     gpu_load: tuple = ()  # GpuLoad per GPU
-    gpu_processes: tuple = ()  # (pid, MiB) of the processes holding GPU memory
     engines: dict = {}  # container name -> ContainerProbe
+
+    @property
+    def gpu_total_bytes(self) -> int | None:
+        """The GPU's memory; the host's when nvidia-smi has no figure (a Spark's unified memory)."""
+        total = re.search(r",\s*(\d+) MiB$", self.gpu)
+        if total:
+            return int(total[1]) * 2**20
+        return self.mem_total_mib * 2**20 if self.mem_total_mib else None
 
     @property
     def active_ib(self) -> list[IbDevice]:
@@ -2000,26 +2011,34 @@ class HostFacts(Record):
         return info.id if info else ""
 
 
-def probe_script(images: tuple = (), metric_names: tuple = ()) -> str:
+def probe_script(images: tuple = (), metric_names: tuple = (), caches: bool = False) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
-    raw outputs are parsed here, so a probe starts few processes on the host. With metric_names
-    (the status probe) it also reports the host's load and each sparkrun container's health,
-    with those figures from the head's /metrics (MONITOR_SCRIPT, engines_script)."""
+    raw outputs are parsed here, so a probe starts few processes on the host. MemTotal and
+    MemAvailable are read last, as of the GPU process list. With metric_names (the status probe)
+    it also reports the host's load and each sparkrun container's health, with those figures
+    from the head's /metrics (MONITOR_SCRIPT, engines_script); with caches, the size of each
+    engine's compile cache. SPARKRUN_SYSFS and SPARKRUN_MEMINFO replace /sys and /proc/meminfo
+    on the test bed's simulated hosts."""
     inspect = "".join(
         f"printf '%s\\t%s\\n' {shlex.quote(i)} \"$(docker image inspect --format {shlex.quote(IMAGE_FORMAT)} "
         f"{shlex.quote(i)} 2>/dev/null)\"; " for i in images)
-    if inspect:
-        inspect = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
-                   f"echo @@images; {inspect})\n")
+    optional = (f"exec {{images}}< <(echo @@arch; docker version --format '{{{{.Server.Arch}}}}' 2>/dev/null; "
+                f"echo @@images; {inspect})\n") if inspect else ""
+    if caches:  # du -sk: "<KiB>\t<folder>/"
+        optional += (f"exec {{caches}}< <(echo @@caches; du -sk {remote_join([REMOTE_COMPILE_CACHE])}/*/ "
+                     "2>/dev/null)\n")
     engines = f"\n{engines_script(metric_names)}" if metric_names else ""
     return f"""\
-exec {{docker}}< <(echo @@docker; containers=$(docker ps -a --no-trunc --filter label=sparkrun.cluster --format '{{{{json .}}}}' 2>&1) || containers+=$'\\n@@docker_failed'; [ -z "$containers" ] || echo "$containers"{engines})
+exec {{docker}}< <(echo @@docker; containers=$(docker ps -a --no-trunc --format '{{{{json .}}}}' 2>&1) \\
+  || containers+=$'\\n@@docker_failed'; [ -z "$containers" ] || echo "$containers"{engines})
 exec {{gpu}}< <(echo @@gpu; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)
+exec {{apps}}< <(echo @@gpu_processes; nvidia-smi --query-compute-apps=pid,used_memory \\
+  --format=csv,noheader,nounits 2>/dev/null)
 exec {{addrs}}< <(echo @@addrs; ip -o -4 addr show 2>/dev/null)
 exec {{listen}}< <(echo @@listen; ss -Hltn 2>/dev/null)
-{inspect}sysfs=${{SPARKRUN_SYSFS:-/sys}}
+{optional}sysfs=${{SPARKRUN_SYSFS:-/sys}}
 echo @@hostname; echo "$HOSTNAME"
 echo @@ib
 for hca in "$sysfs"/class/infiniband/*; do
@@ -2036,8 +2055,13 @@ for hca in "$sysfs"/class/infiniband/*; do
   echo "${{hca##*/}}|$state|$netdev|$gid"
 done
 {MONITOR_SCRIPT if metric_names else ""}\
-cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$docker{" /dev/fd/$images" if images else ""}\
-{" /dev/fd/$gpu_load /dev/fd/$gpu_processes" if metric_names else ""}
+cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker\
+{" /dev/fd/$images" if images else ""}{" /dev/fd/$caches" if caches else ""}\
+{" /dev/fd/$gpu_load" if metric_names else ""}
+while read -r key value _; do
+  case $key in MemTotal:) total=$value;; MemAvailable:) available=$value;; esac
+done < "${{SPARKRUN_MEMINFO:-/proc/meminfo}}"
+echo @@memtotal; echo "$total"; echo @@meminfo; echo "$available"
 echo @@end
 """
 
@@ -2045,21 +2069,17 @@ echo @@end
 METRICS_TIMEOUT_S = 3
 FAILED_LOG_LINES = 8
 METRIC_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-# The status probe's host figures: the GPU's load and the processes holding GPU memory (on a DGX
-# Spark, the only memory figure nvidia-smi has) in pipes of their own, then with builtins the host's
-# clock (for uptimes and rates) and its available memory.
+# The status probe's host figures: the GPU's load in a pipe of its own, and the host's clock (for
+# uptimes and rates) with a builtin.
 MONITOR_SCRIPT = """\
 exec {gpu_load}< <(echo @@gpu_load; nvidia-smi --query-gpu=memory.used,utilization.gpu,temperature.gpu,power.draw --format=csv,noheader,nounits 2>/dev/null)
-exec {gpu_processes}< <(echo @@gpu_processes; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null)
 echo @@clock; echo "${EPOCHREALTIME:-$(date +%s.%N)}"
-echo @@meminfo
-while read -r key value _; do [ "$key" = MemAvailable: ] && echo "$value"; done < /proc/meminfo
 """
 
 
 def engines_script(metric_names: tuple) -> str:
-    """The status probe's part of the docker pipe, given docker ps's lines in $containers: per
-    sparkrun container its state; for a running head, the HTTP status and the lines of
+    """The status probe's part of the docker pipe, given docker ps's lines (every container) in
+    $containers: per sparkrun container its state; for a running head, the HTTP status and the lines of
     metric_names of its /metrics (asked from the host itself, on 127.0.0.1 and then the head's
     address, so it works whether or not the endpoint is reachable from here); for a stopped
     container, its last log lines."""
@@ -2081,7 +2101,9 @@ metrics() {{
   echo "metric|$1|"
 }}
 ids=() id_field='"ID":"([0-9a-f]+)"'
-while IFS= read -r line; do [[ $line =~ $id_field ]] && ids+=("${{BASH_REMATCH[1]}}"); done <<< "$containers"
+while IFS= read -r line; do
+  [[ $line == *sparkrun.cluster=* && $line =~ $id_field ]] && ids+=("${{BASH_REMATCH[1]}}")
+done <<< "$containers"
 [ ${{#ids[@]}} -gt 0 ] && docker inspect --format {shlex.quote(container_format)} "${{ids[@]}}" 2>/dev/null |
 while IFS='|' read -r name state code restarts started role port head; do
   name=${{name#/}}
@@ -2100,8 +2122,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
     current = None
     for line in output.splitlines():
         marker = line[2:] if line.startswith("@@") else ""
-        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "end", "clock",
-                      "meminfo", "gpu_load", "gpu_processes", "engines"):
+        if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "caches", "end",
+                      "clock", "memtotal", "meminfo", "gpu_load", "gpu_processes", "engines"):
             current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
@@ -2114,26 +2136,34 @@ def parse_probe(host: str, output: str) -> HostFacts:
         hca, state, netdev, gid = (line.split("|") + ["", "", "", ""])[:4]
         ib.append(IbDevice(hca, state.strip(), netdev, by_dev.get(netdev), int(gid) if gid.isdigit() else None))
     docker_lines = sections.get("docker", [])
-    containers, docker_error = [], ""
+    containers, others, docker_error = [], [], ""
     if "@@docker_failed" in docker_lines:
         docker_error = " ".join(l for l in docker_lines if l != "@@docker_failed").strip()
     else:
         for line in docker_lines:
             try:
-                containers.append(json.loads(line))
+                container = json.loads(line)
             except ValueError:
                 docker_error = line.strip()
+                continue
+            if "sparkrun.cluster" in label_map(container):
+                containers.append(container)
+            elif container.get("State") == "running":
+                others.append(container)
+    caches = tuple((folder.rstrip("/").rpartition("/")[2], int(kib)) for kib, _, folder in
+                   (l.partition("\t") for l in sections.get("caches", [])) if kib.isdigit())
     images = tuple(tuple(line.split("\t", 1)) for line in sections.get("images", []) if "\t" in line)
     # `ss -Hltn`: "LISTEN 0 4096 127.0.0.11:8000 0.0.0.0:*"
     listening = tuple(listen_address(f[3]) for f in map(str.split, sections.get("listen", []))
                       if len(f) > 3 and f[0] == "LISTEN")
     return HostFacts(host, (sections.get("hostname") or [""])[0], addresses, tuple(ib),
                      (sections.get("gpu") or [""])[0], tuple(containers), docker_error, listening, images,
-                     (sections.get("arch") or [""])[0].strip(),
-                     clock=parse_clock(sections.get("clock", [])),
-                     mem_available_mib=parse_mem_available(sections.get("meminfo", [])),
-                     gpu_load=parse_gpu_load(sections.get("gpu_load", [])),
+                     (sections.get("arch") or [""])[0].strip(), tuple(others),
                      gpu_processes=parse_gpu_processes(sections.get("gpu_processes", [])),
+                     mem_total_mib=parse_meminfo_mib(sections.get("memtotal", [])),
+                     mem_available_mib=parse_meminfo_mib(sections.get("meminfo", [])), compile_caches=caches,
+                     clock=parse_clock(sections.get("clock", [])),
+                     gpu_load=parse_gpu_load(sections.get("gpu_load", [])),
                      engines=parse_engines(sections.get("engines", [])))
 
 
@@ -2168,8 +2198,8 @@ def parse_clock(lines: list[str]) -> float:
     return (number_or_none(lines[0].replace(",", ".")) or 0.0) if lines else 0.0
 
 
-def parse_mem_available(lines: list[str]) -> int | None:
-    """/proc/meminfo's MemAvailable, in kB, to MiB."""
+def parse_meminfo_mib(lines: list[str]) -> int | None:
+    """A /proc/meminfo figure (MemTotal, MemAvailable), in kB, to MiB."""
     return int(lines[0]) // 1024 if lines and lines[0].isdigit() else None
 
 
@@ -2225,8 +2255,9 @@ def listen_address(local: str) -> tuple[str, int]:
     return address, int(port)
 
 
-def probe_hosts(ssh: SSH, hosts, images: tuple = (), metric_names: tuple = ()) -> dict[str, HostFacts | HostError]:
-    results = ssh.run_all(list(hosts), probe_script(images, metric_names), timeout=SSH_CONNECT_TIMEOUT + 20)
+def probe_hosts(ssh: SSH, hosts, images: tuple = (), metric_names: tuple = (),
+                caches: bool = False) -> dict[str, HostFacts | HostError]:
+    results = ssh.run_all(list(hosts), probe_script(images, metric_names, caches), timeout=SSH_CONNECT_TIMEOUT + 20)
     facts = {}
     for host, result in results.items():
         if not isinstance(result, HostError) and "@@end" not in result.stdout:
@@ -2467,9 +2498,18 @@ DEFAULT_DASHBOARD_PORT = 8265
 CONTAINER_HF_HOME = "/root/.cache/huggingface"
 REMOTE_MODS = "~/.cache/sparkrun/mods"  # on the hosts, one folder per launch
 CONTAINER_MODS = "/root/.cache/sparkrun/mods"
+REMOTE_COMPILE_CACHE = "~/.cache/sparkrun/compile"  # on the hosts, one folder per engine
+CONTAINER_COMPILE_CACHE = "/root/.cache/sparkrun/compile"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
+
+
+# Every engine container: the host's network and GPU; the host's IPC namespace, which gives it the
+# host's /dev/shm (so no --shm-size, which only sizes a private one); unlimited locked memory for
+# RDMA; a 64 MiB stack, as NVIDIA's PyTorch containers ask for.
+DOCKER_RUN_FLAGS = ("--network", "host", "--gpus", "all", "--ipc", "host",
+                    "--ulimit", "memlock=-1", "--ulimit", "stack=67108864")
 
 
 class ContainerSpec(Record):
@@ -2485,8 +2525,7 @@ class ContainerSpec(Record):
     privileged: bool = False
 
     def docker_run_argv(self, env_file: str | None = None) -> list[str]:
-        argv = ["docker", "run", "-d", "--name", self.name, "--network", "host", "--gpus", "all",
-                "--ipc", "host", "--shm-size", "16g", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864"]
+        argv = ["docker", "run", "-d", "--name", self.name, *DOCKER_RUN_FLAGS]
         if self.privileged:
             argv.append("--privileged")
         for key, value in self.labels:
@@ -2781,6 +2820,9 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     cid = cluster_id(runtime, recipe.model, hosts, port, served)
     plain_env, secret_env = expand_env(recipe, environ)
     hf_mount = options.cache_dir or "~/.cache/huggingface"
+    module = load_runtime(runtime)
+    plain_env += runtime_env_defaults(module, recipe.env)
+    cache_mount = compile_cache_mount(module)
     notes = []
     host_env = {}
     per_link = cx7_per_link(hosts, facts, rendezvous)
@@ -2817,7 +2859,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                   ("sparkrun.hosts", ",".join(hosts)))
         env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host], *engine_env]
         dev = facts.get(host)
-        mounts = [(hf_mount, CONTAINER_HF_HOME)]
+        mounts = [(hf_mount, CONTAINER_HF_HOME), *cache_mount]
         if mods:
             mounts.append((f"{REMOTE_MODS}/{cid}", mods_mount, "ro"))
         if tuning:
@@ -2828,7 +2870,6 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                              env=tuple(env), secret_env=tuple(secret_env), mounts=tuple(mounts),
                              labels=labels, privileged=bool(dev and dev.active_ib))
 
-    module = load_runtime(runtime)
     ctx = LaunchContext(recipe, values, with_metrics_flag(command, module), hosts, rendezvous, peer_addresses,
                         options.init_port or DEFAULT_INIT_PORT.get(runtime, 29501),
                         options.ray_port or DEFAULT_RAY_PORT, options.dashboard,
@@ -2843,6 +2884,19 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
                       readiness, steps, tuple(notes), tuple(mods),
                       tuple(one_line(c) for c in recipe.post_exec))
+
+
+def runtime_env_defaults(module, recipe_env: dict) -> list[tuple[str, str]]:
+    """The runtime's default env and its compile-cache variables, except those the recipe sets."""
+    cache_env = {var: f"{CONTAINER_COMPILE_CACHE}/{sub}" for var, sub in getattr(module, "CACHES", {}).items()}
+    return [(k, v) for k, v in {**getattr(module, "ENV", {}), **cache_env}.items() if k not in recipe_env]
+
+
+def compile_cache_mount(module) -> list[tuple[str, str]]:
+    """The host's compile-cache folder of the runtime's engine, as a mount (none without caches)."""
+    if not getattr(module, "CACHES", None):
+        return []
+    return [(f"{REMOTE_COMPILE_CACHE}/{module.CACHE_ENGINE}", CONTAINER_COMPILE_CACHE)]
 
 
 def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
@@ -2886,16 +2940,18 @@ def remote_join(argv: list[str]) -> str:
 
 
 def start_container_script(spec: ContainerSpec) -> str:
-    """docker run on the host; secrets travel inside this script (stdin), into a 0600 env file
-    that is removed as soon as docker has read it, so no process list ever shows them."""
+    """docker run on the host, after creating the folders it mounts writable (docker would create
+    them as root); secrets travel inside this script (stdin), into a 0600 env file that is removed
+    as soon as docker has read it, so no process list ever shows them."""
+    folders = remote_join(["mkdir", "-p", *(m[0] for m in spec.mounts if m[2:] != ("ro",))]) + "\n"
     if not spec.secret_env:
-        return f"mkdir -p \"$HOME\"/.cache/huggingface\n{remote_join(spec.docker_run_argv())}\n"
+        return f"{folders}{remote_join(spec.docker_run_argv())}\n"
     for key, value in spec.secret_env:
         if "\n" in value:
             raise UsageError(f"env {key}: a value with a newline cannot be passed to docker")
     lines = "\n".join(f"{k}={v}" for k, v in spec.secret_env)
     docker_run = remote_join(spec.docker_run_argv("ENVFILE")).replace(" ENVFILE ", ' "$env_file" ')
-    return ("mkdir -p \"$HOME\"/.cache/huggingface\numask 077\nenv_file=$(mktemp)\n"
+    return (f"{folders}umask 077\nenv_file=$(mktemp)\n"
             f"cat > \"$env_file\" <<'SPARKRUN_SECRETS'\n{lines}\nSPARKRUN_SECRETS\n"
             f"{docker_run}\nrc=$?\nrm -f \"$env_file\"\nexit $rc\n")
 
@@ -2959,6 +3015,52 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
     if problems:
         raise SparkrunError("\n       ".join(problems))
     return existing
+
+
+def memory_need(estimate: VramEstimate, fraction, total: int | None) -> tuple[float | None, str]:
+    """What a host must have free, and why: an engine given gpu_memory_utilization reserves that
+    fraction of the GPU's total at start (vLLM's worker refuses to start when less is free: "Free
+    memory on device ... is less than desired GPU memory utilization", vllm/v1/worker/gpu_worker.py);
+    otherwise the estimate's weights and KV cache per GPU."""
+    if isinstance(fraction, (int, float)) and 0 < fraction <= 1 and total:
+        return fraction * total, f"gpu_memory_utilization {fraction:g} of {total / GIB:.1f} GB"
+    if estimate.per_gpu_bytes:
+        return estimate.per_gpu_bytes, "weights and KV cache"
+    return None, ""
+
+
+def gpu_memory_holders(fact: HostFacts, cluster: str) -> list[str]:
+    """What holds memory on a host besides this launch: running containers (other sparkrun
+    launches and anything else) and the processes nvidia-smi lists."""
+    holders = []
+    for container in fact.containers:
+        labels = label_map(container)
+        if container.get("State") == "running" and labels.get("sparkrun.cluster") != cluster:
+            holders.append(f"container {container.get('Names')} (sparkrun: {labels.get('sparkrun.recipe', '?')})")
+    holders += [f"container {c.get('Names')} (not sparkrun's, image {c.get('Image')})"
+                for c in fact.other_containers]
+    holders += [f"process {pid} ({mib / 1024:.1f} GB)" for pid, mib in fact.gpu_processes]
+    return holders
+
+
+def memory_shortfalls(plan: LaunchPlan, facts: dict, estimate: VramEstimate, fraction, skip=()) -> list[str]:
+    """One line per host whose available memory (MemAvailable: a Spark's GPU shares it) is below
+    what the launch needs there. Hosts in `skip` are left out (their memory is this launch's own)."""
+    lines = []
+    for host in plan.hosts:
+        fact = facts.get(host)
+        if not isinstance(fact, HostFacts) or fact.mem_available_mib is None or host in skip:
+            continue
+        need, why = memory_need(estimate, fraction, fact.gpu_total_bytes)
+        available = fact.mem_available_mib * 2**20
+        if need is None or need <= available:
+            continue
+        holders = gpu_memory_holders(fact, plan.cluster_id)
+        held = (f"held by {', '.join(holders)}; stop what you do not need" if holders
+                else "no container or GPU process holds it; free memory on the host")
+        lines.append(f"{host}: needs {need / GIB:.1f} GB ({why}) but {available / GIB:.1f} GB is available, "
+                     f"{held}, or lower --gpu-mem")
+    return lines
 
 
 def plan_ports(plan: LaunchPlan, host: str) -> set:
@@ -3775,6 +3877,58 @@ def obtain(ssh: SSH, need: RepoNeed, hosts, *, home: Path, root: str, download_o
         raise SparkrunError(f"download of {need.repo} on {head} finished but no {need.gguf_quant or need.role} "
                             "files were found in it; check the recipe's model name")
     return snapshot, False
+
+
+# -- Page cache: a Spark's GPU shares memory with the page cache, which a model copy just filled.
+# Drop it (root, or `sudo -n tee`: the rule `setup clear-cache --save-sudo` saves), else evict only
+# the model's files (`dd iflag=nocache count=0` is coreutils' posix_fadvise(POSIX_FADV_DONTNEED) on
+# the whole file, no root needed).
+
+PAGE_CACHE_SH = r'''
+sync
+if [ "$(id -u)" = 0 ]; then
+  printf '3\n' 2>/dev/null > TARGET && { echo "@@page-cache dropped"; exit 0; }
+elif printf '3\n' | sudo -n "$(command -v tee)" TARGET >/dev/null 2>&1; then
+  echo "@@page-cache dropped"; exit 0
+fi
+evicted=0 failed=0
+while IFS= read -r -d '' file; do
+  if dd if="$file" iflag=nocache count=0 status=none 2>/dev/null; then
+    evicted=$((evicted + 1))
+  else
+    failed=$((failed + 1))
+  fi
+done < <(find -L SNAPSHOT -type f -print0 2>/dev/null)
+if [ $evicted -gt 0 ] && [ $failed = 0 ]; then echo "@@page-cache evicted $evicted"
+else echo "@@page-cache failed"; fi
+'''
+PAGE_CACHE_UNFREED = ("could not free the page cache on {hosts} (no root or sudo rule to drop it, and the model's "
+                      "files could not be evicted); the engine sees less free memory: run 'sparkrun setup "
+                      "clear-cache --save-sudo' once, or pass --no-drop-cache")
+
+
+def page_cache_script(snapshot: ModelSnapshot | None, root: str) -> str:
+    folder = "/nonexistent"
+    if snapshot:
+        folder = f"{quote_path(root)}/hub/{shlex.quote(snapshot.cache_name)}/snapshots/{shlex.quote(snapshot.revision)}"
+    return PAGE_CACHE_SH.replace("TARGET", drop_caches_target()).replace("SNAPSHOT", folder)
+
+
+def free_page_cache(ssh: SSH, hosts, snapshot: ModelSnapshot | None, root: str) -> dict[str, str]:
+    """On every host at once: drop the page cache, else evict the model's files from it. Returns
+    host -> what happened ("dropped", "evicted N files" or "failed"), timed when -v; one warning
+    names the hosts where neither worked."""
+    results = raise_first(ssh.run_all(list(hosts), page_cache_script(snapshot, root), timeout=300))
+    outcomes = {}
+    for host, result in results.items():
+        found = re.search(r"@@page-cache (dropped|evicted (\d+)|failed)", result.stdout)
+        outcomes[host] = (f"evicted {found[2]} model files" if found[2] else found[1]) if found else "failed"
+        if ssh.verbose:
+            say(f"[{host}] page cache: {outcomes[host]} ({result.elapsed:.2f} s)")
+    unfreed = [h for h, outcome in outcomes.items() if outcome == "failed"]
+    if unfreed:
+        warn(PAGE_CACHE_UNFREED.format(hosts=", ".join(unfreed)))
+    return outcomes
 
 
 def sync_mods(ssh: SSH, plan: LaunchPlan) -> None:
@@ -4953,8 +5107,8 @@ def add_benchmark_parsers(sub, command, host_options) -> None:
     p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
     host_options(p)
     shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
-              "no_sync", "download_on", "strict", "ready_timeout", "init_port", "ray_port", "dashboard", "dashboard_port",
-              "no_sync_tuning"}
+              "no_sync", "download_on", "no_drop_cache", "strict", "ready_timeout", "init_port", "ray_port",
+              "dashboard", "dashboard_port", "no_sync_tuning"}
     for action in run._actions:
         if action.dest in shared:
             p._add_action(action)  # run's own definitions (as argparse's parents= does): they cannot drift
@@ -5789,6 +5943,21 @@ def drop_caches_target() -> str:
     return '"${SPARKRUN_DROP_CACHES:-' + DROP_CACHES + '}"'
 
 
+# Containers write the compile caches as root: what the user cannot remove goes as root. A folder
+# that is a symbolic link is left alone: emptying it would empty whatever it points at.
+EMPTY_COMPILE_CACHES_SH = """\
+  if [ -L CACHES ]; then
+    echo "@@compile-linked"
+  elif [ -d CACHES ]; then
+    kib=$(du -sk CACHES | cut -f1)
+    rm -rf CACHES/* 2>/dev/null || as_root rm -rf -- CACHES/* || exit $?
+    echo "@@compile-emptied $kib"
+  fi
+"""
+COMPILE_CACHES_LINKED = ("{host}: ~/.cache/sparkrun/compile is a symbolic link; not emptied (empty the folder it "
+                         "points at yourself)")
+
+
 def cmd_setup_clear_cache(args) -> int:
     selection = select_hosts(args)
     hosts = list(selection.hosts)
@@ -5800,7 +5969,9 @@ def cmd_setup_clear_cache(args) -> int:
     scripts = {}
     for host, fact in facts.items():
         argv = [fact.commands["tee"], fact.extra["target"]]
-        body = ("  before=$(awk '/^Cached:/ {print $2}' /proc/meminfo)\n  sync\n"
+        body = (EMPTY_COMPILE_CACHES_SH.replace("CACHES", remote_join([REMOTE_COMPILE_CACHE]))
+                if args.compile_caches else "")
+        body += ("  before=$(awk '/^Cached:/ {print $2}' /proc/meminfo)\n  sync\n"
                 f"  printf '3\\n' | as_root {shlex.join(argv)} >/dev/null || exit $?\n"
                 "  echo \"@@cached $before $(awk '/^Cached:/ {print $2}' /proc/meminfo)\"\n")
         if args.save_sudo:
@@ -5813,6 +5984,11 @@ def cmd_setup_clear_cache(args) -> int:
         cached = re.search(r"@@cached (\d+) (\d+)", result.stdout)
         sizes = f" (page cache {int(cached[1]) / 2**20:.1f} -> {int(cached[2]) / 2**20:.1f} GiB)" if cached else ""
         extra = sudo_outcome(result)
+        emptied = re.search(r"@@compile-emptied (\d+)", result.stdout)
+        if emptied:
+            print(f"{host}: emptied the compile caches ({int(emptied[1]) / 2**20:.2f} GB)")
+        elif "@@compile-linked" in result.stdout:
+            warn(COMPILE_CACHES_LINKED.format(host=host))
         print(f"{host}: synced and dropped the page cache{sizes}" + (f"; {extra}" if extra else ""))
     raise_first(results)
     return 0
@@ -6450,6 +6626,8 @@ def add_setup_parsers(sub, command, host_options) -> None:
     host_options(p, solo=False)
     p.add_argument("--save-sudo", action="store_true",
                    help="install a sudoers rule allowing exactly this write to /proc/sys/vm/drop_caches")
+    p.add_argument("--compile-caches", action="store_true",
+                   help="also empty the engines' compile caches (~/.cache/sparkrun/compile) on each host")
 
 
 # ---------------------------------------------------------------------------
@@ -6611,6 +6789,12 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         print(plan.describe())
         return None, ssh
     existing = preflight(plan, facts, args.replace)
+    short = memory_shortfalls(plan, facts, estimate, recipe_values(recipe, options.overrides).get(
+        "gpu_memory_utilization"), skip={h for h, _ in existing})
+    if short and args.strict:
+        raise SparkrunError("\n       ".join(short) + "\n       refusing to launch because of --strict")
+    for line in short:
+        warn(line)
     if existing:
         say(f"Replacing the running {plan.cluster_id} ...")
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
@@ -6629,6 +6813,11 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if tuning:
         sync_tuning(ssh, tuning, plan.hosts)
     distribution = time.monotonic() - distribution_started
+    page_cache = 0.0
+    if not args.no_drop_cache:
+        since = time.monotonic()
+        free_page_cache(ssh, plan.hosts, snapshot, remote_cache_root(args.cache_dir))
+        page_cache = time.monotonic() - since
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
     for command in plan.post_exec:
@@ -6638,7 +6827,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if args.verbose:
         total = time.monotonic() - started
         say(f"timings: {total:.2f} s in all: {waited:.2f} s waiting for the server, "
-            f"{total - waited:.2f} s sparkrun's own (of which {distribution:.2f} s image and model distribution)")
+            f"{total - waited:.2f} s sparkrun's own (of which {distribution:.2f} s image and model distribution, "
+            f"{page_cache:.2f} s freeing the page cache)")
     return plan, ssh
 
 
@@ -6759,7 +6949,7 @@ class StatusMonitor:
         self.samples_path = cache_dir() / "status-samples.json"
 
     def refresh(self) -> tuple[dict, list]:
-        facts = probe_hosts(self.ssh, self.hosts, metric_names=self.metric_names)
+        facts = probe_hosts(self.ssh, self.hosts, metric_names=self.metric_names, caches=True)
         workloads = collect_workloads(facts)
         if self.probe:
             samples = read_json_file(self.samples_path)
@@ -6947,7 +7137,8 @@ def host_status_dict(host: str, fact) -> dict:
         return {"host": host, "reachable": False, "error": str(fact)}
     found = {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
              "gpu": fact.gpu, "docker_error": fact.docker_error,
-             "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers)}
+             "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers),
+             "compile_caches": {engine: kib * 1024 for engine, kib in fact.compile_caches}}
     if fact.clock:
         first = first_gpu_load(fact)
         found.update(gpu_memory_used_mib=gpu_memory_used_mib(fact), gpu_utilization=first.utilization,
@@ -6998,6 +7189,10 @@ def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
     lines = table_lines(rows, ["HOST", "STATE", "MANAGEMENT IP", "INFINIBAND", "GPU / NOTE"])
     if loads:
         lines += [""] + table_lines(loads, ["HOST", "GPU MEMORY USED", "GPU UTIL", "TEMP", "POWER", "MEMORY AVAILABLE"])
+    for host, fact in facts.items():
+        if isinstance(fact, HostFacts) and fact.compile_caches:
+            sizes = ", ".join(f"{engine} {kib / 2**20:.2f} GB" for engine, kib in fact.compile_caches)
+            lines.append(f"{host}: compile caches {sizes} (empty them: sparkrun setup clear-cache --compile-caches)")
     lines.append("")
     if not workloads:
         lines.append("No sparkrun workloads running.")
@@ -7355,7 +7550,10 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--download-on", choices=("auto", "here", "head"), default="auto",
                    help="where a model no one has is downloaded: here, or on the head with its Hub client "
                         "(auto: here, or the head when the Hub cannot be reached from here)")
-    p.add_argument("--strict", action="store_true", help="refuse to launch when the VRAM estimate does not fit")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to launch when the VRAM estimate does not fit, or a host has too little free memory")
+    p.add_argument("--no-drop-cache", action="store_true",
+                   help="do not free the hosts' page cache before starting the containers")
     p.add_argument("--ready-timeout", type=float, default=3600, help="seconds to wait for readiness (3600)")
     p.add_argument("--init-port", type=int, help="rendezvous port (vLLM 29501, SGLang 25000)")
     p.add_argument("--ray-port", type=int, help=f"Ray head port ({DEFAULT_RAY_PORT})")

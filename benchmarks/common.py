@@ -18,7 +18,9 @@ from testbed import TestBed  # noqa: E402
 
 @contextlib.contextmanager
 def bed(n_hosts: int, first_octet: int):
-    """A started bed plus the environment for a sparkrun on its control machine."""
+    """A started bed plus the environment for a sparkrun on its control machine. Its hosts start
+    at 127.0.0.<first_octet>, or at SPARKRUN_TEST_BED_OCTET when set (as the tests' do)."""
+    first_octet = int(os.environ.get("SPARKRUN_TEST_BED_OCTET", first_octet))
     with tempfile.TemporaryDirectory(prefix="sr-bench-") as work:
         testbed = TestBed(Path(work) / "bed", n_hosts=n_hosts, first_octet=first_octet).start()
         try:

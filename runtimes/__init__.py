@@ -13,6 +13,11 @@ A runtime module has:
               waiting (requests), prompt_tokens, generation_tokens (counters), kv_cache (0..1).
     METRICS_FLAG  optional: the serve flag without which the engine serves no /metrics; the
               serve command gets it unless it has it already.
+    ENV       optional: default container env; a recipe's own value of a variable wins.
+    CACHE_ENGINE, CACHES
+              optional: the engine's compile caches, {VARIABLE: subfolder}. Each host keeps them in
+              ~/.cache/sparkrun/compile/<CACHE_ENGINE>, mounted into every container, with each
+              VARIABLE pointing at its subfolder, so a later launch reuses what an earlier compiled.
 
 Third-party runtimes register a module under the entry point group `sparkrun.runtimes`.
 """

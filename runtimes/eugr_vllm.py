@@ -7,6 +7,7 @@ NAME = "eugr-vllm"
 DEFAULT_COMMAND = vllm_ray.DEFAULT_COMMAND  # eugr's own runner builds the same `vllm serve` line
 REPO_FLAGS = vllm_ray.REPO_FLAGS
 METRICS = vllm_ray.METRICS
+ENV, CACHE_ENGINE, CACHES = vllm_ray.ENV, vllm_ray.CACHE_ENGINE, vllm_ray.CACHES
 
 
 def plan(ctx):

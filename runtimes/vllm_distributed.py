@@ -14,6 +14,7 @@ route's address (or 0.0.0.0 with none), which the other nodes may not reach.
 import re
 
 from sparkrun import UsageError
+from sparkrun_runtimes import torch_engines
 
 NAME = "vllm-distributed"
 # Hugging Face repos a vLLM command names besides the model, which every host needs in its cache
@@ -22,6 +23,8 @@ NAME = "vllm-distributed"
 # --speculative-model (https://docs.vllm.ai/en/latest/configuration/engine_args.html).
 REPO_FLAGS = {"--tokenizer": ("tokenizer", None), "--speculative-config": ("draft model", "model"),
               "--speculative-model": ("draft model", None)}
+ENV = torch_engines.ENV
+CACHE_ENGINE, CACHES = "vllm", torch_engines.VLLM_CACHES
 DATA_PARALLEL_SIZE = re.compile(r"(?:--data-parallel-size|-dp)[ =]")
 
 

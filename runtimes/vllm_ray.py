@@ -9,6 +9,7 @@ NAME = "vllm-ray"
 DEFAULT_COMMAND = vllm_distributed.DEFAULT_COMMAND
 REPO_FLAGS = vllm_distributed.REPO_FLAGS
 METRICS = vllm_distributed.METRICS
+ENV, CACHE_ENGINE, CACHES = vllm_distributed.ENV, vllm_distributed.CACHE_ENGINE, vllm_distributed.CACHES
 
 
 def serve_command(command: str, data_parallel: int = 1) -> str:

@@ -177,8 +177,32 @@ def test_fake_ib_facts(bed):
     assert [a["ifname"] for a in addrs] == ["lo", "enP7s7", "ib0x"]
     h2.set_ib([])
     assert ok(h2.ssh("ls $SPARKRUN_SYSFS/class/infiniband | wc -l")).strip() == "0"
+    # A GB10's memory is the host's: no GPU total, but each process's share, and MemAvailable
+    # without what the processes hold.
     assert ok(h1.ssh("nvidia-smi --query-gpu=name,memory.total --format=csv,noheader")) == \
         "NVIDIA GB10, [N/A]\n"
+    assert ok(h1.ssh("nvidia-smi --query-compute-apps=pid,process_name,used_memory "
+                     "--format=csv,noheader,nounits")) == ""
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (h1.root / "gpu_processes").mkdir(exist_ok=True)
+        (h1.root / "gpu_processes" / str(holder.pid)).write_text("20000 python3\n")
+        assert ok(h1.ssh("nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv")) == \
+            f"pid, process_name, used_memory [MiB]\n{holder.pid}, python3, 20000 MiB\n"
+        assert "MemAvailable:   101520000 kB" in ok(h1.ssh("cat $SPARKRUN_MEMINFO"))
+        h1.set_gpu(unified_memory=False)  # a discrete GPU's memory is its own
+        assert ok(h1.ssh("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits")) == \
+            f"{holder.pid}, 20000\n"
+        assert "MemAvailable:   122000000 kB" in ok(h1.ssh("cat $SPARKRUN_MEMINFO"))
+        h1.set_gpu()
+    finally:
+        holder.kill()
+        holder.wait()
+    ok(h1.ssh("nvidia-smi --query-compute-apps=pid --format=csv,noheader"))
+    assert "MemAvailable:   122000000 kB" in ok(h1.ssh("cat $SPARKRUN_MEMINFO"))
+    h1.set_gpu(memory_mib=81920, unified_memory=False)
+    assert ok(h1.ssh("nvidia-smi --query-gpu=name,memory.total --format=csv,noheader")) == "NVIDIA GB10, 81920 MiB\n"
+    h1.set_gpu()
 
 
 def test_down_and_up(bed):

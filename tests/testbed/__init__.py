@@ -17,8 +17,15 @@ sshd's SetEnv gives every session:
     TESTBED_STATE      <root> (the host's state dir, same path on both sides)
     SPARKRUN_SYSFS     <root>/sysfs (fake class/infiniband and class/net)
     SPARKRUN_NETPLAN_DIR, SPARKRUN_DROP_CACHES
-                       <root>/etc/netplan and <root>/drop_caches (setup cx7 and
-                       clear-cache write these, not the machine's real files)
+                       <root>/etc/netplan and <root>/drop_caches (setup cx7,
+                       clear-cache and run's page-cache step write these, not
+                       the machine's real files; host.block_drop_caches() makes
+                       that write fail even for root)
+    SPARKRUN_MEMINFO   <root>/meminfo, the host's /proc/meminfo: MemTotal of a
+                       DGX Spark, MemAvailable from facts/memory.json
+                       (host.set_memory) minus what GPU processes hold
+                       (--query-compute-apps rewrites it: read it after
+                       asking nvidia-smi, as sparkrun's probe does)
     TESTBED_RUN        token of this bed (every process carrying it is
                        killed by bed.stop())
 With a private /root, sshd also accepts keys in the host's own
@@ -65,8 +72,12 @@ the daemon's own, or --platform's. host.use_containerd_store() makes a host's
 image store does.
 
 Engines serve /metrics in their real names and types (fakeengine/metrics.py) and register
-their GPU memory in <root>/gpu_processes/<pid>, which nvidia-smi lists per process; the GB10's
-memory totals are [N/A], as on a DGX Spark.
+their GPU memory (gpu_memory_utilization, mem_fraction_static) in <root>/gpu_processes/<pid>
+("MiB name"), which nvidia-smi lists per process. Memory is a DGX Spark's (GB10, unified): the
+GPU's memory totals are [N/A], the engines take their share of the host's MemTotal, and what they
+hold is gone from MemAvailable (host.set_gpu(unified_memory=False) for a discrete GPU). The fake
+vLLM keeps a torch.compile cache under $VLLM_CACHE_ROOT and logs a hit when it starts again with
+the same model; outside a mount that cache lands in the container's own layer and is lost.
 """
 from .bed import TestBed
 from .host import Host

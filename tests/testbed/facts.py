@@ -1,4 +1,4 @@
-"""Hardware facts of a simulated host: fake sysfs tree, net.json, gpu.json.
+"""Hardware facts of a simulated host: fake sysfs tree, net.json, gpu.json, memory.json.
 
 The sysfs tree mirrors Linux: class/net/<dev> and class/infiniband/<hca>
 are symlinks into devices/<pci>/..., whose `device` links lead back to the
@@ -13,6 +13,8 @@ MELLANOX, REALTEK = "0x15b3", "0x10ec"
 DEFAULT_GPU = {"name": "NVIDIA GB10", "memory_mib": 122572, "count": 1,
                "driver": "580.95.05", "cuda": "13.0", "uuid": "5e1f0c2a-77d3-4b1e-9a60",
                "unified_memory": True}  # memory.total/used: [N/A], as on a DGX Spark
+# MemTotal as on a DGX Spark; on unified memory it is also the GPU's total as the engines see it.
+DEFAULT_MEMORY = {"total_kib": 127600748, "available_kib": 122000000}
 MGMT_IF = "enP7s7"
 
 
@@ -156,9 +158,13 @@ def net_facts(number, addr, ib):
     return nics
 
 
-def write_facts(root, number, addr, ib, gpu):
-    """sysfs/, facts/net.json and facts/gpu.json for one host (and no stale memo of them)."""
+def write_facts(root, number, addr, ib, gpu, memory):
+    """sysfs/, facts/{net,gpu,memory}.json for one host (and no stale memo or meminfo: nvidia-smi
+    (hostbin/memo) writes <root>/meminfo from memory.json and the GPU processes when asked for
+    them)."""
     shutil.rmtree(root / "facts" / "memo", ignore_errors=True)
     write_sysfs(root / "sysfs", number, ib)
     write(root / "facts" / "net.json", json.dumps(net_facts(number, addr, ib), indent=1))
     write(root / "facts" / "gpu.json", json.dumps(gpu, indent=1))
+    write(root / "facts" / "memory.json", json.dumps(memory))
+    (root / "meminfo").unlink(missing_ok=True)

@@ -31,6 +31,7 @@ class Host:
         self.store = None
         self._ib = facts.normalize_ib(facts.default_ib(addr))
         self._gpu = dict(facts.DEFAULT_GPU)
+        self._memory = dict(facts.DEFAULT_MEMORY)
         self._sshd = None
         self._conn_base = 0
         self._listening_before = 0
@@ -64,7 +65,8 @@ class Host:
                # setup cx7 / clear-cache write these instead of the machine's real files.
                "SPARKRUN_NETPLAN_DIR": str(self.root / "etc" / "netplan"),
                "SPARKRUN_DROP_CACHES": str(self.root / "drop_caches"),
-               "TESTBED_METER_DIR": str(self.meter_dir)}
+               "TESTBED_METER_DIR": str(self.meter_dir),
+               "SPARKRUN_MEMINFO": str(self.root / "meminfo")}
         if not self.bed.isolated:
             env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
         # With a private /root, the host's own ~/.ssh/authorized_keys counts too (setup ssh
@@ -176,7 +178,7 @@ class Host:
 
     # -- facts and faults ----------------------------------------------------
     def _write_facts(self):
-        facts.write_facts(self.root, self.number, self.addr, self._ib, self._gpu)
+        facts.write_facts(self.root, self.number, self.addr, self._ib, self._gpu, self._memory)
 
     def set_ib(self, entries=None):
         """Replace the RoCE/IB ports: None = DGX Spark default, [] = none.
@@ -208,6 +210,23 @@ class Host:
         if free_mib is not None:
             self._gpu["free_mib"] = free_mib
         self._write_facts()
+
+    def set_memory(self, available_kib=None, total_kib=None):
+        """MemAvailable (before GPU processes take their share) and MemTotal; None: a Spark's."""
+        self._memory = {"total_kib": total_kib or facts.DEFAULT_MEMORY["total_kib"],
+                        "available_kib": available_kib or facts.DEFAULT_MEMORY["available_kib"]}
+        self._write_facts()
+
+    def block_drop_caches(self, blocked=True):
+        """Make writing drop_caches fail even for root, as on a host whose /proc/sys is mounted
+        read-only (tee: /proc/sys/vm/drop_caches: Read-only file system)."""
+        target = self.root / "drop_caches"
+        if target.is_dir():
+            target.rmdir()
+        else:
+            target.unlink(missing_ok=True)
+        if blocked:
+            target.mkdir()
 
     def fault(self, name, value=True):
         """Set faults/<name> (value False/None clears it)."""
@@ -291,6 +310,9 @@ class Host:
         self.clear_docker_calls()
         self._ib = facts.normalize_ib(facts.default_ib(self.addr))
         self._gpu = dict(facts.DEFAULT_GPU)
+        self._memory = dict(facts.DEFAULT_MEMORY)
+        self.block_drop_caches(False)
+        shutil.rmtree(self.root / "gpu_processes", ignore_errors=True)
         self._write_facts()
         (self.root / "facts" / "links.json").unlink(missing_ok=True)
         if images:

@@ -7,7 +7,10 @@ Supports: -L, --query-gpu=F1,F2 and --query-compute-apps=F1,F2 with
 Like a DGX Spark (unified_memory in the facts), the GB10 has no memory of its own to report:
 memory.total/used/free are "[N/A]" while each process's used_memory is reported (NVIDIA
 developer forums, "DGX Spark: nvidia-smi memory usage Not Supported"). The processes are the
-live ones registered in $TESTBED_STATE/gpu_processes/<pid> ("MiB name") by the stand-in engines.
+live ones registered in $TESTBED_STATE/gpu_processes/<pid> ("MiB name") by the stand-in engines
+(seen on DGX Spark with driver 580: github.com/XuehaiPan/nvitop/pull/208,
+github.com/mostlygeek/llama-swap/issues/782). The memo in front of this script also rewrites the
+host's meminfo whenever the processes are asked for (see memo).
 """
 import json
 import os
@@ -59,6 +62,8 @@ def gpu_processes():
 
 def query_apps(gpu, fields, fmt):
     nounits = "nounits" in fmt.split(",")
+    if "noheader" not in fmt.split(","):
+        print(", ".join(n if nounits or not UNITS.get(n) else f"{n} [{UNITS[n]}]" for n in fields))
     for pid, name, mib in gpu_processes():
         values = {"pid": pid, "process_name": name, "name": name, "used_memory": mib,
                   "gpu_uuid": f"GPU-{gpu['uuid']}-0000", "gpu_bus_id": "0000000F:01:00.0"}
@@ -115,9 +120,9 @@ def main(argv):
         return query_apps(gpu, opts["--query-compute-apps"].split(","), opts.get("--format", "csv"))
     print(f"| NVIDIA-SMI {gpu['driver']}    Driver Version: {gpu['driver']}    "
           f"CUDA Version: {gpu['cuda']} |")
+    usage = "Not Supported" if gpu.get("unified_memory") else f"0MiB / {gpu['memory_mib']}MiB"
     for index in range(gpu["count"]):
-        print(f"|   {index}  {gpu['name']}   On | 0000000F:01:00.{index} Off | "
-              f"0MiB / {gpu['memory_mib']}MiB |")
+        print(f"|   {index}  {gpu['name']}   On | 0000000F:01:00.{index} Off | {usage} |")
     return 0
 
 

@@ -152,10 +152,27 @@ def local_devices():
             "ib": [h for h in hcas if "ACTIVE" in (ib / h / "ports" / "1" / "state").read_text()]}
 
 
-def gpu_free_mib():
-    """Free GPU memory of this host (facts/gpu.json: free_mib, else all of memory_mib)."""
+def host_facts(name):
+    """facts/<name>.json of this host ({} when missing)."""
     try:
-        gpu = json.loads((STATE / "facts" / "gpu.json").read_text())
+        return json.loads((STATE / "facts" / f"{name}.json").read_text())
     except (OSError, ValueError):
-        return 0
-    return gpu.get("free_mib", gpu.get("memory_mib", 0))
+        return {}
+
+
+def gpu_total_mib():
+    """The GPU's memory as an engine sees it: facts/gpu.json's memory_mib, or on unified memory
+    (a GB10) the host's MemTotal from facts/memory.json."""
+    gpu = host_facts("gpu")
+    return host_facts("memory").get("total_kib", 0) // 1024 if gpu.get("unified_memory") else gpu.get("memory_mib", 0)
+
+
+def gpu_free_mib():
+    """Free GPU memory of this host (facts/gpu.json: free_mib, else all of memory_mib; on unified
+    memory the host's available memory from facts/memory.json)."""
+    gpu = host_facts("gpu")
+    if "free_mib" in gpu:
+        return gpu["free_mib"]
+    if gpu.get("unified_memory"):
+        return host_facts("memory").get("available_kib", 0) // 1024
+    return gpu.get("memory_mib", 0)

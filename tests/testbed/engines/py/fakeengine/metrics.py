@@ -12,12 +12,11 @@ Sources of the names, types and labels:
     llama.cpp tools/server/README.md "GET /metrics" (no labels; only with --metrics, else
              501 "This server does not support metrics endpoint.")
 """
-import json
 import os
 import threading
 import time
 
-from .common import STATE, fault
+from .common import STATE, fault, gpu_total_mib
 
 # (figure, name, type, help) per engine; figure is what the Meter counts.
 VLLM = [
@@ -119,7 +118,7 @@ def wait_while_stalled():
 def hold_gpu_memory(fraction, process_name):
     """Register this process as holding `fraction` of the GPU's memory, for the stand-in
     nvidia-smi (which lists the live holders, as `--query-compute-apps` does on a real host)."""
-    total = json.loads((STATE / "facts" / "gpu.json").read_text())["memory_mib"]
+    total = gpu_total_mib()
     folder = STATE / "gpu_processes"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / str(os.getpid())).write_text(f"{int(total * float(fraction))} {process_name}\n")

@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from . import distributed, metrics, openai, ray, rendezvous
+from . import compile_cache, distributed, metrics, openai, ray, rendezvous
 from .common import (advertised_ip, check_model_path, die, local_devices, log, loose_args, real_addr,
                      start_faults)
 
@@ -21,7 +21,7 @@ VALUES = {"model", "served-model-name", "host", "port", "nnodes", "node-rank", "
           "master-addr", "master-port", "tensor-parallel-size", "tp",
           "pipeline-parallel-size", "pp", "distributed-executor-backend", "max-model-len",
           "data-parallel-size", "dp", "data-parallel-size-local", "data-parallel-address",
-          "data-parallel-rpc-port", "data-parallel-start-rank", "data-parallel-backend"}
+          "data-parallel-rpc-port", "data-parallel-start-rank", "data-parallel-backend", "gpu-memory-utilization"}
 BOOLS = {"headless", "trust-remote-code", "enforce-eager"}
 
 
@@ -53,6 +53,7 @@ def serve(args):
     else:
         check_ray_world(opts, data_parallel)
     vlog("Loading weights took 0.01 GiB and 0.1 seconds", "default_loader.py:267")
+    compile_cache.vllm_compile(model, VERSION)
     vlog(f"Starting vLLM API server 0 on http://{opts.get('host') or '0.0.0.0'}:{port}",
          "launcher.py:34")
     bind = real_addr(opts.get("host") or "")
