@@ -2079,10 +2079,10 @@ echo @@clock; echo "${EPOCHREALTIME:-$(date +%s.%N)}"
 
 def engines_script(metric_names: tuple) -> str:
     """The status probe's part of the docker pipe, given docker ps's lines (every container) in
-    $containers: per sparkrun container its state; for a running head, the HTTP status and the lines of
-    metric_names of its /metrics (asked from the host itself, on 127.0.0.1 and then the head's
-    address, so it works whether or not the endpoint is reachable from here); for a stopped
-    container, its last log lines."""
+    $containers: per sparkrun container its state; for a running head, the HTTP status and the
+    lines of metric_names of its /metrics (asked from the host itself, on 127.0.0.1 and then the
+    head's address, so it works whether or not the endpoint is reachable from here); for a
+    stopped container, its last log lines."""
     names = "|".join(n for n in metric_names if METRIC_NAME.fullmatch(n))
     container_format = ("{{.Name}}|{{.State.Status}}|{{.State.ExitCode}}|{{.RestartCount}}|{{.State.StartedAt}}|"
                         '{{index .Config.Labels "sparkrun.role"}}|{{index .Config.Labels "sparkrun.port"}}|'

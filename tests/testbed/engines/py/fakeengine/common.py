@@ -164,7 +164,9 @@ def gpu_total_mib():
     """The GPU's memory as an engine sees it: facts/gpu.json's memory_mib, or on unified memory
     (a GB10) the host's MemTotal from facts/memory.json."""
     gpu = host_facts("gpu")
-    return host_facts("memory").get("total_kib", 0) // 1024 if gpu.get("unified_memory") else gpu.get("memory_mib", 0)
+    if gpu.get("unified_memory"):
+        return host_facts("memory").get("total_kib", 0) // 1024
+    return gpu.get("memory_mib", 0)
 
 
 def gpu_free_mib():
