@@ -7,10 +7,13 @@ memory includes whatever the page cache holds at that moment. Launches get METRI
 it SGLang serves no /metrics.
 """
 
+from sparkrun_runtimes import serving
+
 NAME = "sglang"
 # Repos an SGLang command names besides the model (server arguments --tokenizer-path and
 # --speculative-draft-model-path, https://docs.sglang.ai/advanced_features/server_arguments.html).
 REPO_FLAGS = {"--tokenizer-path": ("tokenizer", None), "--speculative-draft-model-path": ("draft model", None)}
+ENGINE = serving.SGLANG
 
 # The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND). SGLang's
 # server arguments: https://docs.sglang.io/advanced_features/server_arguments.html
