@@ -1866,10 +1866,12 @@ class SSH:
 
 def in_parallel(hosts: list[str], work, running: list | None = None) -> dict:
     """work(host) on every host at once; a host's HostError becomes its result. Other exceptions
-    (bugs, Ctrl+C in the main thread) propagate; `running` collects the threads, so that a
-    caller interrupted meanwhile can wait for them."""
+    (bugs, Ctrl+C in the main thread) propagate. `running` collects an Event per host, set when
+    its work is over, so that a caller interrupted meanwhile can wait for it (an interrupted
+    Thread.join can leave is_alive() wrongly False: CPython's bpo-45274 handling)."""
     results: dict = {}
     failures: list[BaseException] = []
+    over = {h: threading.Event() for h in hosts}
 
     def one(host):
         try:
@@ -1878,11 +1880,12 @@ def in_parallel(hosts: list[str], work, running: list | None = None) -> dict:
             results[host] = exc
         except BaseException as exc:  # re-raised in the caller's thread
             failures.append(exc)
+        finally:
+            over[host].set()
 
-    threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
     if running is not None:
-        running.extend(threads)
-    run_threads(threads)
+        running.extend(over.values())
+    run_threads([threading.Thread(target=one, args=(h,), daemon=True) for h in hosts])
     if failures:
         raise failures[0]
     return {h: results[h] for h in hosts}
@@ -2922,9 +2925,11 @@ def served_name_and_key(module, command: str, values: dict, recipe: Recipe, env:
     return command, served or "", api_key
 
 
-# An ENTRYPOINT that runs its arguments (`exec "$@"`) and so must stay: NVIDIA's
-# nvidia_entrypoint.sh (NGC images), docker-entrypoint.sh-style scripts, tini and dumb-init.
-PASS_THROUGH_ENTRYPOINT = re.compile(r"(?:^|/)(?:[\w.-]*entrypoint[\w.-]*\.sh|tini(?:-static)?|dumb-init)$")
+# An ENTRYPOINT that runs its arguments (`exec "$@"`) and so must stay: a shell script, as
+# NVIDIA's nvidia_entrypoint.sh (NGC images) and docker-entrypoint.sh by convention are, or an
+# init that forwards them (tini, dumb-init). A script that consumes its arguments instead is
+# named in the error when the container dies; the recipe's `entrypoint: ""` clears it.
+PASS_THROUGH_ENTRYPOINT = re.compile(r"(?:^|/)(?:[\w.-]+\.sh|tini(?:-static)?|dumb-init)$")
 
 
 def image_entrypoint(image: str, facts: dict, hosts) -> list | None:
@@ -3283,7 +3288,7 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
     has started (once the `docker run`s in flight have ended, bounded); after that, a signal
     raises Detached and the job keeps running."""
     started: dict[str, list[str]] = {}
-    in_flight: list[threading.Thread] = []
+    in_flight: list[threading.Event] = []  # set once each `docker run` has returned
     waited = 0.0
     try:
         for batch in step_batches(plan.steps):
@@ -3337,15 +3342,15 @@ def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInter
     """Remove what a launch started, after waiting (bounded) for the `docker run`s still in
     flight, which would otherwise create their containers after the removal."""
     with SignalsHeld():
-        pending = [t for t in in_flight if t.is_alive()]
+        pending = [done for done in in_flight if not done.is_set()]
         if pending:
             say(f"Interrupted: waiting up to {START_SETTLE_S} s for {len(pending)} container start(s) in flight ...")
             deadline = time.monotonic() + START_SETTLE_S
-            for thread in pending:
-                thread.join(max(0.0, deadline - time.monotonic()))
+            for done in pending:
+                done.wait(max(0.0, deadline - time.monotonic()))
         say("Interrupted: removing the containers this launch started ...")
         remove_containers(ssh, started)
-    still = [t for t in in_flight if t.is_alive()]
+    still = [done for done in in_flight if not done.is_set()]
     if still:
         raise LaunchInterrupted(f"launch interrupted; {len(still)} container start(s) still had not finished after "
                                 f"{START_SETTLE_S} s and may have left a container: check with 'sparkrun status'",

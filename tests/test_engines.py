@@ -304,7 +304,7 @@ def test_signal_at_each_phase_of_a_two_node_launch(lab, phase, name):
     else:
         assert running == [[], []]
         if phase == "start in flight":
-            assert "container start(s) in flight" in err
+            assert "container start(s) in flight" in err, err
             assert "nothing was left running" in err
     everything_stopped(lab)
 
