@@ -2001,6 +2001,7 @@ class HostFacts(Record):
     listening: tuple = ()  # (address, port) of listening TCP sockets
     images: tuple = ()  # (image, IMAGE_FORMAT line or "")
     docker_arch: str = ""  # the docker daemon's platform architecture (arm64 on a Spark)
+    entrypoint_checks: tuple = ()  # (image, whether its ENTRYPOINT runs its arguments): check_entrypoint
     # What the status probe (probe_script with metric_names) adds:
     clock: float = 0.0  # the host's time, epoch seconds
     mem_available_mib: int | None = None
@@ -2925,11 +2926,43 @@ def served_name_and_key(module, command: str, values: dict, recipe: Recipe, env:
     return command, served or "", api_key
 
 
-# An ENTRYPOINT that runs its arguments (`exec "$@"`) and so must stay: a shell script, as
-# NVIDIA's nvidia_entrypoint.sh (NGC images) and docker-entrypoint.sh by convention are, or an
-# init that forwards them (tini, dumb-init). A script that consumes its arguments instead is
-# named in the error when the container dies; the recipe's `entrypoint: ""` clears it.
-PASS_THROUGH_ENTRYPOINT = re.compile(r"(?:^|/)(?:[\w.-]+\.sh|tini(?:-static)?|dumb-init)$")
+# ENTRYPOINTs known to run their arguments (`exec "$@"`), which must stay: NVIDIA's
+# nvidia_entrypoint.sh (NGC images), docker-entrypoint.sh, and inits that forward them (tini,
+# dumb-init). Another shell script may do either: a cheap run on the host tells.
+PASS_THROUGH_ENTRYPOINT = re.compile(r"(?:^|/)(?:nvidia_entrypoint\.sh|docker-entrypoint\.sh|tini(?:-static)?|dumb-init)$")
+SCRIPT_ENTRYPOINT = re.compile(r"\.sh$")
+ENTRYPOINT_MARK = "sparkrun-entrypoint-runs-its-arguments"
+
+
+def entrypoint_check_script(image: str) -> str:
+    """Runs on a host: does the image's ENTRYPOINT run `bash -c ...` given as its arguments?
+    Only bash prints the arithmetic's result; an entrypoint that echoes its arguments back
+    (in a usage error) shows the expression unevaluated. Bounded; the container is removed."""
+    probe = f"echo $((40 + 2)){ENTRYPOINT_MARK}"
+    return (f"name=sparkrun-entrypoint-check-$$\n"
+            f"out=$(timeout 60 docker run --rm --name \"$name\" --network none {shlex.quote(image)} "
+            f"bash -c {shlex.quote(probe)} 2>&1)\n"
+            "docker rm -f \"$name\" >/dev/null 2>&1\n"
+            f"case \"$out\" in *42{ENTRYPOINT_MARK}*) echo passes;; *) echo consumes;; esac\n")
+
+
+def check_entrypoint(ssh: SSH, host: str, image: str) -> bool:
+    """True when the image's ENTRYPOINT runs its arguments (entrypoint_check_script on host)."""
+    result = ssh.run(host, entrypoint_check_script(image), check=True, timeout=120,
+                     what=f"the ENTRYPOINT check of {image}")
+    return result.stdout.strip() == "passes"
+
+
+def entrypoint_needs_check(recipe: Recipe, image: str, facts: dict, hosts) -> bool:
+    """A shell-script ENTRYPOINT the inspect data cannot classify, not yet checked."""
+    entry = image_entrypoint(image, facts, hosts)
+    return (recipe.entrypoint is None and bool(entry) and checked_entrypoint(image, facts, hosts) is None
+            and not PASS_THROUGH_ENTRYPOINT.search(entry[0]) and bool(SCRIPT_ENTRYPOINT.search(entry[0])))
+
+
+def checked_entrypoint(image: str, facts: dict, hosts) -> bool | None:
+    return next((dict(facts[h].entrypoint_checks)[image] for h in hosts
+                 if facts.get(h) and image in dict(facts[h].entrypoint_checks)), None)
 
 
 def image_entrypoint(image: str, facts: dict, hosts) -> list | None:
@@ -2956,8 +2989,12 @@ def container_entrypoint(recipe: Recipe, image: str, facts: dict, hosts) -> tupl
     if not entry:
         return None, ""
     shown = json.dumps(entry)
-    if PASS_THROUGH_ENTRYPOINT.search(entry[0]) and all(a.startswith("-") for a in entry[1:]):
+    checked = checked_entrypoint(image, facts, hosts)
+    flags_only = all(a.startswith("-") for a in entry[1:])
+    if checked or (checked is None and PASS_THROUGH_ENTRYPOINT.search(entry[0]) and flags_only):
         return None, f"{shown} from {image}, kept: it runs its arguments"
+    if checked is None and SCRIPT_ENTRYPOINT.search(entry[0]) and flags_only:
+        return None, f"{shown} from {image}, kept until a run on the head shows what it does"
     return "", (f"{shown} from {image} cleared: it would take sparkrun's `bash -c` as its own "
                 "arguments (set 'entrypoint:' in the recipe to override)")
 
@@ -6904,6 +6941,10 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     distribution = time.monotonic() - distribution_started
     if not inspected:  # the image arrived with the distribution: read its ENTRYPOINT now
         reachable.update(raise_first(probe_hosts(ssh, [plan.head], images=(image,))))
+    if entrypoint_needs_check(recipe, image, reachable, plan.hosts):
+        passes = check_entrypoint(ssh, plan.head, image)
+        reachable[plan.head] = reachable[plan.head].replace(entrypoint_checks=((image, passes),))
+    if not inspected or reachable[plan.head].entrypoint_checks:
         plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     try:

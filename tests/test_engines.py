@@ -24,6 +24,8 @@ NVIDIA_ENTRYPOINT = ["/opt/nvidia/nvidia_entrypoint.sh"]
 VLLM_OPENAI = "vllm/vllm-openai:v0.11.0"
 GGML_SERVER = "ghcr.io/ggml-org/llama.cpp:server-cuda"
 CONSUMING = {VLLM_OPENAI: ["vllm", "serve"], GGML_SERVER: ["/app/llama-server"]}
+# Custom images whose ENTRYPOINT is a script of either kind (the inspect data cannot tell).
+SCRIPTED = {"lab/vllm-launcher:1": ["/usr/local/bin/serve.sh"], "lab/vllm-wrapped:1": ["/usr/local/bin/setup-env.sh"]}
 CORPUS_LLAMA = sorted(p for p in CORPUS.rglob("*.yaml") if "llama-server" in p.read_text() and "command" in p.read_text())
 
 
@@ -98,6 +100,7 @@ def image_facts(image, entrypoint):
 @pytest.mark.parametrize("entrypoint, chosen", [
     (None, None), (NVIDIA_ENTRYPOINT, None), (["/usr/bin/tini", "--"], None), (["docker-entrypoint.sh"], None),
     (["vllm", "serve"], ""), (["/app/llama-server"], ""), (["python3", "-m", "sglang.launch_server"], ""),
+    (["/usr/local/bin/start.sh"], None),  # kept until the check on the head says otherwise
 ])
 def test_entrypoint_kept_when_it_passes_arguments_on_else_cleared(tmp_path, entrypoint, chosen):
     plan = plan_of(tmp_path, "model: org/m\nruntime: vllm\ncontainer: img:1\ncommand: vllm serve {model}\n",
@@ -107,6 +110,18 @@ def test_entrypoint_kept_when_it_passes_arguments_on_else_cleared(tmp_path, entr
     argv = spec.docker_run_argv()
     assert argv[-4:] == ["img:1", "bash", "-c", spec.command]
     assert (argv[-6:-4] == ["--entrypoint", ""]) == (chosen == "")
+
+
+@pytest.mark.parametrize("passes, chosen", [(True, None), (False, "")])
+def test_a_script_entrypoint_follows_the_check_on_the_host(tmp_path, passes, chosen):
+    text = "model: org/m\nruntime: vllm\ncontainer: img:1\ncommand: vllm serve {model}\n"
+    facts = image_facts("img:1", ["/usr/local/bin/start.sh"])
+    recipe = sr.load_recipe(write_recipe(tmp_path, "r", text))
+    assert sr.entrypoint_needs_check(recipe, "img:1", facts, HOSTS)
+    assert not sr.entrypoint_needs_check(recipe, "img:1", image_facts("img:1", NVIDIA_ENTRYPOINT), HOSTS)
+    facts[H1] = facts[H1].replace(entrypoint_checks=(("img:1", passes),))
+    assert not sr.entrypoint_needs_check(recipe, "img:1", facts, HOSTS)
+    assert plan_of(tmp_path, text, facts=facts).head_container.entrypoint == chosen
 
 
 def test_recipe_entrypoint_overrides_the_image(tmp_path):
@@ -133,7 +148,7 @@ def lab(bed):
     images whose ENTRYPOINT consumes the arguments, on every host."""
     for image in IMAGES.values():
         bed.bed.add_image(image, size_bytes=4096, entrypoint=NVIDIA_ENTRYPOINT)
-    for image, entrypoint in CONSUMING.items():
+    for image, entrypoint in {**CONSUMING, **SCRIPTED}.items():
         bed.bed.add_image(image, size_bytes=4096, entrypoint=entrypoint, cmd=[])
     return bed
 
@@ -221,6 +236,17 @@ def test_images_of_both_entrypoint_kinds_serve(lab, image):
     consuming = image == VLLM_OPENAI
     assert (call[call.index(image) - 2:call.index(image)] == ["--entrypoint", ""]) == consuming
     assert ("== CUDA ==" in head_log(lab)) != consuming  # NVIDIA's wrapper ran its setup, then the command
+    lab("stop", "--all", "-H", H1, check=0)
+
+
+@pytest.mark.parametrize("image, kept", [("lab/vllm-launcher:1", False), ("lab/vllm-wrapped:1", True)])
+def test_a_script_entrypoint_is_checked_on_the_head_then_kept_or_cleared(lab, image, kept):
+    result = run(lab, "qwen3-1.7b-vllm", "-H", H1, "--image", image)
+    assert result.returncode == 0, result.stderr
+    check, launch = run_calls(lab.bed.hosts[0])
+    assert check[1:3] == ["--rm", "--name"] and "none" in check and check[-3:-1] == ["bash", "-c"]
+    assert ("--entrypoint" not in launch) == kept
+    assert ("setup-env: environment ready" in head_log(lab)) == kept
     lab("stop", "--all", "-H", H1, check=0)
 
 
