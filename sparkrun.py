@@ -136,6 +136,38 @@ class RecipeError(UsageError):
         super().__init__(f"{source}: {message}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a closed terminal or ssh session), raised where Ctrl+C raises
+    KeyboardInterrupt, so that every signal that ends a run takes the same way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_on_signals() -> None:
+    import signal
+
+    def interrupt(signum, _frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def signal_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as shells report it: 130 for Ctrl+C, 143 SIGTERM, 129 SIGHUP."""
+    return 128 + getattr(interrupt, "signum", 2)
+
+
+class Detached(KeyboardInterrupt):
+    """A signal once every container of a launch had started: the job keeps running."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__(interrupt)
+        self.signum = getattr(interrupt, "signum", 2)
+
+
 def warn(message: str) -> None:
     print(f"Warning: {message}", file=sys.stderr)
 
@@ -227,6 +259,7 @@ RECIPE_FIELDS: dict[str, tuple[type, ...]] = {
     "build_args": (list,),
     "pre_exec": (str, list),
     "post_exec": (str, list),
+    "entrypoint": (str,),  # the container's entrypoint; "" clears the image's
     # Present in version "1" (eugr) recipes.
     "name": (str,),
     "description": (str,),
@@ -272,6 +305,7 @@ class Recipe(Record, mutable=True):
     build_args: list = []
     pre_exec: list = []
     post_exec: list = []
+    entrypoint: str | None = None  # None: decided from the image
     unknown_keys: tuple = ()
     text: str = ""
 
@@ -1810,7 +1844,10 @@ class SSH:
     def _execute(self, host: str, argv: list[str], payload: bytes, timeout: float) -> RemoteResult:
         start = time.monotonic()
         try:
-            done = subprocess.run(argv, input=payload, capture_output=True, timeout=timeout)
+            # Its own session: Ctrl+C at the terminal must not kill a `docker run` in flight,
+            # which a rollback waits for (an interrupted caller's subprocess.run kills it).
+            done = subprocess.run(argv, input=payload, capture_output=True, timeout=timeout,
+                                  start_new_session=True)
         except subprocess.TimeoutExpired:
             raise Unreachable(host, f"no answer within {timeout:.0f} s; check the host and the network") from None
         except FileNotFoundError:
@@ -1827,11 +1864,14 @@ class SSH:
         subprocess.run(self.argv(host, [])[:-1] + ["-O", "exit", host], capture_output=True, timeout=10)
 
 
-def in_parallel(hosts: list[str], work) -> dict:
+def in_parallel(hosts: list[str], work, running: list | None = None) -> dict:
     """work(host) on every host at once; a host's HostError becomes its result. Other exceptions
-    (bugs, Ctrl+C in the main thread) propagate."""
+    (bugs, Ctrl+C in the main thread) propagate. `running` collects an Event per host, set when
+    its work is over, so that a caller interrupted meanwhile can wait for it (an interrupted
+    Thread.join can leave is_alive() wrongly False: CPython's bpo-45274 handling)."""
     results: dict = {}
     failures: list[BaseException] = []
+    over = {h: threading.Event() for h in hosts}
 
     def one(host):
         try:
@@ -1840,7 +1880,11 @@ def in_parallel(hosts: list[str], work) -> dict:
             results[host] = exc
         except BaseException as exc:  # re-raised in the caller's thread
             failures.append(exc)
+        finally:
+            over[host].set()
 
+    if running is not None:
+        running.extend(over.values())
     run_threads([threading.Thread(target=one, args=(h,), daemon=True) for h in hosts])
     if failures:
         raise failures[0]
@@ -1910,7 +1954,7 @@ SPARK_ARCH = "arm64"  # DGX Spark: Grace CPU; docker names platforms by Go's GOA
 # What identifies an image across `docker save | docker load` and image stores: `.Id` is the
 # config digest on overlay2 but the manifest digest on the containerd image store; RepoDigests
 # come from a registry; the layers' diff IDs (RootFS) stay the same (moby/moby#47674).
-IMAGE_FORMAT = "{{.Id}}|{{.Architecture}}|{{json .RepoDigests}}|{{json .RootFS.Layers}}"
+IMAGE_FORMAT = "{{.Id}}|{{.Architecture}}|{{json .RepoDigests}}|{{json .RootFS.Layers}}|{{json .Config.Entrypoint}}"
 
 
 class ImageInfo(Record):
@@ -1918,11 +1962,12 @@ class ImageInfo(Record):
     arch: str = ""
     digests: tuple = ()
     layers: tuple = ()
+    entrypoint: tuple = ()  # ENTRYPOINT, () for none
 
 
 def parse_image_info(text: str) -> ImageInfo | None:
     """An IMAGE_FORMAT line (or a bare ID); None for an empty one."""
-    parts = text.split("|", 3)
+    parts = text.split("|", 4)
     if not parts[0]:
         return None
 
@@ -1932,8 +1977,8 @@ def parse_image_info(text: str) -> ImageInfo | None:
         except ValueError:
             return ()
 
-    parts += [""] * (4 - len(parts))
-    return ImageInfo(parts[0], parts[1], listed(parts[2]), listed(parts[3]))
+    parts += [""] * (5 - len(parts))
+    return ImageInfo(parts[0], parts[1], listed(parts[2]), listed(parts[3]), listed(parts[4]))
 
 
 def same_image(a: ImageInfo | None, b: ImageInfo | None) -> bool:
@@ -1961,6 +2006,7 @@ class HostFacts(Record):
     mem_total_mib: int | None = None  # /proc/meminfo MemTotal
     mem_available_mib: int | None = None  # /proc/meminfo MemAvailable
     compile_caches: tuple = ()  # (engine, KiB) of ~/.cache/sparkrun/compile/<engine>, when asked for
+    entrypoint_checks: tuple = ()  # (image, whether its ENTRYPOINT runs its arguments): check_entrypoint
     # What the status probe (probe_script with metric_names) adds:
     clock: float = 0.0  # the host's time, epoch seconds
     gpu_load: tuple = ()  # GpuLoad per GPU
@@ -2009,6 +2055,11 @@ class HostFacts(Record):
     def image_id(self, image: str) -> str:
         info = self.image_info(image)
         return info.id if info else ""
+
+    def image_config(self, image: str) -> list | None:
+        """The image's ENTRYPOINT ([] for none), or None when this host lacks the image."""
+        info = self.image_info(image)
+        return list(info.entrypoint) if info else None
 
 
 def probe_script(images: tuple = (), metric_names: tuple = (), caches: bool = False) -> str:
@@ -2523,6 +2574,7 @@ class ContainerSpec(Record):
     mounts: tuple = ()  # (host path, container path[, "ro"]); "~/" is the remote user's home
     labels: tuple = ()  # (key, value)
     privileged: bool = False
+    entrypoint: str | None = None  # --entrypoint (None keeps the image's, "" clears it)
 
     def docker_run_argv(self, env_file: str | None = None) -> list[str]:
         argv = ["docker", "run", "-d", "--name", self.name, *DOCKER_RUN_FLAGS]
@@ -2536,6 +2588,8 @@ class ContainerSpec(Record):
             argv += ["--env-file", env_file]
         for mount in self.mounts:
             argv += ["-v", ":".join(mount)]
+        if self.entrypoint is not None:
+            argv += ["--entrypoint", self.entrypoint]
         return argv + [self.image, "bash", "-c", self.command]
 
     def shown(self) -> str:
@@ -2595,7 +2649,7 @@ class LaunchPlan(Record):
     recipe: str
     runtime: str
     model: str
-    served_model: str
+    served_model: str  # "" when only the running engine knows it (llama-server -hf, no --alias)
     cluster_id: str
     hosts: tuple
     port: int
@@ -2606,6 +2660,9 @@ class LaunchPlan(Record):
     notes: tuple = ()
     mods: tuple = ()  # (name, local folder), copied to every host before the containers start
     post_exec: tuple = ()  # commands run in the head container once the server is ready
+    api_key: str = ""  # the key the server demands (never printed)
+    head_address: str = ""  # where the server answers on the head itself (probes through ssh)
+    entrypoint: str = ""  # how the image's ENTRYPOINT is handled, named when a start fails
 
     @property
     def head(self) -> str:
@@ -2627,10 +2684,14 @@ class LaunchPlan(Record):
 
     def describe(self) -> str:
         lines = [f"Recipe:      {self.recipe} ({self.runtime})",
-                 f"Model:       {self.model} (served as {self.served_model})",
+                 f"Model:       {self.model} (served as {self.served_model or UNKNOWN_SERVED_NAME})",
                  f"Hosts:       {', '.join(self.hosts)} (head {self.head})",
                  f"Cluster id:  {self.cluster_id}",
                  f"Endpoint:    {self.endpoint}"]
+        if self.api_key:
+            lines.append("API key:     *** (probed with Authorization: Bearer)")
+        if self.entrypoint:
+            lines.append(f"Entrypoint:  {self.entrypoint}")
         if len(self.hosts) > 1:
             lines.append(f"Rendezvous:  {self.rendezvous} ({self.rendezvous_reason})")
         lines += [f"Note:        {n}" for n in self.notes]
@@ -2812,15 +2873,22 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                          f"({selection.source}); add hosts or lower --tp")
     hosts = selection.hosts[:nodes]
     port = int(values["port"])
-    served = str(values.get("served_model_name") or recipe.model_repo)
     image = options.image or recipe.container
     if not image:
         raise UsageError(f"recipe {recipe.name} names no container image; pass --image")
     rendezvous, why, peer_addresses = choose_rendezvous(hosts, facts)
-    cid = cluster_id(runtime, recipe.model, hosts, port, served)
     plain_env, secret_env = expand_env(recipe, environ)
-    hf_mount = options.cache_dir or "~/.cache/huggingface"
+    if snapshot and snapshot.gguf_file:
+        # llama.cpp would download with -hf; point it at the synced file instead.
+        # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
+        named = re.search(r"(?:^|\s)(?:-mm|--mmproj|--no-mmproj)\b", command)
+        projector = f" --mmproj {snapshot.container_path(snapshot.mmproj_file)}" if snapshot.mmproj_file and not named else ""
+        command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
+                         f"-m {snapshot.container_path(snapshot.gguf_file)}{projector}", command)
     module = load_runtime(runtime)
+    command, served, api_key = served_name_and_key(module, command, values, recipe, dict(plain_env + secret_env))
+    cid = cluster_id(runtime, recipe.model, hosts, port, served)
+    hf_mount = options.cache_dir or "~/.cache/huggingface"
     plain_env += runtime_env_defaults(module, recipe.env)
     cache_mount = compile_cache_mount(module)
     notes = []
@@ -2837,17 +2905,12 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     prefix += [one_line(c) for c in recipe.pre_exec]
     if mods:
         prefix.insert(0, "workspace=$PWD")
-    if snapshot and snapshot.gguf_file:
-        # llama.cpp would download with -hf; point it at the synced file instead.
-        # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
-        named = re.search(r"(?:^|\s)(?:-mm|--mmproj|--no-mmproj)\b", command)
-        projector = f" --mmproj {snapshot.container_path(snapshot.mmproj_file)}" if snapshot.mmproj_file and not named else ""
-        command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
-                         f"-m {snapshot.container_path(snapshot.gguf_file)}{projector}", command)
     if snapshot and not options.no_sync:
         plain_env.append(("HF_HUB_OFFLINE", "1"))  # the model is on the host: engines must not reach out
     elif not snapshot and recipe.gguf_quant:
         notes.append(f"model {recipe.model} is not in the local cache yet: run will download and sync it")
+
+    entrypoint, entrypoint_note = container_entrypoint(recipe, image, facts, hosts)
 
     def make_container(rank: int, cmd: str, engine_env: tuple = ()) -> ContainerSpec:
         host = hosts[rank]
@@ -2868,7 +2931,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         return ContainerSpec(host=host, name=f"{cid}_{role}", role=role, image=image,
                              command=" && ".join(prefix + [f"{{ {cmd}; }}"]) if prefix else cmd,
                              env=tuple(env), secret_env=tuple(secret_env), mounts=tuple(mounts),
-                             labels=labels, privileged=bool(dev and dev.active_ib))
+                             labels=labels, privileged=bool(dev and dev.active_ib), entrypoint=entrypoint)
 
     ctx = LaunchContext(recipe, values, with_metrics_flag(command, module), hosts, rendezvous, peer_addresses,
                         options.init_port or DEFAULT_INIT_PORT.get(runtime, 29501),
@@ -2881,9 +2944,99 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         notes.append(f"mods applied in every container before serving: {', '.join(n for n, _ in mods)}")
     if tuning:
         notes.append(tuning.note)
+    head_facts = facts.get(hosts[0])
     return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
                       readiness, steps, tuple(notes), tuple(mods),
-                      tuple(one_line(c) for c in recipe.post_exec))
+                      tuple(one_line(c) for c in recipe.post_exec), api_key,
+                      (head_facts.management_ip if head_facts else "") or "127.0.0.1", entrypoint_note)
+
+
+def served_name_and_key(module, command: str, values: dict, recipe: Recipe, env: dict) -> tuple[str, str, str]:
+    """The serve command (with the engine's served-name flag appended when the recipe names a
+    served model the command does not set), the name the engine will really serve ("" when
+    only the running engine knows it), and the API key it will demand ("" for none)."""
+    wanted = values.get("served_model_name")
+    engine = getattr(module, "ENGINE", None)
+    if engine is None:  # a third-party runtime without engine facts
+        return command, str(wanted or recipe.model_repo), ""
+    command, served = engine.served_name(command, format_value(wanted) if wanted else None)
+    api_key = engine.api_key(command, env)
+    if len(api_key) >= 4:
+        SECRET_VALUES.add(api_key)
+    return command, served or "", api_key
+
+
+# ENTRYPOINTs known to run their arguments (`exec "$@"`), which must stay: NVIDIA's
+# nvidia_entrypoint.sh (NGC images), docker-entrypoint.sh, and inits that forward them (tini,
+# dumb-init). Another shell script may do either: a cheap run on the host tells.
+PASS_THROUGH_ENTRYPOINT = re.compile(r"(?:^|/)(?:nvidia_entrypoint\.sh|docker-entrypoint\.sh|tini(?:-static)?|dumb-init)$")
+SCRIPT_ENTRYPOINT = re.compile(r"\.sh$")
+ENTRYPOINT_MARK = "sparkrun-entrypoint-runs-its-arguments"
+
+
+def entrypoint_check_script(image: str) -> str:
+    """Runs on a host: does the image's ENTRYPOINT run `bash -c ...` given as its arguments?
+    Only bash prints the arithmetic's result; an entrypoint that echoes its arguments back
+    (in a usage error) shows the expression unevaluated. Bounded; the container is removed."""
+    probe = f"echo $((40 + 2)){ENTRYPOINT_MARK}"
+    return (f"name=sparkrun-entrypoint-check-$$\n"
+            f"out=$(timeout 60 docker run --rm --name \"$name\" --network none {shlex.quote(image)} "
+            f"bash -c {shlex.quote(probe)} 2>&1)\n"
+            "docker rm -f \"$name\" >/dev/null 2>&1\n"
+            f"case \"$out\" in *42{ENTRYPOINT_MARK}*) echo passes;; *) echo consumes;; esac\n")
+
+
+def check_entrypoint(ssh: SSH, host: str, image: str) -> bool:
+    """True when the image's ENTRYPOINT runs its arguments (entrypoint_check_script on host)."""
+    result = ssh.run(host, entrypoint_check_script(image), check=True, timeout=120,
+                     what=f"the ENTRYPOINT check of {image}")
+    return result.stdout.strip() == "passes"
+
+
+def entrypoint_needs_check(recipe: Recipe, image: str, facts: dict, hosts) -> bool:
+    """A shell-script ENTRYPOINT the inspect data cannot classify, not yet checked."""
+    entry = image_entrypoint(image, facts, hosts)
+    return (recipe.entrypoint is None and bool(entry) and checked_entrypoint(image, facts, hosts) is None
+            and not PASS_THROUGH_ENTRYPOINT.search(entry[0]) and bool(SCRIPT_ENTRYPOINT.search(entry[0])))
+
+
+def checked_entrypoint(image: str, facts: dict, hosts) -> bool | None:
+    return next((dict(facts[h].entrypoint_checks)[image] for h in hosts
+                 if facts.get(h) and image in dict(facts[h].entrypoint_checks)), None)
+
+
+def image_entrypoint(image: str, facts: dict, hosts) -> list | None:
+    """The image's ENTRYPOINT from the probe's inspect data ([] for none), None when no host
+    had the image yet."""
+    for host in hosts:
+        fact = facts.get(host)
+        found = fact.image_config(image) if fact else None
+        if found is not None:
+            return found
+    return None
+
+
+def container_entrypoint(recipe: Recipe, image: str, facts: dict, hosts) -> tuple[str | None, str]:
+    """The --entrypoint for the containers (None keeps the image's, "" clears it) and a line
+    saying why. Containers run `bash -c COMMAND`: a wrapper ENTRYPOINT ending in `exec "$@"`
+    runs it after its setup, one that takes its arguments as its own (vllm/vllm-openai's
+    ["vllm", "serve"], ggml's ["/app/llama-server"]) would choke on it, so it is cleared."""
+    if recipe.entrypoint is not None:
+        return recipe.entrypoint, f"{recipe.entrypoint or '(none)'} (the recipe's entrypoint)"
+    entry = image_entrypoint(image, facts, hosts)
+    if entry is None:
+        return None, f"the image's own ({image} not inspected yet)"
+    if not entry:
+        return None, ""
+    shown = json.dumps(entry)
+    checked = checked_entrypoint(image, facts, hosts)
+    flags_only = all(a.startswith("-") for a in entry[1:])
+    if checked or (checked is None and PASS_THROUGH_ENTRYPOINT.search(entry[0]) and flags_only):
+        return None, f"{shown} from {image}, kept: it runs its arguments"
+    if checked is None and SCRIPT_ENTRYPOINT.search(entry[0]) and flags_only:
+        return None, f"{shown} from {image}, kept until a run on the head shows what it does"
+    return "", (f"{shown} from {image} cleared: it would take sparkrun's `bash -c` as its own "
+                "arguments (set 'entrypoint:' in the recipe to override)")
 
 
 def runtime_env_defaults(module, recipe_env: dict) -> list[tuple[str, str]]:
@@ -2925,6 +3078,16 @@ def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
 
 HOME_PREFIX = "~/"
 READY_POLL_S = (0.2, 1.0)  # seconds between readiness checks: first minute, then on
+HEAD_PROBE_EVERY_S = 2.0  # while the endpoint does not answer from here, ask the head this often
+SERVED_NAME_GRACE_S = 5.0  # a server listing only other names this long will not change its mind
+START_SETTLE_S = 60  # how long a rollback waits for `docker run`s still in flight
+UNKNOWN_SERVED_NAME = "the name the engine lists"
+UNAUTHORIZED_HINT = (" (Unauthorized: the server wants an API key; put it in the command's --api-key or the "
+                     "engine's API key variable in the recipe's env)")
+SERVED_NAME_MISMATCH = ("{head}: {endpoint}/models lists {listed}, never {served}; set the recipe's "
+                        "served_model_name (or -o served_model_name=NAME) to the name the server serves")
+ONLY_THROUGH_HEAD = ("{endpoint} does not answer from this machine but does on {head}: "
+                     "waiting through the ssh connection")
 
 
 def remote_join(argv: list[str]) -> str:
@@ -2976,17 +3139,27 @@ def container_logs_tail(ssh: SSH, host: str, name: str, lines: int = 20) -> str:
     return result.stdout.rstrip()
 
 
-def remove_containers(ssh: SSH, names_by_host: dict) -> None:
-    """docker rm -f on every host at once; Ctrl+C cannot interrupt it."""
-    import signal
+class SignalsHeld:
+    """Ctrl+C, SIGTERM and SIGHUP are ignored inside: a rollback under way finishes."""
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    def __enter__(self):
+        import signal
+
+        self.previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def __exit__(self, *exc):
+        import signal
+
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def remove_containers(ssh: SSH, names_by_host: dict) -> None:
+    """docker rm -f on every host at once; no signal interrupts it."""
+    with SignalsHeld():
         ssh.run_all([h for h, names in names_by_host.items() if names],
                     lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
                     timeout=60)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
@@ -3079,55 +3252,123 @@ def label_map(container: dict) -> dict:
     return dict(item.partition("=")[::2] for item in labels.split(",") if item)
 
 
-def http_json(url: str, payload: dict | None = None, timeout: float = 3.0):
+def request_headers(api_key: str) -> dict:
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 3.0, api_key: str = ""):
     import urllib.request
 
     data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers=request_headers(api_key))
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
-def probe_ready(plan_endpoint: str, served: str, readiness: str) -> str:
-    """'' when ready, else why not yet."""
+def head_http_json(ssh: SSH, host: str, url: str, payload: dict | None = None, timeout: float = 3.0,
+                   api_key: str = ""):
+    """http_json made by curl on `host`, through its ssh connection: for an endpoint that only
+    the host itself reaches. Headers travel in the script (stdin), never in an argv."""
+    import urllib.error
+
+    headers = "".join(f"{k}: {v}\n" for k, v in request_headers(api_key).items())
+    data = ["--data-binary", json.dumps(payload)] if payload is not None else []
+    curl = ["curl", "-sS", "-m", str(int(timeout) or 1), "-H", "@-", *data, "-w", "\n%{http_code}", url]
+    script = f"{shlex.join(curl)} <<'SPARKRUN_HEADERS'\n{headers}SPARKRUN_HEADERS\n"
+    result = ssh.run(host, script, timeout=timeout + 30)
+    if not result.ok:
+        raise OSError(f"curl on {host}: {result.stderr_tail(1) or f'exit {result.returncode}'}")
+    body, _, code = result.stdout.rpartition("\n")
+    if code != "200":
+        raise urllib.error.HTTPError(url, int(code) if code.isdigit() else 0, body[:200], None, None)
+    return json.loads(body)
+
+
+class ServerProbe(Record):
+    """One look at the server: why it is not ready ('' when it is), whether it answered HTTP at
+    all, and the model names /v1/models lists."""
+    why: str
+    answered: bool = False
+    listed: tuple = ()
+
+
+def probe_server(fetch, served: str, readiness: str) -> ServerProbe:
+    """fetch(path, payload, timeout) -> JSON. `served` "" takes the first name listed."""
     import urllib.error
 
     try:
-        models = http_json(f"{plan_endpoint}/models")
-    except (OSError, ValueError, urllib.error.URLError) as exc:
-        return f"not answering ({getattr(exc, 'reason', exc)})"
-    ids = [m.get("id") for m in (models.get("data") or []) if isinstance(m, dict)]
-    if served not in ids:
-        return f"serving {', '.join(map(str, ids)) or 'no model'} (waiting for {served})"
+        models = fetch("/models", None, 3.0)
+    except urllib.error.HTTPError as exc:
+        return ServerProbe(f"/v1/models answers HTTP {exc.code}" + (UNAUTHORIZED_HINT if exc.code == 401 else ""), True)
+    except (OSError, ValueError) as exc:
+        return ServerProbe(f"not answering ({getattr(exc, 'reason', exc)})")
+    ids = tuple(str(m.get("id")) for m in (models.get("data") or []) if isinstance(m, dict))
+    name = served or (ids[0] if ids else "")
+    if not name or name not in ids:
+        return ServerProbe(f"serving {', '.join(ids) or 'no model'} (waiting for {served or 'a model'})", True, ids)
     if readiness == "models":
-        return ""
+        return ServerProbe("", True, ids)
     try:
-        answer = http_json(f"{plan_endpoint}/completions",
-                           {"model": served, "prompt": "Hello", "max_tokens": 1}, timeout=120)
-    except (OSError, ValueError, urllib.error.URLError) as exc:
-        return f"lists the model but cannot generate yet ({getattr(exc, 'reason', exc)})"
-    return "" if answer.get("choices") else "lists the model but returned no completion"
+        answer = fetch("/completions", {"model": name, "prompt": "Hello", "max_tokens": 1}, 120)
+    except (OSError, ValueError) as exc:
+        return ServerProbe(f"lists the model but cannot generate yet ({getattr(exc, 'reason', exc)})", True, ids)
+    return ServerProbe("" if answer.get("choices") else "lists the model but returned no completion", True, ids)
 
 
-def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> None:
+def probe_ready(plan_endpoint: str, served: str, readiness: str, api_key: str = "") -> str:
+    """'' when ready, else why not yet."""
+    return probe_server(lambda path, payload, timeout: http_json(plan_endpoint + path, payload, timeout, api_key),
+                        served, readiness).why
+
+
+class Readiness(Record):
+    """How a launch became ready: the name the server serves, and whether the endpoint only
+    answered through the head's ssh connection."""
+    served: str
+    through_head: bool = False
+
+
+def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> Readiness:
+    """Poll until the server generates (or lists the model, for embedding servers). When the
+    endpoint does not answer from here, the head is asked too, through its ssh connection; a
+    server that keeps listing other names than the expected one fails fast."""
     started = time.monotonic()
     deadline = started + timeout_s
     names = {c.host: [] for c in plan.containers}
     for spec in plan.containers:
         names[spec.host].append(spec.name)
-    last_check = 0.0
+    direct = lambda path, payload, timeout: http_json(plan.endpoint + path, payload, timeout, plan.api_key)
+    head_url = f"http://{plan.head_address}:{plan.port}/v1"
+    via_head = lambda path, payload, timeout: head_http_json(ssh, plan.head, head_url + path, payload, timeout,
+                                                             plan.api_key)
+    fetch, through_head = direct, False
+    last_check = last_head_try = 0.0
+    wrong_name_since = None
     while True:
-        why = probe_ready(plan.endpoint, plan.served_model, plan.readiness)
-        if not why:
-            return
         now = time.monotonic()
+        probe = probe_server(fetch, plan.served_model, plan.readiness)
+        if not probe.answered and not through_head and now - last_head_try > HEAD_PROBE_EVERY_S:
+            last_head_try = now
+            from_head = probe_server(via_head, plan.served_model, plan.readiness)
+            if from_head.answered:
+                fetch, through_head, probe = via_head, True, from_head
+                progress(ONLY_THROUGH_HEAD.format(endpoint=plan.endpoint, head=plan.head))
+        if not probe.why:
+            return Readiness(plan.served_model or probe.listed[0], through_head)
+        if probe.listed and plan.served_model and plan.served_model not in probe.listed:
+            wrong_name_since = wrong_name_since or now
+            if now - wrong_name_since >= SERVED_NAME_GRACE_S:
+                raise SparkrunError(SERVED_NAME_MISMATCH.format(head=plan.head, endpoint=plan.endpoint,
+                                                                listed=", ".join(probe.listed), served=plan.served_model))
+        else:
+            wrong_name_since = None
         if now - last_check > 5:
             last_check = now
             check_still_running(plan, ssh, names)
-            progress(why)
+            progress(probe.why)
         if now > deadline:  # the log now: the containers are removed after this
             tail = container_logs_tail(ssh, plan.head, plan.head_container.name)
-            raise SparkrunError(not_ready_message(plan.head, timeout_s, why, tail))
+            raise SparkrunError(not_ready_message(plan.head, timeout_s, probe.why, tail))
         time.sleep(READY_POLL_S[0] if now - started < 60 else READY_POLL_S[1])
 
 
@@ -3177,12 +3418,15 @@ def raise_first(results: dict) -> dict:
     return results
 
 
-def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> float:
+def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> tuple[float, Readiness]:
     """Start each step in order (consecutive starts on different hosts at once), then wait
-    until ready; returns the seconds spent waiting for the server (rendezvous ports included).
-    On any failure or Ctrl+C before the endpoint is ready, every container this launch started
-    is removed on every host."""
+    until ready; returns the seconds spent waiting for the server (rendezvous ports included)
+    and how it became ready. A failure before the endpoint is ready removes every container
+    this launch started on every host. So does Ctrl+C, SIGTERM or SIGHUP before every container
+    has started (once the `docker run`s in flight have ended, bounded); after that, a signal
+    raises Detached and the job keeps running."""
     started: dict[str, list[str]] = {}
+    in_flight: list[threading.Event] = []  # set once each `docker run` has returned
     waited = 0.0
     try:
         for batch in step_batches(plan.steps):
@@ -3193,7 +3437,7 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                 specs = {s.host: s.container for s in batch}
                 results = in_parallel(list(specs), lambda h: ssh.run(
                     h, start_container_script(specs[h]), check=True, timeout=120,
-                    what=f"docker run of {specs[h].name}"))
+                    what=f"docker run of {specs[h].name}"), running=in_flight)
                 raise_first(results)
                 continue
             step = batch[0]
@@ -3207,17 +3451,57 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                                               "last log lines:\n" + container_logs_tail(ssh, step.host, owner))
             if not result.ok:
                 raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
-        say(f"waiting for {plan.endpoint} to serve {plan.served_model}")
+    except KeyboardInterrupt as interrupt:
+        roll_back(ssh, started, in_flight, interrupt)
+    except SparkrunError as failure:
+        remove_containers(ssh, started)
+        raise failure_with_entrypoint(failure, plan) from None
+    try:
+        say(f"waiting for {plan.endpoint} to serve {plan.served_model or UNKNOWN_SERVED_NAME}")
         since = time.monotonic()
-        wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"))
-        return waited + time.monotonic() - since
-    except KeyboardInterrupt:
+        readiness = wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"))
+        return waited + time.monotonic() - since, readiness
+    except KeyboardInterrupt as interrupt:
+        raise Detached(interrupt) from None
+    except SparkrunError as failure:
+        remove_containers(ssh, started)
+        raise failure_with_entrypoint(failure, plan) from None
+
+
+class LaunchInterrupted(SparkrunError):
+    """A launch rolled back on a signal; exits as the signal would."""
+
+    def __init__(self, message: str, interrupt: KeyboardInterrupt):
+        super().__init__(message)
+        self.exit_code = signal_exit_code(interrupt)
+
+
+def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInterrupt) -> None:
+    """Remove what a launch started, after waiting (bounded) for the `docker run`s still in
+    flight, which would otherwise create their containers after the removal."""
+    with SignalsHeld():
+        pending = [done for done in in_flight if not done.is_set()]
+        if pending:
+            say(f"Interrupted: waiting up to {START_SETTLE_S} s for {len(pending)} container start(s) in flight ...")
+            deadline = time.monotonic() + START_SETTLE_S
+            for done in pending:
+                done.wait(max(0.0, deadline - time.monotonic()))
         say("Interrupted: removing the containers this launch started ...")
         remove_containers(ssh, started)
-        raise SparkrunError("launch interrupted before the server was ready; nothing was left running") from None
-    except SparkrunError:
-        remove_containers(ssh, started)
-        raise
+    still = [done for done in in_flight if not done.is_set()]
+    if still:
+        raise LaunchInterrupted(f"launch interrupted; {len(still)} container start(s) still had not finished after "
+                                f"{START_SETTLE_S} s and may have left a container: check with 'sparkrun status'",
+                                interrupt) from None
+    raise LaunchInterrupted("launch interrupted before every container had started; nothing was left running",
+                            interrupt) from None
+
+
+def failure_with_entrypoint(failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
+    """A container that died names how its image's ENTRYPOINT was handled."""
+    if plan.entrypoint and "exited" in str(failure) and "entrypoint" not in str(failure):
+        failure.args = (f"{failure}\n    (entrypoint: {plan.entrypoint})",)
+    return failure
 
 
 def follow_logs(ssh: SSH, host: str, name: str, tail: str = "50", follow: bool = True) -> int:
@@ -6741,16 +7025,40 @@ def choose_free_port(facts: dict, hosts, start: int = 8000) -> int:
 
 
 def cmd_run(args) -> int:
+    """Launch, then follow the head's log. A signal once every container has started detaches
+    (the job keeps running); with --foreground it stops the job on every host instead, as
+    does the end of the log."""
+    if args.foreground and args.no_follow:
+        raise UsageError("--foreground follows the logs until the job ends; drop --no-follow")
     recipe = find_recipe(args.recipe)
     selection = select_hosts(args)
-    plan, ssh = launch(args, recipe, selection)
-    if plan is None or args.no_follow:
-        return 0
+    ssh, plan = SSH(selection.user, args.verbose), None
     try:
-        follow_logs(ssh, plan.head, plan.head_container.name)
-    except KeyboardInterrupt:
-        say(detach_message(plan.recipe, selection))
-    return 0
+        plan, ssh = launch(args, recipe, selection)
+        if plan is None or args.no_follow:
+            return 0
+        code = follow_logs(ssh, plan.head, plan.head_container.name)
+        if args.foreground:
+            stop_plan(ssh, plan, "its log ended")
+        return code
+    except KeyboardInterrupt as interrupt:
+        plan = plan or getattr(interrupt, "plan", None)
+        if plan is None:
+            raise
+        if args.foreground:
+            stop_plan(ssh, plan, "interrupted")
+        else:
+            say(detach_message(plan.recipe, selection))
+        return signal_exit_code(interrupt)
+
+
+def stop_plan(ssh: SSH, plan: LaunchPlan, why: str) -> None:
+    """--foreground: the job ends with the command."""
+    say(f"Stopping {plan.recipe} on {', '.join(plan.hosts)} ({why}; --foreground) ...")
+    names: dict[str, list[str]] = {}
+    for spec in plan.containers:
+        names.setdefault(spec.host, []).append(spec.name)
+    remove_containers(ssh, names)
 
 
 def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan | None, SSH]:
@@ -6785,6 +7093,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
     snapshot = local_snapshot(recipe, local_home)
     plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
+    inspected = image_entrypoint(image, reachable, plan.hosts) is not None
     if args.dry_run:
         print(plan.describe())
         return None, ssh
@@ -6813,17 +7122,30 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if tuning:
         sync_tuning(ssh, tuning, plan.hosts)
     distribution = time.monotonic() - distribution_started
+    if not inspected:  # the image arrived with the distribution: read its ENTRYPOINT now
+        reachable.update(raise_first(probe_hosts(ssh, [plan.head], images=(image,))))
+    if entrypoint_needs_check(recipe, image, reachable, plan.hosts):
+        passes = check_entrypoint(ssh, plan.head, image)
+        reachable[plan.head] = reachable[plan.head].replace(entrypoint_checks=((image, passes),))
+    if not inspected or reachable[plan.head].entrypoint_checks:
+        plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     page_cache = 0.0
     if not args.no_drop_cache:
         since = time.monotonic()
         free_page_cache(ssh, plan.hosts, snapshot, remote_cache_root(args.cache_dir))
         page_cache = time.monotonic() - since
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
-    waited = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
-    for command in plan.post_exec:
-        ssh.run(plan.head, shlex.join(["docker", "exec", plan.head_container.name, "bash", "-c", command]) + "\n",
-                check=True, what=f"post_exec '{command}'")
-    print(ready_banner(plan))
+    try:
+        waited, readiness = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
+        plan = plan.replace(served_model=readiness.served)
+        for command in plan.post_exec:
+            ssh.run(plan.head, shlex.join(["docker", "exec", plan.head_container.name, "bash", "-c", command]) + "\n",
+                    check=True, what=f"post_exec '{command}'")
+    except KeyboardInterrupt as interrupt:  # every container had started: the job keeps running
+        detached = interrupt if isinstance(interrupt, Detached) else Detached(interrupt)
+        detached.plan = plan
+        raise detached from None
+    print(ready_banner(plan, readiness.through_head))
     if args.verbose:
         total = time.monotonic() - started
         say(f"timings: {total:.2f} s in all: {waited:.2f} s waiting for the server, "
@@ -6836,16 +7158,29 @@ def host_args(selection: HostSelection) -> str:
     return "" if selection.source.startswith("cluster") else f" -H {','.join(selection.hosts)}"
 
 
-def ready_banner(plan: LaunchPlan) -> str:
-    return (f"\nReady: {plan.endpoint}  (model: {plan.served_model})\n"
-            f"  curl {plan.endpoint}/chat/completions -H 'Content-Type: application/json' \\\n"
-            f"    -d '{{\"model\": \"{plan.served_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n")
+def ready_banner(plan: LaunchPlan, through_head: bool = False) -> str:
+    """The endpoint and a curl line to try it (the API key masked); for an endpoint that only
+    the head reaches, the ssh tunnel that brings it here."""
+    endpoint = plan.endpoint
+    lines = [f"\nReady: {endpoint}  (model: {plan.served_model})"]
+    if through_head:
+        endpoint = f"http://localhost:{plan.port}/v1"
+        lines.append(SSH_TUNNEL_HINT.format(endpoint=plan.endpoint, port=plan.port, address=plan.head_address,
+                                            head=plan.head, local=endpoint))
+    auth = " -H 'Authorization: Bearer ***'" if plan.api_key else ""
+    lines += [f"  curl {endpoint}/chat/completions -H 'Content-Type: application/json'{auth} \\",
+              f"    -d '{{\"model\": \"{plan.served_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"]
+    return "\n".join(lines) + "\n"
+
+
+SSH_TUNNEL_HINT = ("  {endpoint} does not answer from this machine; reach it through ssh:\n"
+                   "    ssh -N -L {port}:{address}:{port} {head}   # then use {local}")
 
 
 def detach_message(recipe: str, selection: HostSelection) -> str:
     hosts = host_args(selection)
     return (f"\nDetached; the server keeps running.\n"
-            f"  Re-attach: sparkrun logs {recipe}{hosts}\n  Stop:      sparkrun stop {recipe}{hosts}")
+            f"  Follow:    sparkrun logs {recipe}{hosts}\n  Stop:      sparkrun stop {recipe}{hosts}")
 
 
 def launch_names(name: str) -> tuple[str, ...]:
@@ -7542,7 +7877,8 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("-n", "--dry-run", action="store_true", help="print the plan; contact no host")
     p.add_argument("--detect", action="store_true", help="with --dry-run: contact the hosts to detect "
                                                          "InfiniBand and show the real NCCL env")
-    p.add_argument("--foreground", action="store_true", help="stay attached to the logs (the default)")
+    p.add_argument("--foreground", action="store_true",
+                   help="the job lives as long as this command: Ctrl+C (or the log ending) stops it on every host")
     p.add_argument("--no-follow", action="store_true", help="return once the server is ready")
     p.add_argument("--replace", action="store_true", help="stop this recipe's running launch first")
     p.add_argument("--no-sync", action="store_true",
@@ -7683,6 +8019,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    raise_on_signals()
     try:
         return args.func(args)
     except SparkrunError as exc:
@@ -7691,9 +8028,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(mask(f"Error: {exc}"), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("Interrupted.", file=sys.stderr)
-        return 130
+        return signal_exit_code(interrupt)
     except Exception as exc:  # a bug: one line, the traceback with -v
         if args.verbose:
             raise

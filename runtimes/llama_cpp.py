@@ -2,7 +2,10 @@
 `--rpc w1:port,...` on the head once they listen. llama-server gets METRICS_FLAG: without it,
 its /metrics answers 501."""
 
+from sparkrun_runtimes import serving
+
 NAME = "llama-cpp"
+ENGINE = serving.LLAMA_SERVER
 
 # The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND); no
 # parallelism or memory fraction flags. llama-server's options: tools/server/README.md in llama.cpp.

@@ -7,7 +7,7 @@ memory includes whatever the page cache holds at that moment. Launches get METRI
 it SGLang serves no /metrics.
 """
 
-from sparkrun_runtimes import torch_engines
+from sparkrun_runtimes import serving, torch_engines
 
 NAME = "sglang"
 # Repos an SGLang command names besides the model (server arguments --tokenizer-path and
@@ -15,6 +15,7 @@ NAME = "sglang"
 REPO_FLAGS = {"--tokenizer-path": ("tokenizer", None), "--speculative-draft-model-path": ("draft model", None)}
 ENV = torch_engines.ENV
 CACHE_ENGINE, CACHES = "sglang", torch_engines.SGLANG_CACHES
+ENGINE = serving.SGLANG
 
 # The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND). SGLang's
 # server arguments: https://docs.sglang.io/advanced_features/server_arguments.html

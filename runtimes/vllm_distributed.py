@@ -14,9 +14,10 @@ route's address (or 0.0.0.0 with none), which the other nodes may not reach.
 import re
 
 from sparkrun import UsageError
-from sparkrun_runtimes import torch_engines
+from sparkrun_runtimes import serving, torch_engines
 
 NAME = "vllm-distributed"
+ENGINE = serving.VLLM
 # Hugging Face repos a vLLM command names besides the model, which every host needs in its cache
 # (the containers run with HF_HUB_OFFLINE=1): flag -> (role, key of a JSON value or None).
 # vLLM's engine arguments: --tokenizer, --speculative-config '{"model": ...}', and the older

@@ -3,13 +3,15 @@ parallel, vLLM places the replicas on the Ray cluster itself (`--data-parallel-b
 
 import re
 
-from sparkrun_runtimes import ray_flow, vllm_distributed
+from sparkrun_runtimes import ray_flow, serving, vllm_distributed
 
 NAME = "vllm-ray"
 DEFAULT_COMMAND = vllm_distributed.DEFAULT_COMMAND
 REPO_FLAGS = vllm_distributed.REPO_FLAGS
 METRICS = vllm_distributed.METRICS
 ENV, CACHE_ENGINE, CACHES = vllm_distributed.ENV, vllm_distributed.CACHE_ENGINE, vllm_distributed.CACHES
+ENGINE = serving.VLLM
+RAY_BACKEND = re.compile(r"\s*--distributed-executor-backend[ =]+ray\b")
 
 
 def serve_command(command: str, data_parallel: int = 1) -> str:
@@ -20,13 +22,20 @@ def serve_command(command: str, data_parallel: int = 1) -> str:
     return command
 
 
+def solo_command(command: str) -> str:
+    """One node needs no Ray: eugr's launcher drops the Ray backend for a solo run, else vLLM
+    would start a private Ray (with its memory monitor) inside the container."""
+    return RAY_BACKEND.sub("", command)
+
+
 def plan(ctx):
-    command = ctx.serve_command if ctx.nodes == 1 else serve_command(ctx.serve_command, ctx.data_parallel)
+    command = solo_command(ctx.serve_command) if ctx.nodes == 1 else serve_command(ctx.serve_command, ctx.data_parallel)
     return ray_flow.plan(ctx, command)
 
 
 EXAMPLES = [
     (1, "vllm serve m", ["vllm serve m"]),
+    (1, "vllm serve m --distributed-executor-backend ray --port 8000", ["vllm serve m --port 8000"]),
     (2, "vllm serve m -tp 2", [
         "mkdir -p \"${VLLM_CONFIG_ROOT:-${XDG_CONFIG_HOME:-$HOME/.config}/vllm}\" && echo '[\"GLOO_SOCKET_IFNAME\", "
         "\"NCCL_IB_DISABLE\", \"NCCL_IB_GID_INDEX\", \"NCCL_IB_HCA\", \"NCCL_IB_MERGE_NICS\", "

@@ -383,7 +383,8 @@ def test_image_identity_survives_image_stores_but_not_architectures():
     other_arch = sparkrun.parse_image_info('sha256:x86|amd64|["r@sha256:1dx"]|["sha256:l9"]')
     assert sparkrun.same_image(overlay, containerd)
     assert not sparkrun.same_image(containerd, other_arch)  # one index digest, two platforms
-    assert sparkrun.parse_image_info("sha256:1234").as_dict() == {"id": "sha256:1234", "arch": "", "digests": (), "layers": ()}
+    assert sparkrun.parse_image_info("sha256:1234").as_dict() == {"id": "sha256:1234", "arch": "", "digests": (), "layers": (),
+                                                                     "entrypoint": ()}
     assert sparkrun.parse_image_info("") is None
 
 

@@ -42,6 +42,8 @@ mapped to the owning host's address (<root>/addrmap.json).
 Faults (host.fault(name, value)) are files in <root>/faults:
     docker_permission    every docker command fails like a user outside the docker group
     docker_run_fail      `docker run` fails with exit 125 (value: message)
+    docker_slow          "SUBCOMMAND SECONDS": that docker command (run, ps, load, ...)
+                         takes that long before it does anything
     no_docker            `docker` behaves as "command not found" (exit 127)
     engine_exit          engines print an error and exit 1 at start
     engine_slow_ready    engines wait <value> seconds before listening

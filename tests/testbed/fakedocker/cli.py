@@ -2,6 +2,7 @@
 import importlib
 import os
 import sys
+import time
 
 from .args import ArgError, parse, spec
 from .common import DockerError, print_formatted
@@ -113,6 +114,9 @@ def run(argv):
         print(f"Docker version {VERSION}, build c8af8eb")
         return 0
     handler, name, args = resolve(argv)
+    slow = (store.fault("docker_slow") or "").split()
+    if slow[:1] == [name]:  # a busy daemon: `docker run` creates its container only at the end
+        time.sleep(float(slow[1]))
     if store.fault("docker_permission") is not None:
         raise DockerError(PERMISSION)
     try:

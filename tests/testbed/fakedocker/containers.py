@@ -7,7 +7,7 @@ import re
 import signal
 import sys
 import time
-from os.path import dirname, exists, join, realpath
+from os.path import basename, dirname, exists, join, realpath
 
 from . import procs
 from .args import parse, spec
@@ -109,10 +109,21 @@ def parse_mounts(store, volumes, mount_specs):
 
 
 def command_of(opts, image, args):
+    """ENTRYPOINT + arguments, as docker builds them: the run arguments replace the image's
+    CMD; --entrypoint replaces ENTRYPOINT and drops CMD ("" leaves no entrypoint).
+    https://docs.docker.com/reference/dockerfile/#understand-how-cmd-and-entrypoint-interact"""
     if opts["entrypoint"] is not None:
         entry = [opts["entrypoint"]] if opts["entrypoint"] else []
         return entry + args
     return (image.get("Entrypoint") or []) + (args or image.get("Cmd") or [])
+
+
+def image_file(path):
+    """A program an image has at an absolute path (/app/llama-server, /opt/nvidia/
+    nvidia_entrypoint.sh): the stand-in of that name in engines/bin, which plays the
+    image's file system; other paths are the host's own."""
+    stand_in = join(ENGINE_BIN, basename(path))
+    return stand_in if path.startswith("/") and not exists(path) and exists(stand_in) else path
 
 
 def new_container(store, opts, image, ref, argv, env, mounts):
@@ -206,7 +217,7 @@ def _run(store, args):
     open(store.log_path(container), "a").close()
     penv = process_env(container["Id"], container["Hostname"], env, mounts)
     workdir = opts["workdir"] if opts["workdir"] and os.path.isdir(opts["workdir"]) else "/"
-    argv = foreign_platform(store, image, argv)
+    argv = foreign_platform(store, image, [image_file(argv[0])] + argv[1:])
     if opts["detach"]:
         launch.start(store, container, argv, penv, workdir)
         print(container["Id"])

@@ -7,7 +7,8 @@ from . import distributed, metrics, openai, rendezvous
 from .common import check_model_path, die, log, loose_args, real_addr, start_faults
 
 SERVER_VALUES = {"m", "model", "hf", "hf-repo", "hfr", "a", "alias", "host", "port", "rpc",
-                 "c", "ctx-size", "ngl", "n-gpu-layers"}
+                 "c", "ctx-size", "ngl", "n-gpu-layers", "api-key", "fa", "flash-attn",
+                 "split-mode", "sm"}
 SERVER_BOOLS = {"metrics"}
 RPC_VALUES = {"H", "host", "p", "port", "c", "cache"}
 # tools/server/server.cpp: while the model loads, and /metrics without --metrics
@@ -31,8 +32,17 @@ def connect_rpc(servers):
     return links
 
 
+def hf_cache_file(repo):
+    """Where llama-server (b8000-era builds) keeps a `-hf user/repo:QUANT` download: one file in
+    ~/.cache/llama.cpp named after the repo (common/arg.cpp, common_get_hf_file)."""
+    name, _, quant = repo.partition(":")
+    return f"/root/.cache/llama.cpp/{name.replace('/', '_')}_{(quant or 'Q4_K_M').lower()}.gguf"
+
+
 def server_main(argv=None):
-    opts, _ = loose_args(sys.argv[1:] if argv is None else argv, SERVER_VALUES, SERVER_BOOLS)
+    opts, positionals = loose_args(sys.argv[1:] if argv is None else argv, SERVER_VALUES, SERVER_BOOLS)
+    if positionals:  # common_params_parse takes no positional arguments
+        die(f"error: invalid argument: {positionals[0]}")
     model = opts.get("m") or opts.get("model")
     repo = opts.get("hf") or opts.get("hf-repo") or opts.get("hfr")
     if not model and not repo:
@@ -42,9 +52,12 @@ def server_main(argv=None):
     if model:
         check_model_path(model)
     links = connect_rpc(opts.get("rpc") or "")
-    model_id = opts.get("a") or opts.get("alias") or model or repo
+    # /v1/models lists --alias, else the path of the model file it loaded (tools/server/server.cpp).
+    model_id = opts.get("a") or opts.get("alias") or model or hf_cache_file(repo)
+    api_key = opts.get("api-key") or os.environ.get("LLAMA_API_KEY")
     meter = metrics.Meter(metrics.LLAMACPP) if opts.get("metrics") else None
-    served = openai.Served("llamacpp", model_id, model or repo, meter=meter, no_metrics=NO_METRICS)
+    served = openai.Served("llamacpp", model_id, model or repo, meter=meter, no_metrics=NO_METRICS,
+                           api_key=api_key)
 
     def load():
         start_faults("llama_model_load: error loading model: tensor data is not within file bounds")

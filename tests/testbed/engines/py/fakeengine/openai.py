@@ -12,8 +12,9 @@ class Served:
     """What the server reports: model id and engine details."""
 
     def __init__(self, engine, model_id, root=None, max_len=32768, meter=None,
-                 no_metrics=(404, {"detail": "Not Found"})):
+                 no_metrics=(404, {"detail": "Not Found"}), api_key=None):
         self.engine, self.model_id, self.root, self.max_len = engine, model_id, root, max_len
+        self.api_key = api_key
         self.generate = fault("no_generate") is None
         self.meter = meter  # None: /metrics answers no_metrics (code, body), as the engine does
         self.no_metrics = no_metrics
@@ -56,11 +57,23 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def refused(self, path):
+        """With an API key, /v1 routes answer 401 unless the request carries
+        `Authorization: Bearer KEY` (vllm/entrypoints/openai/api_server.py's middleware;
+        llama-server and SGLang check the same header)."""
+        key = self.server.served.api_key
+        if not key or not path.startswith("/v1") or self.headers.get("Authorization") == f"Bearer {key}":
+            return False
+        self.send_json(401, {"error": "Unauthorized"})
+        return True
+
     def do_GET(self):
         served = self.server.served
         path = self.path.split("?")[0]
         if served.loading:
             self.send_json(*served.loading)
+        elif self.refused(path):
+            return
         elif path in ("/health", "/health_generate", "/ping"):
             self.send_json(200, {"status": "ok"})
         elif path == "/v1/models":
@@ -92,6 +105,8 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self.send_json(400, {"error": {"message": "invalid JSON", "code": 400}})
         path = self.path.split("?")[0]
+        if self.refused(path):
+            return
         if path not in ("/v1/completions", "/v1/chat/completions"):
             return self.send_json(404, {"detail": "Not Found"})
         if request.get("model") not in (None, served.model_id):

@@ -8,7 +8,8 @@ from .common import advertised_ip, check_model_path, die, gpu_free_mib, log, loo
 IMBALANCE_CHECK = "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"
 
 VALUES = {"model-path", "model", "served-model-name", "host", "port", "tp", "tp-size",
-          "nnodes", "node-rank", "dist-init-addr", "mem-fraction-static"}
+          "nnodes", "node-rank", "dist-init-addr", "mem-fraction-static",
+          "api-key"}
 BOOLS = {"trust-remote-code", "enable-metrics"}
 
 
@@ -33,7 +34,7 @@ def launch_server(args):
     name = opts.get("served-model-name") or model
     metrics.hold_gpu_memory(opts.get("mem-fraction-static") or 0.85, "sglang::scheduler")
     meter = metrics.Meter(metrics.SGLANG, f'model_name="{name}"') if opts.get("enable-metrics") else None
-    openai.serve(openai.Served("sglang", name, model, meter=meter),
+    openai.serve(openai.Served("sglang", name, model, meter=meter, api_key=opts.get("api-key")),
                  real_addr(host), port, [
                      f"INFO:     Started server process [{os.getpid()}]",
                      "INFO:     Application startup complete.",

@@ -21,8 +21,17 @@ VALUES = {"model", "served-model-name", "host", "port", "nnodes", "node-rank", "
           "master-addr", "master-port", "tensor-parallel-size", "tp",
           "pipeline-parallel-size", "pp", "distributed-executor-backend", "max-model-len",
           "data-parallel-size", "dp", "data-parallel-size-local", "data-parallel-address",
-          "data-parallel-rpc-port", "data-parallel-start-rank", "data-parallel-backend", "gpu-memory-utilization"}
+          "data-parallel-rpc-port", "data-parallel-start-rank", "data-parallel-backend",
+          "api-key"}
 BOOLS = {"headless", "trust-remote-code", "enforce-eager"}
+SHORT_FLAGS = {"-h", "-q", "-O", "-tp", "-pp", "-dp", "-cc"}  # vLLM's single-dash options
+
+
+def unrecognized(args):
+    """Single-dash options vLLM does not define, which its argparse refuses: `vllm serve bash -c
+    ...` from an image whose ENTRYPOINT is ["vllm", "serve"] (vllm/entrypoints/cli/serve.py)."""
+    return [arg for arg in args if arg.startswith("-") and not arg.startswith("--")
+            and arg.partition("=")[0] not in SHORT_FLAGS and not arg[1:].replace(".", "").isdigit()]
 
 
 def vlog(message, where="api_server.py:1885", level="INFO"):
@@ -30,6 +39,10 @@ def vlog(message, where="api_server.py:1885", level="INFO"):
 
 
 def serve(args):
+    refused = unrecognized(args)
+    if refused:
+        die("usage: vllm serve [model_tag] [options]\n"
+            f"vllm serve: error: unrecognized arguments: {' '.join(refused)}", 2)
     model = args[0] if args and not args[0].startswith("-") else None
     opts, _ = loose_args(args[1:] if model else args, VALUES, BOOLS)
     model = model or opts.get("model") or "facebook/opt-125m"
@@ -59,7 +72,8 @@ def serve(args):
     bind = real_addr(opts.get("host") or "")
     metrics.hold_gpu_memory(opts.get("gpu-memory-utilization") or 0.9, "VLLM::EngineCore")
     meter = metrics.Meter(metrics.VLLM, f'engine="0",model_name="{name}"')
-    openai.serve(openai.Served("vllm", name, model, meter=meter), bind, port, [
+    api_key = opts.get("api-key") or os.environ.get("VLLM_API_KEY")
+    openai.serve(openai.Served("vllm", name, model, meter=meter, api_key=api_key), bind, port, [
         f"INFO:     Started server process [{os.getpid()}]",
         "INFO:     Waiting for application startup.",
         "INFO:     Application startup complete.",
