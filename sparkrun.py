@@ -168,8 +168,18 @@ class Detached(KeyboardInterrupt):
         self.signum = getattr(interrupt, "signum", 2)
 
 
+# Control characters other than tab and newline: escape sequences in a registry's text could
+# clear the screen, move the cursor or forge links.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text as it may reach the terminal: control characters removed."""
+    return CONTROL_CHARS.sub("", str(text))
+
+
 def warn(message: str) -> None:
-    print(f"Warning: {message}", file=sys.stderr)
+    print(printable(f"Warning: {message}"), file=sys.stderr)
 
 
 SECRET_VALUES: set[str] = set()  # every secret this process handles; shown only as ***
@@ -220,14 +230,76 @@ def resource_dir(name: str) -> Path:
     return checkout if checkout.is_dir() else HERE / f"sparkrun_{name}"
 
 
+class FolderError(SparkrunError):
+    """A folder sparkrun keeps its files in cannot be written (read-only, full, no permission)."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        super().__init__(f"cannot write in {folder}: {exc.strerror or exc}; free space or fix its permissions, "
+                         "or point SPARKRUN_CONFIG_DIR / SPARKRUN_CACHE_DIR elsewhere")
+
+
+def make_dir(folder: Path, mode: int = 0o777) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise FolderError(folder, exc) from None
+    return folder
+
+
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Write a file so that readers see the old or the new content, never half of it; on a
+    failure (read-only or full folder) no temporary file is left behind."""
+    import tempfile
+
+    make_dir(path.parent)
+    tmp = None
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with open(handle, "w") as stream:
+            stream.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise FolderError(path.parent, exc) from None
+
+
+class ConfigLock:
+    """Serializes read-modify-write of one file between sparkrun processes (and the threads of
+    one): whoever holds it reads, changes and replaces the file whole. Re-entrant."""
+
+    held: dict = {}  # lock path -> [open file, depth], in this process
+    guard = threading.RLock()
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(f".{path.name}.lock")
+
+    def __enter__(self):
+        import fcntl
+
+        self.guard.acquire()
+        entry = self.held.get(self.path)
+        if entry:
+            entry[1] += 1
+            return self
+        make_dir(self.path.parent)
+        try:
+            handle = open(self.path, "a")
+        except OSError as exc:
+            self.guard.release()
+            raise FolderError(self.path.parent, exc) from None
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        self.held[self.path] = [handle, 1]
+        return self
+
+    def __exit__(self, *exc):
+        entry = self.held[self.path]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.held[self.path]
+            entry[0].close()
+        self.guard.release()
 
 
 # ---------------------------------------------------------------------------
@@ -267,10 +339,14 @@ RECIPE_FIELDS: dict[str, tuple[type, ...]] = {
 MODES = ("auto", "solo", "cluster")
 PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 V1_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Characters that could end a shell word or start a substitution when a CLI value is
-# pasted into a recipe command.
-SHELL_UNSAFE = re.compile(r"[;&|$`<>\\\n\r]")
+# `${VAR}` or `${VAR:-default}` in a recipe's env values: this machine's environment.
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A branch or tag name, a pull-request ref (refs/pr/1) or a commit hash.
+REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+# Characters that could end a word, quote or start a substitution when a CLI value is pasted
+# into a recipe command (a space would add an engine flag).
+SHELL_UNSAFE = re.compile(r"[;&|$`<>\\'\"\s]")
 
 TYPED_FLAGS = {  # CLI flag destination -> recipe default it overrides
     "port": "port",
@@ -342,11 +418,15 @@ class ParsedYamlCache:
         self.dirty = False
 
     def _load(self) -> dict:
+        """The entries; a file that is not what save() wrote counts as empty (and is rewritten)."""
         if self.entries is None:
             try:
-                self.entries = json.loads(self.path.read_text())
+                entries = json.loads(self.path.read_text())
             except (OSError, ValueError):
-                self.entries = {}
+                entries = None
+            well_formed = isinstance(entries, dict) and all(
+                isinstance(e, dict) and isinstance(e.get("stamp"), str) and "data" in e for e in entries.values())
+            self.entries = entries if well_formed else {}
         return self.entries
 
     def get(self, path: Path, stamp: str):
@@ -365,12 +445,33 @@ class ParsedYamlCache:
         if self.dirty:
             try:
                 atomic_write(self.path, json.dumps(self.entries))
-            except OSError:
-                pass  # a read-only cache only costs speed
+            except FolderError:
+                pass  # a read-only or full cache only costs speed
             self.dirty = False
 
 
 YAML_CACHE = ParsedYamlCache()
+
+
+MAX_YAML_BYTES = 1 << 20  # real recipes, manifests and profiles are a few KiB
+MAX_YAML_DEPTH = 32  # levels of nesting
+MAX_YAML_NODES = 100_000  # values once aliases are expanded: an alias bomb stops here
+
+
+def read_text_file(path: Path, what: str = "YAML file", limit: int = MAX_YAML_BYTES) -> str:
+    """A small UTF-8 text file; anything else (too big, not text, unreadable) is a one-line
+    error naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise RecipeError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise RecipeError(str(path), f"larger than {limit // 1024} KiB; not a {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), f"not UTF-8 text (byte {exc.start}); not a {what}") from None
 
 
 def read_yaml_file(path: Path) -> tuple[str, object]:
@@ -379,11 +480,11 @@ def read_yaml_file(path: Path) -> tuple[str, object]:
     path = Path(path)
     try:
         stat = path.stat()
-        stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
-        data = YAML_CACHE.get(path, stamp)
-        text = path.read_text()
     except OSError as exc:
         raise RecipeError(str(path), f"cannot read: {exc.strerror}") from None
+    stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
+    data = YAML_CACHE.get(path, stamp)
+    text = read_text_file(path)
     if data is None:
         data = parse_yaml(text, str(path))
         YAML_CACHE.put(path, stamp, data)
@@ -396,11 +497,47 @@ def load_recipe(path: Path, source: str = "Local") -> Recipe:
     return recipe_from_mapping(data, Path(path), source, text)
 
 
+def bounded_yaml_loader(where: str):
+    """yaml.SafeLoader that refuses documents nested deeper than MAX_YAML_DEPTH or expanding
+    (aliases counted as copies) to more than MAX_YAML_NODES values."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = expanded = 0
+
+        def compose_node(self, parent, index):
+            if not hasattr(self, "weights"):
+                self.weights = {}
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                self.count(self.weights.get(event.anchor, 1))
+                return super().compose_node(parent, index)
+            before = self.expanded
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise RecipeError(where, f"nested deeper than {MAX_YAML_DEPTH} levels")
+            self.count(1)
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            if event.anchor is not None:
+                self.weights[event.anchor] = self.expanded - before
+            return node
+
+        def count(self, nodes: int) -> None:
+            self.expanded += nodes
+            if self.expanded > MAX_YAML_NODES:
+                raise RecipeError(where, f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases?)")
+
+    return Loader
+
+
 def parse_yaml(text: str, where: str):
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=bounded_yaml_loader(where))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
@@ -477,6 +614,60 @@ def _check_recipe(recipe: Recipe) -> None:
                 raise RecipeError(where, f"field '{key}': key {name!r} must be a string")
     if not recipe.command and default_command(recipe.runtime) is None:
         raise RecipeError(where, f"field 'command' is required: runtime {recipe.runtime} has no default serve command")
+    for key, value in recipe.env.items():
+        problem = env_problem(key, value)
+        if problem:
+            raise RecipeError(where, f"field 'env': {problem}")
+    for key in ("pre_exec", "post_exec", "mods", "build_args"):
+        for item in getattr(recipe, key):
+            if not isinstance(item, str):
+                raise RecipeError(where, f"field '{key}': every item must be a string, not {item!r}")
+    if recipe.model_revision is not None:
+        problem = revision_problem(recipe.model_revision)
+        if problem:
+            raise RecipeError(where, f"field 'model_revision': {problem}")
+    for key, value in recipe.defaults.items():
+        problem = typed_value_problem(key, value)
+        if problem:
+            raise RecipeError(where, f"field 'defaults': {problem}")
+
+
+def env_problem(key: str, value) -> str | None:
+    """Why an env entry cannot be passed to a container; None when it can."""
+    if not ENV_KEY.fullmatch(key):
+        return f"name {key!r} must be letters, digits and '_', not starting with a digit"
+    if isinstance(value, (dict, list)):
+        return f"{key} must be a single value, not {type(value).__name__}"
+    if value is not None and CONTROL_CHARS.search(format_value(value).replace("\t", " ")):
+        return f"the value of {key} holds a newline or another control character"
+    return None
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why `revision` is no branch, tag or commit name; None when it is one."""
+    if (not REVISION.fullmatch(revision) or ".." in revision or len(revision) > 255
+            or revision.endswith((".lock", "."))):
+        return (f"{revision!r} is not a branch, tag or commit hash (letters, digits, '.', '_', '-', "
+                "'/' between names; no '..')")
+    return None
+
+
+PORT_KEYS = ("port",)
+COUNT_KEYS = ("tensor_parallel", "pipeline_parallel")
+
+
+def typed_value_problem(key: str, value) -> str | None:
+    """Why a template value cannot be used for `key` (a port, a count, a fraction); None if fine."""
+    whole = value if isinstance(value, int) and not isinstance(value, bool) else (
+        int(value) if isinstance(value, str) and value.strip().isdigit() else None)
+    if key in PORT_KEYS and (whole is None or not 1 <= whole <= 65535):
+        return f"{key} must be a port number from 1 to 65535, not {value!r}"
+    if key in COUNT_KEYS and (whole is None or whole < 1):
+        return f"{key} must be a whole number of at least 1, not {value!r}"
+    if key == "gpu_memory_utilization" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                            or not math.isfinite(value)):
+        return f"{key} must be a number, not {value!r}"
+    return None
 
 
 def _plugin_runtime_names() -> set[str]:
@@ -549,7 +740,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def check_cli_value(what: str, value: str) -> None:
     if SHELL_UNSAFE.search(value):
-        raise UsageError(f"{what}: value {value!r} contains shell metacharacters; not accepted")
+        raise UsageError(f"{what}: value {value!r} holds a space, a quote or a shell metacharacter, which "
+                         "would change the command; not accepted")
 
 
 def typed_overrides(args) -> dict:
@@ -557,7 +749,10 @@ def typed_overrides(args) -> dict:
     values = {}
     for dest, key in TYPED_FLAGS.items():
         value = getattr(args, dest, None)
-        if value is not None:
+        if value is not None and value != "auto":
+            problem = typed_value_problem(key, value)
+            if problem:
+                raise UsageError(f"--{dest.replace('_', '-')}: {problem}")
             values[key] = value
     gpu_mem = values.get("gpu_memory_utilization")
     if gpu_mem is not None and not 0 < gpu_mem <= 1:
@@ -720,6 +915,8 @@ DEFAULT_REGISTRIES = (
      "mods": "mods"},
 )
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CLONE_NAME = REGISTRY_NAME  # a clone's folder under registries_root(): never '.', '..' or '.add-*'
+REGISTRY_ENV_DEFAULT = ("HF_TOKEN",)  # what registries' recipes may read with ${VAR}, unless configured
 SOURCE_OPTION = re.compile(r"(name|path|mods)=(.+)")
 GIT_TIMEOUT = 120  # seconds, for every git call
 # git's stderr lines that never say what went wrong.
@@ -782,18 +979,62 @@ def default_sources() -> list[dict]:
 
 
 def load_registry_config() -> dict:
-    """registries.yaml as {"registries": [...], "pending": [...]}; the first use fetches the defaults."""
+    """registries.yaml as {"registries": [...], "pending": [...], "allow_env": [...]}; the first
+    use fetches the defaults. Folders left by a killed `registry add` are removed first."""
+    remove_stale_adds()
     path = registries_file()
     if not path.exists():
-        return first_use()
+        with ConfigLock(path):
+            if not path.exists():
+                return first_use()
     _, data = read_yaml_file(path)
     YAML_CACHE.save()
-    data = data if isinstance(data, dict) else {}
-    config = {key: [dict(e) for e in data.get(key) or [] if isinstance(e, dict)]
-              for key in ("registries", "pending")}
-    if any(not {"name", "url", "clone"} <= e.keys() for e in config["registries"]):
-        raise UsageError(f"{path}: every registry needs 'name', 'url' and 'clone'")
+    return check_registry_config(data, path)
+
+
+def check_registry_config(data, path: Path) -> dict:
+    """registries.yaml's content as the rest of sparkrun uses it; a wrong shape is a one-line
+    error naming the file and what is wrong."""
+    def bad(what: str):
+        raise UsageError(f"{path}: {what}; fix the file, or remove it to start again from the default registries")
+
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        bad("expected a mapping with 'registries:'")
+    config = {}
+    for key in ("registries", "pending"):
+        items = data.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(e, dict) for e in items):
+            bad(f"'{key}' must be a list of mappings")
+        config[key] = [dict(e) for e in items]
+    for entry in config["registries"]:
+        name = entry.get("name")
+        if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name):
+            bad(f"registry name {name!r} must be letters, digits, '.', '_' or '-'")
+        if not isinstance(entry.get("url"), str):
+            bad(f"registry '{name}' needs a 'url'")
+        if not isinstance(entry.get("clone"), str) or not CLONE_NAME.fullmatch(entry["clone"]):
+            bad(f"registry '{name}': 'clone' must be a plain folder name, not {entry.get('clone')!r}")
+        for key in FOLDER_KEYS:
+            if key in entry and folder_problem(entry[key]):
+                bad(f"registry '{name}': '{key}' must name a folder inside the repository")
+        for key in ("enabled", "visible"):
+            if not isinstance(entry.get(key, True), bool):
+                bad(f"registry '{name}': '{key}' must be true or false")
+    if not all(isinstance(s.get("url"), str) for s in config["pending"]):
+        bad("every entry of 'pending' needs a 'url'")
+    allow = data.get("allow_env", list(REGISTRY_ENV_DEFAULT))
+    if not isinstance(allow, list) or not all(isinstance(n, str) and ENV_KEY.fullmatch(n) for n in allow):
+        bad("'allow_env' must be a list of environment variable names")
+    config["allow_env"] = allow
     return config
+
+
+def registry_allowed_env() -> set[str]:
+    """Variables of this machine that registries' recipes may read (`allow_env` in registries.yaml)."""
+    if not registries_file().exists():
+        return set(REGISTRY_ENV_DEFAULT)
+    return set(load_registry_config()["allow_env"])
 
 
 def save_registry_config(config: dict) -> None:
@@ -802,7 +1043,37 @@ def save_registry_config(config: dict) -> None:
     body = {"registries": config["registries"]}
     if config.get("pending"):
         body["pending"] = config["pending"]
+    body["allow_env"] = config.get("allow_env", list(REGISTRY_ENV_DEFAULT))
     atomic_write(registries_file(), REGISTRIES_HEADER + yaml.safe_dump(body, sort_keys=False))
+
+
+def change_registry_config(change):
+    """Apply change(config) to registries.yaml under its lock and replace the file whole, so that
+    concurrent commands never lose each other's changes. Returns what change returns."""
+    with ConfigLock(registries_file()):
+        config = load_registry_config()
+        result = change(config)
+        save_registry_config(config)
+    return result
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0
+    return True
+
+
+def remove_stale_adds() -> None:
+    """Remove the `.add-<pid>-*` folders of `registry add` runs that were killed."""
+    root = registries_root()
+    for folder in root.glob(".add-*") if root.is_dir() else ():
+        pid = folder.name.split("-")[1]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def first_use() -> dict:
@@ -831,9 +1102,36 @@ def registry_named(config: dict, name: str) -> dict:
     raise UsageError(f"no registry named '{name}'; see 'sparkrun registry list'")
 
 
+def clone_path(name: str) -> Path:
+    """A clone's folder: always a child of registries_root(), never that folder or its parent."""
+    if not CLONE_NAME.fullmatch(name):
+        raise UsageError(f"{registries_file()}: 'clone' must be a plain folder name, not {name!r}")
+    return registries_root() / name
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether path, symlinks resolved, is root or under it."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def registry_folder(entry: dict, key: str) -> Path | None:
-    """The registry's `key` folder (recipes, tuning, benchmarks, mods) in its clone, if declared."""
-    return registries_root() / entry["clone"] / entry[key] if entry.get(key) else None
+    """The registry's `key` folder (recipes, tuning, benchmarks, mods) in its clone, if declared
+    and inside the clone (a symlink to elsewhere does not count)."""
+    if not entry.get(key):
+        return None
+    folder = clone_path(entry["clone"]) / entry[key]
+    return folder if inside(folder, clone_path(entry["clone"])) else None
+
+
+def clone_files(entry: dict, key: str, pattern: str, sub: str = "") -> list[Path]:
+    """Files matching pattern anywhere under the registry's `key` folder (or its `sub` folder)
+    that resolve inside its clone: a registry's symlink to a file elsewhere is never read."""
+    folder = registry_folder(entry, key)
+    folder = folder / sub if folder and sub else folder
+    if folder is None or not folder.is_dir():
+        return []
+    clone = clone_path(entry["clone"]).resolve()
+    return [p for p in sorted(folder.rglob(pattern)) if p.is_file() and p.resolve().is_relative_to(clone)]
 
 
 def enabled_registries() -> list[dict]:
@@ -845,7 +1143,9 @@ def manifest_entries(clone: Path, url: str) -> list[dict] | None:
     where = f"{url}: {MANIFEST}"
     if not (clone / MANIFEST).is_file():
         return None
-    data = parse_yaml((clone / MANIFEST).read_text(), where)
+    if not inside(clone / MANIFEST, clone):
+        raise UsageError(f"{where}: a link to a file outside the repository; not read")
+    data = parse_yaml(read_text_file(clone / MANIFEST), where)
     declared = data.get("registries") if isinstance(data, dict) else None
     if not isinstance(declared, list) or not declared:
         raise UsageError(f"{where}: expected 'registries:' with a list of registries")
@@ -862,14 +1162,19 @@ def registry_entry(item, url: str, where: str) -> dict:
         folder = item.get(key)
         if folder is None and key != "recipes":
             continue
-        if not isinstance(folder, str) or not folder.strip("/") or Path(folder).is_absolute() \
-                or ".." in Path(folder).parts:
+        if folder_problem(folder):
             raise UsageError(f"{where}: registry '{name}': '{key}' must name a folder inside the repository")
         entry[key] = folder.strip("/")
     if not isinstance(item.get("visible", True), bool):
         raise UsageError(f"{where}: registry '{name}': 'visible' must be true or false")
     entry.update(visible=item.get("visible", True), enabled=True)
     return entry
+
+
+def folder_problem(folder) -> bool:
+    """True unless folder names a folder inside a repository."""
+    return (not isinstance(folder, str) or not folder.strip("/") or Path(folder).is_absolute()
+            or ".." in Path(folder).parts or CONTROL_CHARS.search(folder) is not None)
 
 
 def sparse_folders(entries: list[dict]) -> list[str]:
@@ -881,7 +1186,10 @@ def clone_name(config: dict, url: str) -> str:
     for entry in config["registries"]:
         if entry["url"] == url:
             return entry["clone"]
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rstrip("/").rpartition("/")[2].removesuffix(".git")) or "repo"
+    import posixpath
+
+    tail = posixpath.normpath(url.partition("://")[2] or url).rpartition("/")[2].removesuffix(".git")
+    base = re.sub(r"^[^A-Za-z0-9]+", "", re.sub(r"[^A-Za-z0-9._-]+", "-", tail)) or "repo"
     taken = {e["clone"] for e in config["registries"]}
     name, number = base, 1
     while name in taken:
@@ -911,8 +1219,8 @@ def add_source(config: dict, source: dict) -> list[dict]:
             raise UsageError("--name and --path go together (the registry's name and recipes folder)")
         item = {"name": source["name"], "recipes": source["path"], "mods": source.get("mods")}
         entries = [registry_entry(item, url, url)]
-    registries_root().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".add-", dir=registries_root()))
+    make_dir(registries_root())
+    tmp = Path(tempfile.mkdtemp(prefix=f".add-{os.getpid()}-", dir=registries_root()))
     try:
         repo = tmp / "repo"
         git_clone(url, repo)
@@ -927,8 +1235,8 @@ def add_source(config: dict, source: dict) -> list[dict]:
                 raise UsageError(f"{url}: registry '{entry['name']}': recipes folder "
                                  f"'{entry['recipes']}' not found in the repository")
         name = clone_name(config, url)
-        shutil.rmtree(registries_root() / name, ignore_errors=True)
-        os.replace(repo, registries_root() / name)
+        shutil.rmtree(clone_path(name), ignore_errors=True)
+        os.replace(repo, clone_path(name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for entry in entries:
@@ -951,7 +1259,7 @@ def update_clone(config: dict, url: str) -> str:
     """Fetch the newest commit of one repository and move its clone there (a clone that is gone
     is made again). Returns what changed; on a failure the clone is left as it was."""
     group = [e for e in config["registries"] if e["url"] == url]
-    clone = registries_root() / group[0]["clone"]
+    clone = clone_path(group[0]["clone"])
     before = "nothing"
     if (clone / ".git").is_dir():
         before = git("rev-parse", "--short", "HEAD", cwd=clone).strip()
@@ -983,7 +1291,10 @@ def refresh_entries(clone: Path, url: str, group: list[dict]) -> None:
 def update_registries(names: list[str] | None = None) -> bool:
     """Update the named registries (default: all, and retry pending defaults). One line per
     repository; a failure keeps the last good copy. True when everything succeeded."""
-    config = load_registry_config()
+    return change_registry_config(lambda config: update_registry_config(config, names))
+
+
+def update_registry_config(config: dict, names: list[str] | None) -> bool:
     for name in names or []:
         registry_named(config, name)
     urls = dict.fromkeys(e["url"] for e in config["registries"] if not names or e["name"] in names)
@@ -1002,7 +1313,6 @@ def update_registries(names: list[str] | None = None) -> bool:
         except SparkrunError as exc:
             ok = False
             print(f"Error: {exc}", file=sys.stderr)
-    save_registry_config(config)
     return ok
 
 
@@ -1012,10 +1322,10 @@ def registry_refs() -> list[RecipeRef]:
     refs = []
     for entry in enabled_registries():
         root = registry_folder(entry, "recipes")
-        if not root.is_dir():
+        if root is None or not root.is_dir():
             warn(f"registry '{entry['name']}' has no local copy; run 'sparkrun registry update {entry['name']}'")
             continue
-        paths = sorted(root.rglob("*.yaml"))
+        paths = clone_files(entry, "recipes", "*.yaml")
         stems = [p.stem for p in paths]
         for path in paths:
             name = path.stem if stems.count(path.stem) == 1 else path.relative_to(root).with_suffix("").as_posix()
@@ -1042,10 +1352,8 @@ def benchmark_profiles() -> list[RecipeRef]:
     """Benchmark profiles: YAML files in the enabled registries' benchmarks folders."""
     refs = []
     for entry in enabled_registries():
-        folder = registry_folder(entry, "benchmarks")
-        if folder and folder.is_dir():
-            refs += [RecipeRef(p.stem, p, entry["name"], entry.get("visible", True))
-                     for p in sorted(folder.rglob("*.yaml"))]
+        refs += [RecipeRef(p.stem, p, entry["name"], entry.get("visible", True))
+                 for p in clone_files(entry, "benchmarks", "*.yaml")]
     return refs
 
 
@@ -1528,10 +1836,23 @@ def vram_to_json(est: VramEstimate) -> dict:
 
 # -- local Hugging Face cache
 
+# A Hugging Face repo id: [namespace/]name, no '--' or '..' (huggingface_hub's own rule).
+HF_REPO_ID = re.compile(r"(?!.*(?:--|\.\.))(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+
+
 def cached_snapshot_dir(hf_home: Path, repo_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder of repo_id at revision (a ref name or a commit) in the local cache;
+    None when it is not there, or when a name could lead outside the cache."""
+    if not HF_REPO_ID.fullmatch(repo_id) or (revision and revision_problem(revision)):
+        return None
     repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
     ref = repo_dir / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else revision or "main"
+    try:
+        commit = ref.read_text().strip() if ref.is_file() else revision or "main"
+    except (OSError, ValueError):
+        return None
+    if revision_problem(commit):
+        return None
     snapshot = repo_dir / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None
 
@@ -2311,24 +2632,6 @@ def read_clusters() -> dict:
     return {"default": data.get("default"), "clusters": data.get("clusters") or {}}
 
 
-class ConfigLock:
-    """Serializes read-modify-write of a config file between concurrent sparkrun processes."""
-
-    def __init__(self, path: Path):
-        self.path = path.with_name(f".{path.name}.lock")
-
-    def __enter__(self):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
-
-
 def change_clusters(change) -> dict:
     """Apply change(data) under the lock and write the file atomically."""
     import yaml
@@ -2518,7 +2821,11 @@ DEFAULT_DASHBOARD_PORT = 8265
 CONTAINER_HF_HOME = "/root/.cache/huggingface"
 REMOTE_MODS = "~/.cache/sparkrun/mods"  # on the hosts, one folder per launch
 CONTAINER_MODS = "/root/.cache/sparkrun/mods"
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
+# Names that look like credentials: their values are secrets wherever they appear.
+SECRET_NAME = re.compile(r"KEY(?:$|_)|TOKEN|SECRET|PASS|PWD|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION", re.I)
+ENV_NOT_ALLOWED = ("recipe {recipe}: env {key} uses ${{{name}}}, but recipes from registry {registry} may only read "
+                   "the variables listed under 'allow_env' in {file}; add {name} there if you trust it, or "
+                   "export nothing and give the recipe a default (${{{name}:-...}})")
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
 
@@ -2530,7 +2837,7 @@ class ContainerSpec(Record):
     image: str
     command: str  # run by `bash -c` inside the container
     env: tuple = ()  # (key, value), shown as is
-    secret_env: tuple = ()  # (key, value), sent in a 0600 env file and shown as ***
+    secret_env: tuple = ()  # (key, value), sent as docker's --env-file through a pipe, shown as ***
     mounts: tuple = ()  # (host path, container path[, "ro"]); "~/" is the remote user's home
     labels: tuple = ()  # (key, value)
     privileged: bool = False
@@ -2555,7 +2862,7 @@ class ContainerSpec(Record):
 
     def shown(self) -> str:
         """The docker run line as --dry-run prints it: secrets as ***."""
-        argv = self.docker_run_argv("<0600 env file>" if self.secret_env else None)
+        argv = self.docker_run_argv("<secrets>" if self.secret_env else None)
         return remote_join(argv) + "".join(f"\n      secret {k}=***" for k, _ in self.secret_env)
 
 
@@ -2697,20 +3004,36 @@ def cluster_id(runtime: str, model: str, hosts, port, served: str) -> str:
     return "sparkrun_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def expand_env(recipe: Recipe, environ=os.environ) -> tuple[list, list]:
-    """(plain, secret) env pairs. `${VAR}` comes from this machine's environment; values that
-    used it, and names that look like credentials, are secrets. HF_TOKEN joins the secrets."""
+def expand_env(recipe: Recipe, environ=os.environ, allowed=None) -> tuple[list, list]:
+    """(plain, secret) env pairs. `${VAR}` and `${VAR:-default}` come from this machine's
+    environment; a recipe from a registry reads only the variables in `allowed` (the others
+    take their default). Values that read a variable, and names that look like credentials, are
+    secrets. HF_TOKEN joins the secrets when it may be read."""
     plain, secret = [], []
+    may_read = (lambda name: True) if allowed is None else allowed.__contains__
     for key, raw in recipe.env.items():
         value = format_value(raw) if raw is not None else ""
-        names = ENV_REF.findall(value)
-        for name in names:
-            if name not in environ:
-                raise UsageError(f"recipe {recipe.name}: env {key} uses ${{{name}}}, which is not set here; "
-                                 f"export {name}=... or remove it from the recipe")
-        value = ENV_REF.sub(lambda m: environ[m.group(1)], value)
-        (secret if names or SECRET_NAME.search(key) else plain).append((key, value))
-    if environ.get("HF_TOKEN") and "HF_TOKEN" not in recipe.env:
+        read = []
+
+        def fill(match: re.Match) -> str:
+            name, default = match.groups()
+            if may_read(name) and name in environ:
+                read.append(name)
+                return environ[name]
+            if default is not None:
+                return default
+            if not may_read(name):
+                raise UsageError(ENV_NOT_ALLOWED.format(recipe=recipe.name, key=key, name=name, registry=recipe.source,
+                                                        file=registries_file()))
+            raise UsageError(f"recipe {recipe.name}: env {key} uses ${{{name}}}, which is not set here; "
+                             f"export {name}=..., or write ${{{name}:-}} in the recipe to make it optional")
+
+        value = ENV_REF.sub(fill, value)
+        if CONTROL_CHARS.search(value.replace("\t", " ")):
+            raise UsageError(f"recipe {recipe.name}: env {key}: the value read from this machine holds a newline "
+                             "or another control character; docker cannot pass it")
+        (secret if read or SECRET_NAME.search(key) else plain).append((key, value))
+    if environ.get("HF_TOKEN") and "HF_TOKEN" not in recipe.env and may_read("HF_TOKEN"):
         secret.append(("HF_TOKEN", environ["HF_TOKEN"]))
     SECRET_VALUES.update(v for _, v in secret if len(v) >= 4)
     return plain, secret
@@ -2814,6 +3137,10 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     when known, + tuned MoE configs to mount: a TuningMount, section 10) -> the launch, as data."""
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
+    for key, value in values.items():
+        problem = typed_value_problem(key, value)
+        if problem:
+            raise UsageError(f"{'-o ' if key in options.overrides else f'recipe {recipe.name}: '}{problem}")
     runtime = recipe.runtime
     cluster_only = recipe.cluster_only or recipe.mode == "cluster"
     solo = options.solo or recipe.solo_only or recipe.mode == "solo"
@@ -2838,7 +3165,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     if not image:
         raise UsageError(f"recipe {recipe.name} names no container image; pass --image")
     rendezvous, why, peer_addresses = choose_rendezvous(hosts, facts)
-    plain_env, secret_env = expand_env(recipe, environ)
+    plain_env, secret_env = expand_env(recipe, environ, None if recipe.source == "Local" else registry_allowed_env())
     if snapshot and snapshot.gguf_file:
         # llama.cpp would download with -hf; point it at the synced file instead.
         # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
@@ -3005,14 +3332,24 @@ def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
     if not recipe.mods:
         return []
     names = [Path(str(m)).name for m in recipe.mods]
+    if any(n in ("", ".", "..") for n in names):
+        raise UsageError(f"recipe {recipe.name}: mods must name folders, not {recipe.mods!r}")
     places = [recipe.path.parent / "mods", recipe.path.parent.parent / "mods", recipe.path.parent.parent.parent / "mods"]
+    registries = {e["name"]: e for e in load_registry_config()["registries"]} if recipe.source != "Local" else {}
+    if recipe.source in registries:  # a registry's recipe: only mods inside its clone, or eugr's
+        clone = clone_path(registries[recipe.source]["clone"])
+        places = [p for p in places if inside(p, clone)]
     registry_dir = registry_mods_dir(recipe)
     if registry_dir:
         places.insert(0, registry_dir)
+
+    def found(place: Path, name: str) -> bool:
+        return (place / name / "run.sh").is_file() and inside(place / name / "run.sh", place)
+
     for place in places:
-        if all((place / n / "run.sh").is_file() for n in names):
+        if all(found(place, n) for n in names):
             return [(n, place / n) for n in names]
-    missing = [n for n in names if not any((p / n / "run.sh").is_file() for p in places)]
+    missing = [n for n in names if not any(found(p, n) for p in places)]
     raise UsageError(f"recipe {recipe.name}: mod(s) {', '.join(missing)} not found (looked in "
                      f"{', '.join(str(p) for p in places if p.is_dir()) or 'no mods folder'}); add the "
                      f"registry that has them (eugr's: sparkrun registry add "
@@ -3049,19 +3386,27 @@ def remote_join(argv: list[str]) -> str:
     return " ".join(parts)
 
 
-def start_container_script(spec: ContainerSpec) -> str:
-    """docker run on the host; secrets travel inside this script (stdin), into a 0600 env file
-    that is removed as soon as docker has read it, so no process list ever shows them."""
-    if not spec.secret_env:
-        return f"mkdir -p \"$HOME\"/.cache/huggingface\n{remote_join(spec.docker_run_argv())}\n"
-    for key, value in spec.secret_env:
-        if "\n" in value:
-            raise UsageError(f"env {key}: a value with a newline cannot be passed to docker")
-    lines = "\n".join(f"{k}={v}" for k, v in spec.secret_env)
-    docker_run = remote_join(spec.docker_run_argv("ENVFILE")).replace(" ENVFILE ", ' "$env_file" ')
-    return ("mkdir -p \"$HOME\"/.cache/huggingface\numask 077\nenv_file=$(mktemp)\n"
-            f"cat > \"$env_file\" <<'SPARKRUN_SECRETS'\n{lines}\nSPARKRUN_SECRETS\n"
-            f"{docker_run}\nrc=$?\nrm -f \"$env_file\"\nexit $rc\n")
+ENV_PIPE = "SPARKRUN_ENV_PIPE"  # stands for the secrets' --env-file in the docker run argv
+
+
+def start_container_script(spec: ContainerSpec) -> tuple[str, bytes]:
+    """(script, data that follows it on stdin) to `docker run` the container on its host. The
+    secrets are that data: docker reads them as its --env-file from a pipe, so they never reach
+    the host's disk, a command line or the script that -vv prints, and nothing is left behind
+    whatever happens to the connection. The script is one function called on its last line, with
+    `exit` on that same line: bash has read all of it before `head` reads the data, and never
+    reads the data as commands."""
+    docker_run = remote_join(spec.docker_run_argv(ENV_PIPE if spec.secret_env else None))
+    data = "".join(f"{key}={value}\n" for key, value in spec.secret_env).encode()
+    if data:
+        docker_run = docker_run.replace(f" {ENV_PIPE} ", f" <(head -c {len(data)}) ")
+    return f"start() {{\nmkdir -p \"$HOME\"/.cache/huggingface\n{docker_run}\n}}\nstart; exit\n", data
+
+
+def start_container(ssh: SSH, spec: ContainerSpec, timeout: float) -> RemoteResult:
+    script, secrets = start_container_script(spec)
+    return ssh.run(spec.host, script, stdin_data=secrets, check=True, timeout=timeout,
+                   what=f"docker run of {spec.name}")
 
 
 def wait_port_script(address: str, port: int, container: str, timeout_s: int) -> str:
@@ -3334,9 +3679,8 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                     say(f"[{step.host}] starting {step.container.role} ({step.container.name})")
                     started.setdefault(step.host, []).append(step.container.name)
                 specs = {s.host: s.container for s in batch}
-                results = in_parallel(list(specs), lambda h: ssh.run(
-                    h, start_container_script(specs[h]), check=True, timeout=120,
-                    what=f"docker run of {specs[h].name}"), running=in_flight)
+                results = in_parallel(list(specs), lambda h: start_container(ssh, specs[h], timeout=120),
+                                      running=in_flight)
                 raise_first(results)
                 continue
             step = batch[0]
@@ -4910,15 +5254,30 @@ def tuning_dir(engine: str) -> Path:
 
 
 def read_tuning_manifest(folder: Path) -> dict:
+    """The manifest's models and registry files; entries of another shape are left out."""
     data = _read_json(folder / TUNING_MANIFEST) or {}
-    return {"models": data.get("models") or {}, "registry_files": data.get("registry_files") or []}
+    models, files = data.get("models"), data.get("registry_files")
+    models = {model: {tp: entry for tp, entry in sizes.items()
+                      if tp.isdigit() and isinstance(entry, dict) and isinstance(entry.get("files"), list)
+                      and all(isinstance(f, str) for f in entry["files"])}
+              for model, sizes in models.items() if isinstance(sizes, dict)} if isinstance(models, dict) else {}
+    files = [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+    return {"models": models, "registry_files": files}
+
+
+def change_tuning_manifest(folder: Path, change) -> None:
+    """Apply change(manifest) under the manifest's lock and replace it whole."""
+    with ConfigLock(folder / TUNING_MANIFEST):
+        manifest = read_tuning_manifest(folder)
+        change(manifest)
+        atomic_write(folder / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def tuned_sizes(folder: Path, model: str) -> set[int]:
     """TP sizes tuned for `model` whose config files are all still in `folder`."""
     entries = read_tuning_manifest(folder)["models"].get(model, {})
     return {int(tp) for tp, entry in entries.items()
-            if entry.get("files") and all((folder / f).is_file() for f in entry["files"])}
+            if entry["files"] and all((folder / f).is_file() for f in entry["files"])}
 
 
 def sync_registry_tuning(engine: str, folder: Path) -> list[str]:
@@ -4927,18 +5286,17 @@ def sync_registry_tuning(engine: str, folder: Path) -> list[str]:
     manifest = read_tuning_manifest(folder)
     present = set(manifest["registry_files"])
     added = []
-    for root in registry_tuning_dirs():
-        source = root / engine
-        for path in sorted(source.rglob("*.json")) if source.is_dir() else []:
-            relative = path.relative_to(source).as_posix()
+    for entry in enabled_registries():
+        for path in clone_files(entry, "tuning", "*.json", sub=engine):
+            relative = path.relative_to(registry_folder(entry, "tuning") / engine).as_posix()
             if relative not in present and not (folder / relative).exists():
                 (folder / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, folder / relative)
                 added.append(relative)
                 present.add(relative)
     if added:
-        manifest["registry_files"] = sorted(present)
-        atomic_write(folder / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        change_tuning_manifest(folder, lambda manifest: manifest.update(
+            registry_files=sorted(set(manifest["registry_files"]) | present)))
     return sorted(f for f in present if (folder / f).is_file())
 
 
@@ -5129,8 +5487,7 @@ def cmd_tune(args) -> int:
     ssh.run(plan.host, f"docker rm -f {container} >/dev/null 2>&1 || true\n", timeout=60)
     say(f"[{plan.host}] starting the tuning container {container}")
     try:
-        ssh.run(plan.host, start_container_script(plan.container), check=True, timeout=300,
-                what=f"docker run of {container}")
+        start_container(ssh, plan.container, timeout=300)
         tune_in_container(ssh, plan)
     except KeyboardInterrupt:
         say("Interrupted: removing the tuning container ...")
@@ -5220,10 +5577,8 @@ def collect_tuned(ssh: SSH, plan: TunePlan, tp: int, configs: list[str]) -> None
         listing.unlink(missing_ok=True)
     if done.returncode != 0:
         raise RemoteFailed(plan.host, f"copying tuned configs back failed: {done.stderr.strip()[-300:]}")
-    manifest = read_tuning_manifest(plan.output)
-    manifest["models"].setdefault(plan.model, {})[str(tp)] = {
-        "files": sorted(configs), "image": plan.image, "tuned": time.strftime("%Y-%m-%d %H:%M")}
-    atomic_write(plan.output / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    change_tuning_manifest(plan.output, lambda manifest: manifest["models"].setdefault(plan.model, {}).update(
+        {str(tp): {"files": sorted(configs), "image": plan.image, "tuned": time.strftime("%Y-%m-%d %H:%M")}}))
 
 
 # -- CLI: registered by build_parser (section 12)
@@ -6835,6 +7190,10 @@ def launch_options(args) -> LaunchOptions:
         check_cli_value("--image", args.image)
     if args.cache_dir:
         check_cli_value("--cache-dir", args.cache_dir)
+    for flag in ("init_port", "ray_port", "dashboard_port"):
+        value = getattr(args, flag)
+        if value is not None and typed_value_problem("port", value):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a port number from 1 to 65535, not {value}")
     return LaunchOptions(overrides=overrides, image=args.image, cache_dir=args.cache_dir,
                          init_port=args.init_port, ray_port=args.ray_port, dashboard=args.dashboard,
                          dashboard_port=args.dashboard_port, solo=args.solo, no_sync=args.no_sync)
@@ -7437,16 +7796,13 @@ def registry_url(text: str) -> str:
 
 
 def recipe_count(entry: dict) -> int:
-    root = registry_folder(entry, "recipes")
-    return sum(1 for _ in root.rglob("*.yaml")) if root.is_dir() else 0
+    return len(clone_files(entry, "recipes", "*.yaml"))
 
 
 def cmd_registry_add(args) -> int:
     source = {"url": registry_url(args.source)}
     source.update((k, v) for k, v in (("name", args.name), ("path", args.path), ("mods", args.mods)) if v)
-    config = load_registry_config()
-    added = add_source(config, source)
-    save_registry_config(config)
+    added = change_registry_config(lambda config: add_source(config, source))
     for entry in added:
         hidden = "" if entry["visible"] else "; hidden, shown with --all"
         print(f"Added registry {entry['name']} ({recipe_count(entry)} recipes{hidden})")
@@ -7477,27 +7833,24 @@ def cmd_registry_list(args) -> int:
 
 
 def cmd_registry_remove(args) -> int:
-    config = load_registry_config()
-    pending = [s for s in config["pending"] if args.name in (s["url"], s.get("name"))]
-    if pending:  # a default registry never fetched: stop retrying it
-        config["pending"] = [s for s in config["pending"] if s not in pending]
-        save_registry_config(config)
-        print(f"Removed pending registry {args.name}")
-        return 0
-    entry = registry_named(config, args.name)
-    config["registries"].remove(entry)
-    save_registry_config(config)
-    if all(e["clone"] != entry["clone"] for e in config["registries"]):
-        shutil.rmtree(registries_root() / entry["clone"], ignore_errors=True)
-    print(f"Removed registry {args.name}")
+    def remove(config) -> str:
+        pending = [s for s in config["pending"] if args.name in (s["url"], s.get("name"))]
+        if pending:  # a default registry never fetched: stop retrying it
+            config["pending"] = [s for s in config["pending"] if s not in pending]
+            return f"Removed pending registry {args.name}"
+        entry = registry_named(config, args.name)
+        config["registries"].remove(entry)
+        if all(e["clone"] != entry["clone"] for e in config["registries"]):
+            shutil.rmtree(clone_path(entry["clone"]), ignore_errors=True)
+        return f"Removed registry {args.name}"
+
+    print(change_registry_config(remove))
     return 0
 
 
 def cmd_registry_enable(args) -> int:
     """`registry enable` and `registry disable` (args.enabled)."""
-    config = load_registry_config()
-    registry_named(config, args.name)["enabled"] = args.enabled
-    save_registry_config(config)
+    change_registry_config(lambda config: registry_named(config, args.name).update(enabled=args.enabled))
     print(f"Registry {args.name} {'enabled' if args.enabled else 'disabled'}")
     return 0
 
