@@ -2070,11 +2070,11 @@ def parse_host_list(text: str) -> list[str]:
     return hosts
 
 
+MAX_HOSTS_FILE_BYTES = 64 * 1024
+
+
 def read_hosts_file(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read hosts file {path}: {exc.strerror}") from None
+    lines = read_text_file(Path(path), "hosts file", MAX_HOSTS_FILE_BYTES).splitlines()
     entries = [line.split("#", 1)[0].strip() for line in lines]
     return parse_host_list(",".join(e for e in entries if e))
 
@@ -2235,7 +2235,8 @@ def classify_ssh_failure(result: RemoteResult, user: str | None) -> None:
         raise HostKeyMismatch(host, "host key mismatch or unknown host key; if the host was reinstalled, "
                                     f"run: ssh-keygen -R {host.rpartition('@')[2]}")
     if re.search(r"Could not resolve hostname|Connection (timed out|refused)|No route to host|"
-                 r"Network is unreachable|Connection closed by|kex_exchange|Operation timed out", err):
+                 r"Network is unreachable|Connection closed by|kex_exchange|Operation timed out|"
+                 r"closed by remote host|Connection reset|Broken pipe|client_loop", err):
         raise Unreachable(host, f"cannot connect over ssh ({result.stderr_tail(1)})")
     if not result.stdout and err.strip().startswith(("ssh:", "ssh_", "mux_", "Control")):
         raise Unreachable(host, f"ssh failed: {result.stderr_tail(1)}")
@@ -2623,13 +2624,44 @@ def clusters_path() -> Path:
 
 
 def read_clusters() -> dict:
+    """clusters.yaml; a wrong shape is a one-line error naming the file and what is wrong."""
     path = clusters_path()
     if not path.exists():
         return {"default": None, "clusters": {}}
     _, data = read_yaml_file(path)
-    if not isinstance(data, dict) or not isinstance(data.get("clusters", {}), dict):
+    data = {} if data is None else data
+    if not isinstance(data, dict) or not isinstance(data.get("clusters") or {}, dict):
         raise UsageError(f"{path}: not a clusters file (expected 'clusters:' mapping); fix or remove it")
-    return {"default": data.get("default"), "clusters": data.get("clusters") or {}}
+    clusters = data.get("clusters") or {}
+    for name, cluster in clusters.items():
+        problem = cluster_problem(name, cluster)
+        if problem:
+            raise UsageError(f"{path}: cluster {name!r}: {problem}; fix or remove it")
+    default = data.get("default")
+    if default is not None and default not in clusters:
+        raise UsageError(f"{path}: the default cluster {default!r} is not one of its clusters; fix or remove it")
+    return {"default": default, "clusters": clusters}
+
+
+def cluster_problem(name, cluster) -> str | None:
+    if not isinstance(name, str) or not CLUSTER_NAME_RE.fullmatch(name):
+        return "the name must be letters, digits, '.', '_' or '-'"
+    if not isinstance(cluster, dict):
+        return "expected a mapping with 'hosts:'"
+    hosts = cluster.get("hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        return "'hosts' must be a list of host names"
+    user = cluster.get("user")
+    try:
+        for host in hosts:
+            validate_host(host)
+        if user is not None:
+            validate_host(f"{user}@x" if isinstance(user, str) else "")
+    except UsageError as exc:
+        return str(exc)
+    if not isinstance(cluster.get("description") or "", str):
+        return "'description' must be text"
+    return None
 
 
 def change_clusters(change) -> dict:
@@ -3444,12 +3476,27 @@ class SignalsHeld:
             signal.signal(signum, handler)
 
 
-def remove_containers(ssh: SSH, names_by_host: dict) -> None:
-    """docker rm -f on every host at once; no signal interrupts it."""
+def remove_containers(ssh: SSH, names_by_host: dict) -> dict:
+    """docker rm -f on every host at once; no signal interrupts it. Returns host -> names of the
+    hosts that could not be reached: those containers may still be there."""
     with SignalsHeld():
-        ssh.run_all([h for h, names in names_by_host.items() if names],
-                    lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
-                    timeout=60)
+        results = ssh.run_all(
+            [h for h, names in names_by_host.items() if names],
+            lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
+            timeout=60)
+    return {h: names_by_host[h] for h, r in results.items() if isinstance(r, HostError) or r.returncode == 255}
+
+
+def left_behind_message(recipe: str, left: dict) -> str:
+    """What to do about containers on hosts that were lost before they could be removed."""
+    where = "; ".join(f"{h}: {', '.join(names)}" for h, names in left.items())
+    return (f"containers possibly left on hosts that could not be reached ({where}); once they are back, "
+            f"run: sparkrun stop {recipe} -H {','.join(left)}")
+
+
+def already_running_message(plan: LaunchPlan, hosts) -> str:
+    return (f"{plan.recipe} is already running as {plan.cluster_id} on {', '.join(sorted(hosts))}; stop it first "
+            f"(sparkrun stop {plan.recipe}) or pass --replace")
 
 
 def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
@@ -3472,9 +3519,7 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
                 problems.append(f"{host}: port {port} ({what}) is already in use; stop what uses it, "
                                 f"or pass {'--port' if what == 'serve' else '--' + what.replace(' ', '-') + '-port'}")
     if existing and not replace:
-        problems.insert(0, f"{plan.recipe} is already running as {plan.cluster_id} on "
-                           f"{', '.join(sorted({h for h, _ in existing}))}; stop it first "
-                           f"(sparkrun stop {plan.recipe}) or pass --replace")
+        problems.insert(0, already_running_message(plan, {h for h, _ in existing}))
     if problems:
         raise SparkrunError("\n       ".join(problems))
     return existing
@@ -3662,6 +3707,9 @@ def raise_first(results: dict) -> dict:
     return results
 
 
+NAME_TAKEN = "is already in use by container"  # docker run's Conflict error for a name in use
+
+
 def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> tuple[float, Readiness]:
     """Start each step in order (consecutive starts on different hosts at once), then wait
     until ready; returns the seconds spent waiting for the server (rendezvous ports included)
@@ -3681,6 +3729,11 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                 specs = {s.host: s.container for s in batch}
                 results = in_parallel(list(specs), lambda h: start_container(ssh, specs[h], timeout=120),
                                       running=in_flight)
+                taken = [h for h, r in results.items() if isinstance(r, RemoteFailed) and NAME_TAKEN in str(r)]
+                for host in taken:  # the same launch, started by another `run` a moment ago: not ours
+                    started[host].remove(specs[host].name)
+                if taken:
+                    raise SparkrunError(already_running_message(plan, taken))
                 raise_first(results)
                 continue
             step = batch[0]
@@ -3692,13 +3745,15 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
             if result.returncode == 3:
                 raise RemoteFailed(step.host, f"container {owner} exited while waiting for {step.reason}; "
                                               "last log lines:\n" + container_logs_tail(ssh, step.host, owner))
-            if not result.ok:
+            if result.returncode == 4:
                 raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
+            if not result.ok:
+                raise Unreachable(step.host, f"lost the connection while waiting for {step.address}:{step.port} "
+                                             f"({result.stderr_tail(1) or f'exit {result.returncode}'})")
     except KeyboardInterrupt as interrupt:
         roll_back(ssh, started, in_flight, interrupt)
     except SparkrunError as failure:
-        remove_containers(ssh, started)
-        raise failure_with_entrypoint(failure, plan) from None
+        raise rolled_back_failure(ssh, started, failure, plan) from None
     try:
         say(f"waiting for {plan.endpoint} to serve {plan.served_model or UNKNOWN_SERVED_NAME}")
         since = time.monotonic()
@@ -3707,8 +3762,7 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
     except KeyboardInterrupt as interrupt:
         raise Detached(interrupt) from None
     except SparkrunError as failure:
-        remove_containers(ssh, started)
-        raise failure_with_entrypoint(failure, plan) from None
+        raise rolled_back_failure(ssh, started, failure, plan) from None
 
 
 class LaunchInterrupted(SparkrunError):
@@ -3738,6 +3792,13 @@ def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInter
                                 interrupt) from None
     raise LaunchInterrupted("launch interrupted before every container had started; nothing was left running",
                             interrupt) from None
+
+
+def rolled_back_failure(ssh: SSH, started: dict, failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
+    """Remove what the launch started; the failure, naming what may be left on hosts that were lost."""
+    left = remove_containers(ssh, started)
+    failure = failure_with_entrypoint(failure, plan)
+    return SparkrunError(f"{failure}; {left_behind_message(plan.recipe, left)}") if left else failure
 
 
 def failure_with_entrypoint(failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
@@ -5460,7 +5521,7 @@ def cmd_tune(args) -> int:
     selection = select_hosts(args)
     plan = plan_tune(args, recipe, selection)
     if args.dry_run:
-        print(plan.describe())
+        print(printable(plan.describe()))
         return 0
     for tp in plan.skipped:
         say(f"TP {tp}: already tuned for {plan.model} in {plan.output}; skipped")
@@ -5675,7 +5736,8 @@ def read_install_record() -> dict:
         data = json.loads(install_record_path().read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    known = isinstance(data, dict) and data.get("method") in ("pyz", "uv") and isinstance(data.get("source"), str)
+    return data if known else {}  # anything else was not written by sparkrun: as if there were none
 
 
 def running_pyz() -> Path | None:
@@ -6146,8 +6208,9 @@ def write_completion_data() -> dict:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
-    if not isinstance(old, dict) or old.get("format") != program["FORMAT"]:
-        old = {"files": {}}
+    if not (isinstance(old, dict) and old.get("format") == program["FORMAT"]
+            and isinstance(old.get("files"), dict) and isinstance(old.get("tree"), dict)):
+        old = {"files": {}}  # not what this function wrote: made again
     # The zipapp rather than this file: an updated zipapp unpacks elsewhere, leaving this one as it was.
     me = str(running_pyz() or Path(__file__).resolve())
     files = {me: program["identity"](me)}
@@ -6161,7 +6224,7 @@ def write_completion_data() -> dict:
     if data != old:
         try:
             atomic_write(path, json.dumps(data))
-        except OSError:
+        except FolderError:
             pass  # a read-only cache only costs speed
     return data
 
@@ -7102,8 +7165,14 @@ def print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 def table_lines(rows: list[list[str]], headers: list[str]) -> list[str]:
+    rows = [[one_cell(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+
+
+def one_cell(text: str) -> str:
+    """A table cell: printable, on one line."""
+    return printable(text).replace("\n", " ").replace("\t", " ")
 
 
 def cmd_list(args) -> int:
@@ -7164,7 +7233,7 @@ def cmd_show(args) -> int:
             shown["vram"] = vram_to_json(estimate)
         print(json.dumps(shown, indent=2, default=str))
         return 0
-    print(show_text(recipe))
+    print(printable(show_text(recipe)))
     if estimate:
         print("\n" + format_vram(estimate))
     return 0
@@ -7180,7 +7249,7 @@ def cmd_recipe_vram(args) -> int:
 
 
 def say(message: str) -> None:
-    print(mask(message), file=sys.stderr, flush=True)
+    print(printable(mask(message)), file=sys.stderr, flush=True)
 
 
 def launch_options(args) -> LaunchOptions:
@@ -7265,7 +7334,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     tuning = None if getattr(args, "no_sync_tuning", False) else tuning_mount(recipe)
     if args.dry_run and not args.detect:
         snapshot = local_snapshot(recipe, local_home)
-        print(plan_launch(recipe, selection, options, snapshot=snapshot, tuning=tuning).describe())
+        print(printable(plan_launch(recipe, selection, options, snapshot=snapshot, tuning=tuning).describe()))
         return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
@@ -7277,7 +7346,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     inspected = image_entrypoint(image, reachable, plan.hosts) is not None
     if args.dry_run:
-        print(plan.describe())
+        print(printable(plan.describe()))
         return None, ssh
     existing = preflight(plan, facts, args.replace)
     if existing:
@@ -7601,6 +7670,7 @@ def assess_engine(workload: dict, figures: dict, samples: dict, key: str, clock:
                                                  f"for {still:.0f} s")
     else:
         workload["health"] = "busy"
+SIGPIPE_EXIT = 141  # what a shell reports for a program ended by SIGPIPE
 
 
 def collect_workloads(facts: dict) -> list[dict]:
@@ -7893,8 +7963,8 @@ def cmd_registry_show_profile(args) -> int:
         print(json.dumps(data, indent=2, default=str))
         return 0
     source = next((r.source for r in benchmark_profiles() if r.path == path), "Local")
-    print(f"Name:         {path.stem}\nRepository:   {source}\nFile:         {path}\n")
-    print(path.read_text().rstrip())
+    print(printable(f"Name:         {path.stem}\nRepository:   {source}\nFile:         {path}\n"))
+    print(printable(read_text_file(path).rstrip()))
     return 0
 
 
@@ -8182,11 +8252,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             import traceback
             traceback.print_exc()
-        print(mask(f"Error: {exc}"), file=sys.stderr)
+        print(printable(mask(f"Error: {exc}")), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as interrupt:
         print("Interrupted.", file=sys.stderr)
         return signal_exit_code(interrupt)
+    except BrokenPipeError:  # `sparkrun list | head`: the reader has all it wants
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush has nowhere to fail
+        return SIGPIPE_EXIT
+    except OSError as exc:  # a file or folder this machine refused (read-only, full, a device)
+        if args.verbose or not exc.filename:
+            raise
+        print(printable(f"Error: {exc.filename}: {exc.strerror}"), file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug: one line, the traceback with -v
         if args.verbose:
             raise
