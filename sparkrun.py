@@ -638,9 +638,14 @@ def env_problem(key: str, value) -> str | None:
         return f"name {key!r} must be letters, digits and '_', not starting with a digit"
     if isinstance(value, (dict, list)):
         return f"{key} must be a single value, not {type(value).__name__}"
-    if value is not None and CONTROL_CHARS.search(format_value(value).replace("\t", " ")):
+    if value is not None and not one_line_value(format_value(value)):
         return f"the value of {key} holds a newline or another control character"
     return None
+
+
+def one_line_value(text: str) -> bool:
+    """No newline or other control character (a tab is fine): docker's env file is one line per variable."""
+    return "\n" not in text and not CONTROL_CHARS.search(text)
 
 
 def revision_problem(revision: str) -> str | None:
@@ -983,6 +988,8 @@ def load_registry_config() -> dict:
     use fetches the defaults. Folders left by a killed `registry add` are removed first."""
     remove_stale_adds()
     path = registries_file()
+    if not path.exists() and not default_sources():
+        return check_registry_config({}, path)
     if not path.exists():
         with ConfigLock(path):
             if not path.exists():
@@ -2655,6 +2662,8 @@ def cluster_problem(name, cluster) -> str | None:
     try:
         for host in hosts:
             validate_host(host)
+        if len(set(hosts)) < len(hosts):
+            return "a host is listed twice"
         if user is not None:
             validate_host(f"{user}@x" if isinstance(user, str) else "")
     except UsageError as exc:
@@ -3047,11 +3056,12 @@ def expand_env(recipe: Recipe, environ=os.environ, allowed=None) -> tuple[list, 
         value = format_value(raw) if raw is not None else ""
         read = []
 
-        def fill(match: re.Match) -> str:
+        def fill(match: re.Match) -> str:  # as bash: the default also replaces an empty value
             name, default = match.groups()
-            if may_read(name) and name in environ:
+            found = environ.get(name) if may_read(name) else None
+            if found or (found == "" and default is None):
                 read.append(name)
-                return environ[name]
+                return found
             if default is not None:
                 return default
             if not may_read(name):
@@ -3061,7 +3071,7 @@ def expand_env(recipe: Recipe, environ=os.environ, allowed=None) -> tuple[list, 
                              f"export {name}=..., or write ${{{name}:-}} in the recipe to make it optional")
 
         value = ENV_REF.sub(fill, value)
-        if CONTROL_CHARS.search(value.replace("\t", " ")):
+        if not one_line_value(value):
             raise UsageError(f"recipe {recipe.name}: env {key}: the value read from this machine holds a newline "
                              "or another control character; docker cannot pass it")
         (secret if read or SECRET_NAME.search(key) else plain).append((key, value))
@@ -3871,9 +3881,13 @@ def pending_operations() -> list[dict]:
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             entry = json.loads(path.read_text())
-            os.kill(int(entry["pid"]), 0)
+        except (OSError, ValueError):
+            entry = None
+        well_formed = (isinstance(entry, dict) and isinstance(entry.get("pid"), int) and isinstance(entry.get("what"), str)
+                       and isinstance(entry.get("hosts"), list))
+        if well_formed and process_alive(entry["pid"]):
             alive.append(entry)
-        except (OSError, ValueError, KeyError, ProcessLookupError):
+        else:
             path.unlink(missing_ok=True)
     return alive
 
@@ -7200,7 +7214,7 @@ def recipe_as_dict(recipe: Recipe) -> dict:
         "min_nodes": recipe.min_nodes, "max_nodes": recipe.max_nodes, "mode": recipe.mode,
         "solo_only": recipe.solo_only, "cluster_only": recipe.cluster_only,
         "description": recipe.description, "metadata": recipe.metadata, "defaults": recipe.defaults,
-        "env": recipe.env, "command": recipe.command, "mods": recipe.mods,
+        "env": {k: "***" if SECRET_NAME.search(k) else v for k, v in recipe.env.items()}, "command": recipe.command, "mods": recipe.mods,
         "build_args": recipe.build_args, "runtime_config": recipe.runtime_config,
     }
 
@@ -7860,9 +7874,16 @@ def cmd_recipe_validate(args) -> int:
 
 
 def registry_url(text: str) -> str:
-    """A local folder as an absolute path (the air-gapped case); anything else as given."""
+    """A local folder as an absolute path (the air-gapped case); a URL with its path normalized
+    ('/.' and 'sub/..' removed); anything else as given."""
+    if "://" in text:
+        import posixpath
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(text)
+        return urlunsplit(parts._replace(path=posixpath.normpath(parts.path))) if parts.path else text
     path = Path(os.path.expanduser(text))
-    return str(path.resolve()) if "://" not in text and path.is_dir() else text
+    return str(path.resolve()) if path.is_dir() else text
 
 
 def recipe_count(entry: dict) -> int:
@@ -8236,18 +8257,36 @@ def build_parser(argv: list[str] | None = None):
     return parser
 
 
+def stdout_closed() -> None:
+    """The reader of our stdout is gone: send the rest nowhere, so that no flush fails later."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [COMPLETE_COMMAND]:  # shell completion: before any parser is built
         return run_completion(argv[1:])
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+    finally:  # --help, usage errors: flushed here, where a closed pipe is caught
+        flush_stdout()
     raise_on_signals()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except SparkrunError as exc:
         if args.verbose:
             import traceback
@@ -8258,8 +8297,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Interrupted.", file=sys.stderr)
         return signal_exit_code(interrupt)
     except BrokenPipeError:  # `sparkrun list | head`: the reader has all it wants
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush has nowhere to fail
+        stdout_closed()
         return SIGPIPE_EXIT
     except OSError as exc:  # a file or folder this machine refused (read-only, full, a device)
         if args.verbose or not exc.filename:
