@@ -171,15 +171,28 @@ class Detached(KeyboardInterrupt):
 # Control characters other than tab and newline: escape sequences in a registry's text could
 # clear the screen, move the cursor or forge links.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+UNPRINTABLE = re.compile(r"(?!\x1b\[[01]m)[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # sparkrun's own bold may pass
 
 
-def printable(text: str) -> str:
-    """Text as it may reach the terminal: control characters removed."""
-    return CONTROL_CHARS.sub("", str(text))
+class PrintableStream:
+    """sys.stdout and sys.stderr while a command runs (main() installs them): all that sparkrun
+    prints, recipe and registry text included, reaches the terminal without control characters.
+    Newlines, tabs, bold (see bold()) and a carriage return that starts a write (a progress
+    line redrawn in place) pass."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        lead = "\r" if text.startswith("\r") else ""
+        return self.stream.write(lead + UNPRINTABLE.sub("", text[len(lead):]))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def warn(message: str) -> None:
-    print(printable(f"Warning: {message}"), file=sys.stderr)
+    print(f"Warning: {message}", file=sys.stderr)
 
 
 SECRET_VALUES: set[str] = set()  # every secret this process handles; shown only as ***
@@ -5535,7 +5548,7 @@ def cmd_tune(args) -> int:
     selection = select_hosts(args)
     plan = plan_tune(args, recipe, selection)
     if args.dry_run:
-        print(printable(plan.describe()))
+        print(plan.describe())
         return 0
     for tp in plan.skipped:
         say(f"TP {tp}: already tuned for {plan.model} in {plan.output}; skipped")
@@ -7185,8 +7198,8 @@ def table_lines(rows: list[list[str]], headers: list[str]) -> list[str]:
 
 
 def one_cell(text: str) -> str:
-    """A table cell: printable, on one line."""
-    return printable(text).replace("\n", " ").replace("\t", " ")
+    """A table cell, on one line."""
+    return str(text).replace("\n", " ").replace("\t", " ")
 
 
 def cmd_list(args) -> int:
@@ -7247,7 +7260,7 @@ def cmd_show(args) -> int:
             shown["vram"] = vram_to_json(estimate)
         print(json.dumps(shown, indent=2, default=str))
         return 0
-    print(printable(show_text(recipe)))
+    print(show_text(recipe))
     if estimate:
         print("\n" + format_vram(estimate))
     return 0
@@ -7263,7 +7276,7 @@ def cmd_recipe_vram(args) -> int:
 
 
 def say(message: str) -> None:
-    print(printable(mask(message)), file=sys.stderr, flush=True)
+    print(mask(message), file=sys.stderr, flush=True)
 
 
 def launch_options(args) -> LaunchOptions:
@@ -7348,7 +7361,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     tuning = None if getattr(args, "no_sync_tuning", False) else tuning_mount(recipe)
     if args.dry_run and not args.detect:
         snapshot = local_snapshot(recipe, local_home)
-        print(printable(plan_launch(recipe, selection, options, snapshot=snapshot, tuning=tuning).describe()))
+        print(plan_launch(recipe, selection, options, snapshot=snapshot, tuning=tuning).describe())
         return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
@@ -7360,7 +7373,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
     inspected = image_entrypoint(image, reachable, plan.hosts) is not None
     if args.dry_run:
-        print(printable(plan.describe()))
+        print(plan.describe())
         return None, ssh
     existing = preflight(plan, facts, args.replace)
     if existing:
@@ -7984,8 +7997,8 @@ def cmd_registry_show_profile(args) -> int:
         print(json.dumps(data, indent=2, default=str))
         return 0
     source = next((r.source for r in benchmark_profiles() if r.path == path), "Local")
-    print(printable(f"Name:         {path.stem}\nRepository:   {source}\nFile:         {path}\n"))
-    print(printable(read_text_file(path).rstrip()))
+    print(f"Name:         {path.stem}\nRepository:   {source}\nFile:         {path}\n")
+    print(read_text_file(path).rstrip())
     return 0
 
 
@@ -8283,6 +8296,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # --help, usage errors: flushed here, where a closed pipe is caught
         flush_stdout()
     raise_on_signals()
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(sys.stdout), PrintableStream(sys.stderr)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
@@ -8291,7 +8306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             import traceback
             traceback.print_exc()
-        print(printable(mask(f"Error: {exc}")), file=sys.stderr)
+        print(mask(f"Error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as interrupt:
         print("Interrupted.", file=sys.stderr)
@@ -8302,7 +8317,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or folder this machine refused (read-only, full, a device)
         if args.verbose or not exc.filename:
             raise
-        print(printable(f"Error: {exc.filename}: {exc.strerror}"), file=sys.stderr)
+        print(f"Error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: one line, the traceback with -v
         if args.verbose:
@@ -8310,6 +8325,8 @@ def main(argv: list[str] | None = None) -> int:
         print(mask(f"Error: internal error ({type(exc).__name__}: {exc}); run again with -v for the "
                    "traceback and report it"), file=sys.stderr)
         return 1
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

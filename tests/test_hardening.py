@@ -641,3 +641,86 @@ def test_a_closed_stdout_ends_quietly(cli, command):
     finally:
         os.close(write_end)
     assert done.stderr == "" and done.returncode in (0, sr.SIGPIPE_EXIT)
+
+
+# -- on the test bed: secrets on a dropped connection, concurrent runs, a host lost mid-launch --
+
+from test_lifecycle import IMAGES, lab, popen, run_calls, wait_for_line  # noqa: E402,F401 - lab is a fixture
+from conftest import H1, H2  # noqa: E402
+
+SECRET = "bed-secret-value-9137"
+
+
+def files_holding(host, text: str) -> list[Path]:
+    return [p for root in (host.tmp, host.home) for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink() and text.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("drop", ["host-down", "client-killed"])
+def test_secrets_leave_nothing_on_the_host_when_the_connection_drops(lab, tmp_path, drop):
+    recipe = write(tmp_path, "secretive.yaml", f"model: Qwen/Qwen3-1.7B\nruntime: vllm\ncontainer: {IMAGES['vllm']}\n"
+                   "defaults: {served_model_name: qwen3-1.7b}\nenv: {LAB_API_KEY: '${LAB_SECRET}'}\n"
+                   "command: vllm serve {model} --served-model-name {served_model_name} --port {port}\n")
+    host = lab.bed.hosts[0]
+    host.fault("docker_run_slow", "30")
+    process = subprocess.Popen([sys.executable, str(REPO / "sparkrun.py"), "run", recipe, "-H", H1, "--no-sync",
+                                "--no-follow"], env=dict(lab.env, LAB_SECRET=SECRET), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_for_line(process.stderr, "starting head")
+    for _ in range(200):  # until docker run is on the host, waiting on its daemon
+        if "docker run" in host.ssh("ps -eo args").stdout:
+            break
+        threading.Event().wait(0.05)
+    if drop == "host-down":
+        host.down()
+    else:
+        os.killpg(process.pid, 9)  # sparkrun and its ssh client: the session's stdin closes
+    process.communicate(timeout=60)
+    host.up()
+    host.fault("docker_run_slow", None)
+    assert files_holding(host, SECRET) == []
+    assert SECRET not in host.ssh("ps -eo args").stdout
+
+
+def test_two_runs_of_one_recipe_at_once_one_wins(lab):
+    for host in lab.bed.hosts[:2]:
+        host.fault("docker_run_slow", "2")  # both pass preflight before either creates its container
+    runs = [popen(lab, "run", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--no-follow")
+            for _ in range(2)]
+    results = [(p.wait(180), *p.communicate()) for p in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    _, _, loser_err = next(r for r in results if r[0] == 1)
+    assert "qwen3-1.7b-vllm is already running as sparkrun_" in loser_err and "--replace" in loser_err
+    running = [c["name"] for h in lab.bed.hosts[:2] for c in h.containers() if c["running"]]
+    assert sorted(running) == sorted(n for h in lab.bed.hosts[:2] for n in [c["name"] for c in h.containers()])
+    assert len(running) == 2  # the winner's head and worker: nothing of it was removed
+    lab("stop", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", check=0)
+
+
+@pytest.mark.parametrize("lost, stage", [(0, "rendezvous"), (1, "readiness"), (1, "docker run")])
+def test_a_host_lost_mid_launch_is_named_with_what_may_be_left(lab, lost, stage):
+    host = lab.bed.hosts[lost]
+    fault = {"rendezvous": ("engine_slow_ready", "60"), "readiness": ("engine_slow_ready", "60"),
+             "docker run": ("docker_run_slow", "60")}[stage]
+    host.fault(*fault)
+    process = popen(lab, "run", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--no-follow")
+    wait_for_line(process.stderr, {"rendezvous": "waiting for", "readiness": "waiting for http://",
+                                   "docker run": "starting worker1"}[stage])
+    if stage == "docker run":
+        for _ in range(200):
+            if "docker run" in host.ssh("ps -eo args").stdout:
+                break
+            threading.Event().wait(0.05)
+    host.down()
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {host.addr}: ") and "did not open in 600 s" not in last, err
+    role = "head" if lost == 0 else "worker1"
+    assert re.search(rf"containers possibly left on hosts that could not be reached \({re.escape(host.addr)}: "
+                     rf"sparkrun_\w+_{role}\); once they are back, run: sparkrun stop qwen3-1.7b-vllm -H {host.addr}",
+                     last), last
+    other = lab.bed.hosts[1 - lost]
+    assert [c for c in other.containers() if c["running"]] == []  # the reachable host was cleaned
+    host.up()
