@@ -3896,8 +3896,8 @@ def pending_operations() -> list[dict]:
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
             entry = None
-        well_formed = (isinstance(entry, dict) and isinstance(entry.get("pid"), int) and isinstance(entry.get("what"), str)
-                       and isinstance(entry.get("hosts"), list))
+        well_formed = (isinstance(entry, dict) and isinstance(entry.get("pid"), int)
+                       and isinstance(entry.get("what"), str) and isinstance(entry.get("hosts"), list))
         if well_formed and process_alive(entry["pid"]):
             alive.append(entry)
         else:
@@ -7227,7 +7227,8 @@ def recipe_as_dict(recipe: Recipe) -> dict:
         "min_nodes": recipe.min_nodes, "max_nodes": recipe.max_nodes, "mode": recipe.mode,
         "solo_only": recipe.solo_only, "cluster_only": recipe.cluster_only,
         "description": recipe.description, "metadata": recipe.metadata, "defaults": recipe.defaults,
-        "env": {k: "***" if SECRET_NAME.search(k) else v for k, v in recipe.env.items()}, "command": recipe.command, "mods": recipe.mods,
+        "env": {k: "***" if SECRET_NAME.search(k) else v for k, v in recipe.env.items()},
+        "command": recipe.command, "mods": recipe.mods,
         "build_args": recipe.build_args, "runtime_config": recipe.runtime_config,
     }
 
