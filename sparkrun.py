@@ -2878,8 +2878,8 @@ CONTAINER_MODS = "/root/.cache/sparkrun/mods"
 # Names that look like credentials: their values are secrets wherever they appear.
 SECRET_NAME = re.compile(r"KEY(?:$|_)|TOKEN|SECRET|PASS|PWD|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION", re.I)
 ENV_NOT_ALLOWED = ("recipe {recipe}: env {key} uses ${{{name}}}, but recipes from registry {registry} may only read "
-                   "the variables listed under 'allow_env' in {file}; add {name} there if you trust it, or "
-                   "export nothing and give the recipe a default (${{{name}:-...}})")
+                   "the variables listed under 'allow_env' in {file}; add {name} there if you trust this "
+                   "registry, or copy the recipe into a file of your own")
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
 
