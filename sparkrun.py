@@ -510,17 +510,19 @@ def load_recipe(path: Path, source: str = "Local") -> Recipe:
     return recipe_from_mapping(data, Path(path), source, text)
 
 
-def bounded_yaml_loader(where: str):
+def bounded_yaml_loader():
     """yaml.SafeLoader that refuses documents nested deeper than MAX_YAML_DEPTH or expanding
-    (aliases counted as copies) to more than MAX_YAML_NODES values."""
+    (aliases counted as copies) to more than MAX_YAML_NODES values; made once."""
+    if hasattr(bounded_yaml_loader, "made"):
+        return bounded_yaml_loader.made
     import yaml
 
     class Loader(yaml.SafeLoader):
-        depth = expanded = 0
+        def __init__(self, stream, where: str):
+            super().__init__(stream)
+            self.where, self.depth, self.expanded, self.weights = where, 0, 0, {}
 
         def compose_node(self, parent, index):
-            if not hasattr(self, "weights"):
-                self.weights = {}
             event = self.peek_event()
             if isinstance(event, yaml.AliasEvent):
                 self.count(self.weights.get(event.anchor, 1))
@@ -528,7 +530,7 @@ def bounded_yaml_loader(where: str):
             before = self.expanded
             self.depth += 1
             if self.depth > MAX_YAML_DEPTH:
-                raise RecipeError(where, f"nested deeper than {MAX_YAML_DEPTH} levels")
+                raise RecipeError(self.where, f"nested deeper than {MAX_YAML_DEPTH} levels")
             self.count(1)
             try:
                 node = super().compose_node(parent, index)
@@ -541,21 +543,27 @@ def bounded_yaml_loader(where: str):
         def count(self, nodes: int) -> None:
             self.expanded += nodes
             if self.expanded > MAX_YAML_NODES:
-                raise RecipeError(where, f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases?)")
+                raise RecipeError(self.where, f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases?)")
 
+    bounded_yaml_loader.made = Loader
     return Loader
 
 
 def parse_yaml(text: str, where: str):
     import yaml
 
+    loader = None
     try:
-        return yaml.load(text, Loader=bounded_yaml_loader(where))
+        loader = bounded_yaml_loader()(text, where)  # a str with unprintable characters fails here
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(where, f"malformed YAML{line}: {problem}") from None
+    finally:
+        if loader:
+            loader.dispose()
 
 
 def recipe_from_mapping(data, path: Path, source: str, text: str) -> Recipe:
