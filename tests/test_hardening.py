@@ -7,6 +7,7 @@ Nothing here leaves 127.0.0.0/8: registries are local git repositories."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -359,7 +360,7 @@ def test_stale_add_folders_are_cleaned_by_the_next_registry_command(cli, eugr_re
 
 def test_a_killed_registry_add_leaves_nothing_after_the_next_command(cli, eugr_repo, tmp_path):
     slow_git = write(tmp_path / "bin", "git", f"#!/bin/sh\n[ \"$3\" = clone ] || [ \"$5\" = clone ] && sleep 10\n"
-                                              f"exec {subprocess.run(['which', 'git'], capture_output=True, text=True).stdout.strip()} \"$@\"\n")
+                                              f"exec {shutil.which('git')} \"$@\"\n")
     slow_git.chmod(0o755)
     env = dict(cli.env, PATH=f"{slow_git.parent}:{os.environ['PATH']}")
     process = subprocess.Popen([sys.executable, str(REPO / "sparkrun.py"), "registry", "add", eugr_repo, "--name", "e",
