@@ -677,6 +677,15 @@ def test_secrets_leave_nothing_on_the_host_when_the_connection_drops(lab, tmp_pa
     host.fault("docker_run_slow", None)
     assert files_holding(host, SECRET) == []
     assert SECRET not in host.ssh("ps -eo args").stdout
+    end_docker_runs(host)  # the one left waiting would create its container during a later test
+
+
+def end_docker_runs(host) -> None:
+    """Stop the `docker run` stand-ins this test left on the host, by PID."""
+    listing = host.ssh("ps -eo pid=,args=").stdout.splitlines()
+    pids = [line.split()[0] for line in listing if " run -d --name sparkrun_" in line]
+    if pids:
+        host.ssh(f"kill {' '.join(pids)}")
 
 
 def test_two_runs_of_one_recipe_at_once_one_wins(lab):
