@@ -116,11 +116,12 @@ def test_good_revisions_load_and_the_snapshot_check_is_quoted(tmp_path, revision
     recipe = sr.load_recipe(write(tmp_path, "r.yaml", RECIPE + f"model_revision: {yaml_quote(revision)}\n"))
     assert recipe.model_revision == revision
     # The names that reach the remote script are quoted there, whatever they hold.
-    hostile = sr.ModelSnapshot("org/m", f"{revision}$(touch PWNED)", revision, Path("models--o--m;touch PWNED"), ())
-    done = subprocess.run(["bash", "-s"], input=sr.snapshot_check_script(hostile, ".cache/huggingface"), text=True,
-                          cwd=tmp_path, env=dict(os.environ, HOME=str(tmp_path)), capture_output=True, timeout=30)
-    assert done.returncode == 0 and not list(tmp_path.rglob("PWNED"))
-    assert (tmp_path / ".cache/huggingface/hub/models--o--m;touch PWNED").is_dir()
+    hostile = sr.RepoNeed("o/m;touch PWNED", "model", f"{revision}$(touch PWNED)")
+    script = sr.survey_script([(hostile, "`touch PWNED`")], ".cache/huggingface")
+    done = subprocess.run(["bash", "-s"], input=script, text=True, cwd=tmp_path, env=dict(os.environ, HOME=str(tmp_path)),
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0 and not list(tmp_path.rglob("PWNED")), done.stderr
+    assert "@@repo models--o--m;touch PWNED" in done.stdout
 
 
 # -- registry clones: nothing read resolves outside; printed text has no control characters ----
