@@ -330,7 +330,17 @@ def test_registry_add_spellings_never_touch_other_clones_or_the_cache(cli, tmp_p
     assert tuned.is_file() and sorted(p.name for p in (cli.home / "cache" / "registries").iterdir()) == ["other"]
 
 
-@pytest.mark.parametrize("clone", ["..", ".", "../..", "/", "", "a/b", ".add-1", "../registries"])
+@pytest.mark.parametrize("clone", ["..", ".", "../..", "/", "/etc", "", "a/b", "a/../..", ".add-1", "../registries"])
+def test_a_clone_folder_is_a_plain_name_under_the_registries_folder(clone, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARKRUN_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(sr.UsageError, match="'clone' must be a plain folder name"):
+        sr.clone_path(clone)
+    assert sr.clone_path("eugr") == tmp_path / "cache" / "registries" / "eugr"
+
+
+# Only names that stay inside this test's folder even if the check failed: an absolute one such as
+# "/" would make a regression remove this machine's files (the unit test above covers those).
+@pytest.mark.parametrize("clone", ["..", ".", "../..", "", "a/b", ".add-1", "../registries"])
 def test_a_hand_edited_clone_folder_is_refused_before_anything_is_removed(cli, eugr_repo, clone):
     cli("registry", "add", eugr_repo, "--name", "eugr", "--path", "recipes", check=0)
     config = cli.home / "config" / "registries.yaml"
