@@ -168,6 +168,29 @@ class Detached(KeyboardInterrupt):
         self.signum = getattr(interrupt, "signum", 2)
 
 
+# Control characters other than tab and newline: escape sequences in a registry's text could
+# clear the screen, move the cursor or forge links.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+UNPRINTABLE = re.compile(r"(?!\x1b\[[01]m)[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # sparkrun's own bold may pass
+
+
+class PrintableStream:
+    """sys.stdout and sys.stderr while a command runs (main() installs them): all that sparkrun
+    prints, recipe and registry text included, reaches the terminal without control characters.
+    Newlines, tabs, bold (see bold()) and a carriage return that starts a write (a progress
+    line redrawn in place) pass."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        lead = "\r" if text.startswith("\r") else ""
+        return self.stream.write(lead + UNPRINTABLE.sub("", text[len(lead):]))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def warn(message: str) -> None:
     print(f"Warning: {message}", file=sys.stderr)
 
@@ -220,14 +243,76 @@ def resource_dir(name: str) -> Path:
     return checkout if checkout.is_dir() else HERE / f"sparkrun_{name}"
 
 
+class FolderError(SparkrunError):
+    """A folder sparkrun keeps its files in cannot be written (read-only, full, no permission)."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        super().__init__(f"cannot write in {folder}: {exc.strerror or exc}; free space or fix its permissions, "
+                         "or point SPARKRUN_CONFIG_DIR / SPARKRUN_CACHE_DIR elsewhere")
+
+
+def make_dir(folder: Path, mode: int = 0o777) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise FolderError(folder, exc) from None
+    return folder
+
+
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Write a file so that readers see the old or the new content, never half of it; on a
+    failure (read-only or full folder) no temporary file is left behind."""
+    import tempfile
+
+    make_dir(path.parent)
+    tmp = None
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with open(handle, "w") as stream:
+            stream.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise FolderError(path.parent, exc) from None
+
+
+class ConfigLock:
+    """Serializes read-modify-write of one file between sparkrun processes (and the threads of
+    one): whoever holds it reads, changes and replaces the file whole. Re-entrant."""
+
+    held: dict = {}  # lock path -> [open file, depth], in this process
+    guard = threading.RLock()
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(f".{path.name}.lock")
+
+    def __enter__(self):
+        import fcntl
+
+        self.guard.acquire()
+        entry = self.held.get(self.path)
+        if entry:
+            entry[1] += 1
+            return self
+        make_dir(self.path.parent)
+        try:
+            handle = open(self.path, "a")
+        except OSError as exc:
+            self.guard.release()
+            raise FolderError(self.path.parent, exc) from None
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        self.held[self.path] = [handle, 1]
+        return self
+
+    def __exit__(self, *exc):
+        entry = self.held[self.path]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.held[self.path]
+            entry[0].close()
+        self.guard.release()
 
 
 # ---------------------------------------------------------------------------
@@ -267,10 +352,14 @@ RECIPE_FIELDS: dict[str, tuple[type, ...]] = {
 MODES = ("auto", "solo", "cluster")
 PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 V1_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Characters that could end a shell word or start a substitution when a CLI value is
-# pasted into a recipe command.
-SHELL_UNSAFE = re.compile(r"[;&|$`<>\\\n\r]")
+# `${VAR}` or `${VAR:-default}` in a recipe's env values: this machine's environment.
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A branch or tag name, a pull-request ref (refs/pr/1) or a commit hash.
+REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+# Characters that could end a word, quote or start a substitution when a CLI value is pasted
+# into a recipe command (a space would add an engine flag).
+SHELL_UNSAFE = re.compile(r"[;&|$`<>\\'\"\s]")
 
 TYPED_FLAGS = {  # CLI flag destination -> recipe default it overrides
     "port": "port",
@@ -342,11 +431,15 @@ class ParsedYamlCache:
         self.dirty = False
 
     def _load(self) -> dict:
+        """The entries; a file that is not what save() wrote counts as empty (and is rewritten)."""
         if self.entries is None:
             try:
-                self.entries = json.loads(self.path.read_text())
+                entries = json.loads(self.path.read_text())
             except (OSError, ValueError):
-                self.entries = {}
+                entries = None
+            well_formed = isinstance(entries, dict) and all(
+                isinstance(e, dict) and isinstance(e.get("stamp"), str) and "data" in e for e in entries.values())
+            self.entries = entries if well_formed else {}
         return self.entries
 
     def get(self, path: Path, stamp: str):
@@ -365,12 +458,33 @@ class ParsedYamlCache:
         if self.dirty:
             try:
                 atomic_write(self.path, json.dumps(self.entries))
-            except OSError:
-                pass  # a read-only cache only costs speed
+            except FolderError:
+                pass  # a read-only or full cache only costs speed
             self.dirty = False
 
 
 YAML_CACHE = ParsedYamlCache()
+
+
+MAX_YAML_BYTES = 1 << 20  # real recipes, manifests and profiles are a few KiB
+MAX_YAML_DEPTH = 32  # levels of nesting
+MAX_YAML_NODES = 100_000  # values once aliases are expanded: an alias bomb stops here
+
+
+def read_text_file(path: Path, what: str = "YAML file", limit: int = MAX_YAML_BYTES) -> str:
+    """A small UTF-8 text file; anything else (too big, not text, unreadable) is a one-line
+    error naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise RecipeError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise RecipeError(str(path), f"larger than {limit // 1024} KiB; not a {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), f"not UTF-8 text (byte {exc.start}); not a {what}") from None
 
 
 def read_yaml_file(path: Path) -> tuple[str, object]:
@@ -379,11 +493,11 @@ def read_yaml_file(path: Path) -> tuple[str, object]:
     path = Path(path)
     try:
         stat = path.stat()
-        stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
-        data = YAML_CACHE.get(path, stamp)
-        text = path.read_text()
     except OSError as exc:
         raise RecipeError(str(path), f"cannot read: {exc.strerror}") from None
+    stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
+    data = YAML_CACHE.get(path, stamp)
+    text = read_text_file(path)
     if data is None:
         data = parse_yaml(text, str(path))
         YAML_CACHE.put(path, stamp, data)
@@ -396,16 +510,60 @@ def load_recipe(path: Path, source: str = "Local") -> Recipe:
     return recipe_from_mapping(data, Path(path), source, text)
 
 
+def bounded_yaml_loader():
+    """yaml.SafeLoader that refuses documents nested deeper than MAX_YAML_DEPTH or expanding
+    (aliases counted as copies) to more than MAX_YAML_NODES values; made once."""
+    if hasattr(bounded_yaml_loader, "made"):
+        return bounded_yaml_loader.made
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def __init__(self, stream, where: str):
+            super().__init__(stream)
+            self.where, self.depth, self.expanded, self.weights = where, 0, 0, {}
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                self.count(self.weights.get(event.anchor, 1))
+                return super().compose_node(parent, index)
+            before = self.expanded
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise RecipeError(self.where, f"nested deeper than {MAX_YAML_DEPTH} levels")
+            self.count(1)
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            if event.anchor is not None:
+                self.weights[event.anchor] = self.expanded - before
+            return node
+
+        def count(self, nodes: int) -> None:
+            self.expanded += nodes
+            if self.expanded > MAX_YAML_NODES:
+                raise RecipeError(self.where, f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases?)")
+
+    bounded_yaml_loader.made = Loader
+    return Loader
+
+
 def parse_yaml(text: str, where: str):
     import yaml
 
+    loader = None
     try:
-        return yaml.safe_load(text)
+        loader = bounded_yaml_loader()(text, where)  # a str with unprintable characters fails here
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(where, f"malformed YAML{line}: {problem}") from None
+    finally:
+        if loader:
+            loader.dispose()
 
 
 def recipe_from_mapping(data, path: Path, source: str, text: str) -> Recipe:
@@ -477,6 +635,65 @@ def _check_recipe(recipe: Recipe) -> None:
                 raise RecipeError(where, f"field '{key}': key {name!r} must be a string")
     if not recipe.command and default_command(recipe.runtime) is None:
         raise RecipeError(where, f"field 'command' is required: runtime {recipe.runtime} has no default serve command")
+    for key, value in recipe.env.items():
+        problem = env_problem(key, value)
+        if problem:
+            raise RecipeError(where, f"field 'env': {problem}")
+    for key in ("pre_exec", "post_exec", "mods", "build_args"):
+        for item in getattr(recipe, key):
+            if not isinstance(item, str):
+                raise RecipeError(where, f"field '{key}': every item must be a string, not {item!r}")
+    if recipe.model_revision is not None:
+        problem = revision_problem(recipe.model_revision)
+        if problem:
+            raise RecipeError(where, f"field 'model_revision': {problem}")
+    for key, value in recipe.defaults.items():
+        problem = typed_value_problem(key, value)
+        if problem:
+            raise RecipeError(where, f"field 'defaults': {problem}")
+
+
+def env_problem(key: str, value) -> str | None:
+    """Why an env entry cannot be passed to a container; None when it can."""
+    if not ENV_KEY.fullmatch(key):
+        return f"name {key!r} must be letters, digits and '_', not starting with a digit"
+    if isinstance(value, (dict, list)):
+        return f"{key} must be a single value, not {type(value).__name__}"
+    if value is not None and not one_line_value(format_value(value)):
+        return f"the value of {key} holds a newline or another control character"
+    return None
+
+
+def one_line_value(text: str) -> bool:
+    """No newline or other control character (a tab is fine): docker's env file is one line per variable."""
+    return "\n" not in text and not CONTROL_CHARS.search(text)
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why `revision` is no branch, tag or commit name; None when it is one."""
+    if (not REVISION.fullmatch(revision) or ".." in revision or len(revision) > 255
+            or revision.endswith((".lock", "."))):
+        return (f"{revision!r} is not a branch, tag or commit hash (letters, digits, '.', '_', '-', "
+                "'/' between names; no '..')")
+    return None
+
+
+PORT_KEYS = ("port",)
+COUNT_KEYS = ("tensor_parallel", "pipeline_parallel")
+
+
+def typed_value_problem(key: str, value) -> str | None:
+    """Why a template value cannot be used for `key` (a port, a count, a fraction); None if fine."""
+    whole = value if isinstance(value, int) and not isinstance(value, bool) else (
+        int(value) if isinstance(value, str) and value.strip().isdigit() else None)
+    if key in PORT_KEYS and (whole is None or not 1 <= whole <= 65535):
+        return f"{key} must be a port number from 1 to 65535, not {value!r}"
+    if key in COUNT_KEYS and (whole is None or whole < 1):
+        return f"{key} must be a whole number of at least 1, not {value!r}"
+    if key == "gpu_memory_utilization" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                            or not math.isfinite(value)):
+        return f"{key} must be a number, not {value!r}"
+    return None
 
 
 def _plugin_runtime_names() -> set[str]:
@@ -549,7 +766,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def check_cli_value(what: str, value: str) -> None:
     if SHELL_UNSAFE.search(value):
-        raise UsageError(f"{what}: value {value!r} contains shell metacharacters; not accepted")
+        raise UsageError(f"{what}: value {value!r} holds a space, a quote or a shell metacharacter, which "
+                         "would change the command; not accepted")
 
 
 def typed_overrides(args) -> dict:
@@ -557,7 +775,10 @@ def typed_overrides(args) -> dict:
     values = {}
     for dest, key in TYPED_FLAGS.items():
         value = getattr(args, dest, None)
-        if value is not None:
+        if value is not None and value != "auto":
+            problem = typed_value_problem(key, value)
+            if problem:
+                raise UsageError(f"--{dest.replace('_', '-')}: {problem}")
             values[key] = value
     gpu_mem = values.get("gpu_memory_utilization")
     if gpu_mem is not None and not 0 < gpu_mem <= 1:
@@ -720,6 +941,8 @@ DEFAULT_REGISTRIES = (
      "mods": "mods"},
 )
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CLONE_NAME = REGISTRY_NAME  # a clone's folder under registries_root(): never '.', '..' or '.add-*'
+REGISTRY_ENV_DEFAULT = ("HF_TOKEN",)  # what registries' recipes may read with ${VAR}, unless configured
 SOURCE_OPTION = re.compile(r"(name|path|mods)=(.+)")
 GIT_TIMEOUT = 120  # seconds, for every git call
 # git's stderr lines that never say what went wrong.
@@ -782,18 +1005,64 @@ def default_sources() -> list[dict]:
 
 
 def load_registry_config() -> dict:
-    """registries.yaml as {"registries": [...], "pending": [...]}; the first use fetches the defaults."""
+    """registries.yaml as {"registries": [...], "pending": [...], "allow_env": [...]}; the first
+    use fetches the defaults. Folders left by a killed `registry add` are removed first."""
+    remove_stale_adds()
     path = registries_file()
+    if not path.exists() and not default_sources():
+        return check_registry_config({}, path)
     if not path.exists():
-        return first_use()
+        with ConfigLock(path):
+            if not path.exists():
+                return first_use()
     _, data = read_yaml_file(path)
     YAML_CACHE.save()
-    data = data if isinstance(data, dict) else {}
-    config = {key: [dict(e) for e in data.get(key) or [] if isinstance(e, dict)]
-              for key in ("registries", "pending")}
-    if any(not {"name", "url", "clone"} <= e.keys() for e in config["registries"]):
-        raise UsageError(f"{path}: every registry needs 'name', 'url' and 'clone'")
+    return check_registry_config(data, path)
+
+
+def check_registry_config(data, path: Path) -> dict:
+    """registries.yaml's content as the rest of sparkrun uses it; a wrong shape is a one-line
+    error naming the file and what is wrong."""
+    def bad(what: str):
+        raise UsageError(f"{path}: {what}; fix the file, or remove it to start again from the default registries")
+
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        bad("expected a mapping with 'registries:'")
+    config = {}
+    for key in ("registries", "pending"):
+        items = data.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(e, dict) for e in items):
+            bad(f"'{key}' must be a list of mappings")
+        config[key] = [dict(e) for e in items]
+    for entry in config["registries"]:
+        name = entry.get("name")
+        if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name):
+            bad(f"registry name {name!r} must be letters, digits, '.', '_' or '-'")
+        if not isinstance(entry.get("url"), str):
+            bad(f"registry '{name}' needs a 'url'")
+        if not isinstance(entry.get("clone"), str) or not CLONE_NAME.fullmatch(entry["clone"]):
+            bad(f"registry '{name}': 'clone' must be a plain folder name, not {entry.get('clone')!r}")
+        for key in FOLDER_KEYS:
+            if key in entry and folder_problem(entry[key]):
+                bad(f"registry '{name}': '{key}' must name a folder inside the repository")
+        for key in ("enabled", "visible"):
+            if not isinstance(entry.get(key, True), bool):
+                bad(f"registry '{name}': '{key}' must be true or false")
+    if not all(isinstance(s.get("url"), str) for s in config["pending"]):
+        bad("every entry of 'pending' needs a 'url'")
+    allow = data.get("allow_env", list(REGISTRY_ENV_DEFAULT))
+    if not isinstance(allow, list) or not all(isinstance(n, str) and ENV_KEY.fullmatch(n) for n in allow):
+        bad("'allow_env' must be a list of environment variable names")
+    config["allow_env"] = allow
     return config
+
+
+def registry_allowed_env() -> set[str]:
+    """Variables of this machine that registries' recipes may read (`allow_env` in registries.yaml)."""
+    if not registries_file().exists():
+        return set(REGISTRY_ENV_DEFAULT)
+    return set(load_registry_config()["allow_env"])
 
 
 def save_registry_config(config: dict) -> None:
@@ -802,7 +1071,37 @@ def save_registry_config(config: dict) -> None:
     body = {"registries": config["registries"]}
     if config.get("pending"):
         body["pending"] = config["pending"]
+    body["allow_env"] = config.get("allow_env", list(REGISTRY_ENV_DEFAULT))
     atomic_write(registries_file(), REGISTRIES_HEADER + yaml.safe_dump(body, sort_keys=False))
+
+
+def change_registry_config(change):
+    """Apply change(config) to registries.yaml under its lock and replace the file whole, so that
+    concurrent commands never lose each other's changes. Returns what change returns."""
+    with ConfigLock(registries_file()):
+        config = load_registry_config()
+        result = change(config)
+        save_registry_config(config)
+    return result
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0
+    return True
+
+
+def remove_stale_adds() -> None:
+    """Remove the `.add-<pid>-*` folders of `registry add` runs that were killed."""
+    root = registries_root()
+    for folder in root.glob(".add-*") if root.is_dir() else ():
+        pid = folder.name.split("-")[1]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def first_use() -> dict:
@@ -831,9 +1130,36 @@ def registry_named(config: dict, name: str) -> dict:
     raise UsageError(f"no registry named '{name}'; see 'sparkrun registry list'")
 
 
+def clone_path(name: str) -> Path:
+    """A clone's folder: always a child of registries_root(), never that folder or its parent."""
+    if not CLONE_NAME.fullmatch(name):
+        raise UsageError(f"{registries_file()}: 'clone' must be a plain folder name, not {name!r}")
+    return registries_root() / name
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether path, symlinks resolved, is root or under it."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def registry_folder(entry: dict, key: str) -> Path | None:
-    """The registry's `key` folder (recipes, tuning, benchmarks, mods) in its clone, if declared."""
-    return registries_root() / entry["clone"] / entry[key] if entry.get(key) else None
+    """The registry's `key` folder (recipes, tuning, benchmarks, mods) in its clone, if declared
+    and inside the clone (a symlink to elsewhere does not count)."""
+    if not entry.get(key):
+        return None
+    folder = clone_path(entry["clone"]) / entry[key]
+    return folder if inside(folder, clone_path(entry["clone"])) else None
+
+
+def clone_files(entry: dict, key: str, pattern: str, sub: str = "") -> list[Path]:
+    """Files matching pattern anywhere under the registry's `key` folder (or its `sub` folder)
+    that resolve inside its clone: a registry's symlink to a file elsewhere is never read."""
+    folder = registry_folder(entry, key)
+    folder = folder / sub if folder and sub else folder
+    if folder is None or not folder.is_dir():
+        return []
+    clone = clone_path(entry["clone"]).resolve()
+    return [p for p in sorted(folder.rglob(pattern)) if p.is_file() and p.resolve().is_relative_to(clone)]
 
 
 def enabled_registries() -> list[dict]:
@@ -845,7 +1171,9 @@ def manifest_entries(clone: Path, url: str) -> list[dict] | None:
     where = f"{url}: {MANIFEST}"
     if not (clone / MANIFEST).is_file():
         return None
-    data = parse_yaml((clone / MANIFEST).read_text(), where)
+    if not inside(clone / MANIFEST, clone):
+        raise UsageError(f"{where}: a link to a file outside the repository; not read")
+    data = parse_yaml(read_text_file(clone / MANIFEST), where)
     declared = data.get("registries") if isinstance(data, dict) else None
     if not isinstance(declared, list) or not declared:
         raise UsageError(f"{where}: expected 'registries:' with a list of registries")
@@ -862,14 +1190,19 @@ def registry_entry(item, url: str, where: str) -> dict:
         folder = item.get(key)
         if folder is None and key != "recipes":
             continue
-        if not isinstance(folder, str) or not folder.strip("/") or Path(folder).is_absolute() \
-                or ".." in Path(folder).parts:
+        if folder_problem(folder):
             raise UsageError(f"{where}: registry '{name}': '{key}' must name a folder inside the repository")
         entry[key] = folder.strip("/")
     if not isinstance(item.get("visible", True), bool):
         raise UsageError(f"{where}: registry '{name}': 'visible' must be true or false")
     entry.update(visible=item.get("visible", True), enabled=True)
     return entry
+
+
+def folder_problem(folder) -> bool:
+    """True unless folder names a folder inside a repository."""
+    return (not isinstance(folder, str) or not folder.strip("/") or Path(folder).is_absolute()
+            or ".." in Path(folder).parts or CONTROL_CHARS.search(folder) is not None)
 
 
 def sparse_folders(entries: list[dict]) -> list[str]:
@@ -881,7 +1214,10 @@ def clone_name(config: dict, url: str) -> str:
     for entry in config["registries"]:
         if entry["url"] == url:
             return entry["clone"]
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rstrip("/").rpartition("/")[2].removesuffix(".git")) or "repo"
+    import posixpath
+
+    tail = posixpath.normpath(url.partition("://")[2] or url).rpartition("/")[2].removesuffix(".git")
+    base = re.sub(r"^[^A-Za-z0-9]+", "", re.sub(r"[^A-Za-z0-9._-]+", "-", tail)) or "repo"
     taken = {e["clone"] for e in config["registries"]}
     name, number = base, 1
     while name in taken:
@@ -911,8 +1247,8 @@ def add_source(config: dict, source: dict) -> list[dict]:
             raise UsageError("--name and --path go together (the registry's name and recipes folder)")
         item = {"name": source["name"], "recipes": source["path"], "mods": source.get("mods")}
         entries = [registry_entry(item, url, url)]
-    registries_root().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".add-", dir=registries_root()))
+    make_dir(registries_root())
+    tmp = Path(tempfile.mkdtemp(prefix=f".add-{os.getpid()}-", dir=registries_root()))
     try:
         repo = tmp / "repo"
         git_clone(url, repo)
@@ -927,8 +1263,8 @@ def add_source(config: dict, source: dict) -> list[dict]:
                 raise UsageError(f"{url}: registry '{entry['name']}': recipes folder "
                                  f"'{entry['recipes']}' not found in the repository")
         name = clone_name(config, url)
-        shutil.rmtree(registries_root() / name, ignore_errors=True)
-        os.replace(repo, registries_root() / name)
+        shutil.rmtree(clone_path(name), ignore_errors=True)
+        os.replace(repo, clone_path(name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for entry in entries:
@@ -951,7 +1287,7 @@ def update_clone(config: dict, url: str) -> str:
     """Fetch the newest commit of one repository and move its clone there (a clone that is gone
     is made again). Returns what changed; on a failure the clone is left as it was."""
     group = [e for e in config["registries"] if e["url"] == url]
-    clone = registries_root() / group[0]["clone"]
+    clone = clone_path(group[0]["clone"])
     before = "nothing"
     if (clone / ".git").is_dir():
         before = git("rev-parse", "--short", "HEAD", cwd=clone).strip()
@@ -983,7 +1319,10 @@ def refresh_entries(clone: Path, url: str, group: list[dict]) -> None:
 def update_registries(names: list[str] | None = None) -> bool:
     """Update the named registries (default: all, and retry pending defaults). One line per
     repository; a failure keeps the last good copy. True when everything succeeded."""
-    config = load_registry_config()
+    return change_registry_config(lambda config: update_registry_config(config, names))
+
+
+def update_registry_config(config: dict, names: list[str] | None) -> bool:
     for name in names or []:
         registry_named(config, name)
     urls = dict.fromkeys(e["url"] for e in config["registries"] if not names or e["name"] in names)
@@ -1002,7 +1341,6 @@ def update_registries(names: list[str] | None = None) -> bool:
         except SparkrunError as exc:
             ok = False
             print(f"Error: {exc}", file=sys.stderr)
-    save_registry_config(config)
     return ok
 
 
@@ -1012,10 +1350,10 @@ def registry_refs() -> list[RecipeRef]:
     refs = []
     for entry in enabled_registries():
         root = registry_folder(entry, "recipes")
-        if not root.is_dir():
+        if root is None or not root.is_dir():
             warn(f"registry '{entry['name']}' has no local copy; run 'sparkrun registry update {entry['name']}'")
             continue
-        paths = sorted(root.rglob("*.yaml"))
+        paths = clone_files(entry, "recipes", "*.yaml")
         stems = [p.stem for p in paths]
         for path in paths:
             name = path.stem if stems.count(path.stem) == 1 else path.relative_to(root).with_suffix("").as_posix()
@@ -1042,10 +1380,8 @@ def benchmark_profiles() -> list[RecipeRef]:
     """Benchmark profiles: YAML files in the enabled registries' benchmarks folders."""
     refs = []
     for entry in enabled_registries():
-        folder = registry_folder(entry, "benchmarks")
-        if folder and folder.is_dir():
-            refs += [RecipeRef(p.stem, p, entry["name"], entry.get("visible", True))
-                     for p in sorted(folder.rglob("*.yaml"))]
+        refs += [RecipeRef(p.stem, p, entry["name"], entry.get("visible", True))
+                 for p in clone_files(entry, "benchmarks", "*.yaml")]
     return refs
 
 
@@ -1528,10 +1864,23 @@ def vram_to_json(est: VramEstimate) -> dict:
 
 # -- local Hugging Face cache
 
+# A Hugging Face repo id: [namespace/]name, no '--' or '..' (huggingface_hub's own rule).
+HF_REPO_ID = re.compile(r"(?!.*(?:--|\.\.))(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+
+
 def cached_snapshot_dir(hf_home: Path, repo_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder of repo_id at revision (a ref name or a commit) in the local cache;
+    None when it is not there, or when a name could lead outside the cache."""
+    if not HF_REPO_ID.fullmatch(repo_id) or (revision and revision_problem(revision)):
+        return None
     repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
     ref = repo_dir / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else revision or "main"
+    try:
+        commit = ref.read_text().strip() if ref.is_file() else revision or "main"
+    except (OSError, ValueError):
+        return None
+    if revision_problem(commit):
+        return None
     snapshot = repo_dir / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None
 
@@ -1749,11 +2098,11 @@ def parse_host_list(text: str) -> list[str]:
     return hosts
 
 
+MAX_HOSTS_FILE_BYTES = 64 * 1024
+
+
 def read_hosts_file(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read hosts file {path}: {exc.strerror}") from None
+    lines = read_text_file(Path(path), "hosts file", MAX_HOSTS_FILE_BYTES).splitlines()
     entries = [line.split("#", 1)[0].strip() for line in lines]
     return parse_host_list(",".join(e for e in entries if e))
 
@@ -1914,7 +2263,8 @@ def classify_ssh_failure(result: RemoteResult, user: str | None) -> None:
         raise HostKeyMismatch(host, "host key mismatch or unknown host key; if the host was reinstalled, "
                                     f"run: ssh-keygen -R {host.rpartition('@')[2]}")
     if re.search(r"Could not resolve hostname|Connection (timed out|refused)|No route to host|"
-                 r"Network is unreachable|Connection closed by|kex_exchange|Operation timed out", err):
+                 r"Network is unreachable|Connection closed by|kex_exchange|Operation timed out|"
+                 r"closed by remote host|Connection reset|Broken pipe|client_loop", err):
         raise Unreachable(host, f"cannot connect over ssh ({result.stderr_tail(1)})")
     if not result.stdout and err.strip().startswith(("ssh:", "ssh_", "mux_", "Control")):
         raise Unreachable(host, f"ssh failed: {result.stderr_tail(1)}")
@@ -2333,31 +2683,46 @@ def clusters_path() -> Path:
 
 
 def read_clusters() -> dict:
+    """clusters.yaml; a wrong shape is a one-line error naming the file and what is wrong."""
     path = clusters_path()
     if not path.exists():
         return {"default": None, "clusters": {}}
     _, data = read_yaml_file(path)
-    if not isinstance(data, dict) or not isinstance(data.get("clusters", {}), dict):
+    data = {} if data is None else data
+    if not isinstance(data, dict) or not isinstance(data.get("clusters") or {}, dict):
         raise UsageError(f"{path}: not a clusters file (expected 'clusters:' mapping); fix or remove it")
-    return {"default": data.get("default"), "clusters": data.get("clusters") or {}}
+    clusters = data.get("clusters") or {}
+    for name, cluster in clusters.items():
+        problem = cluster_problem(name, cluster)
+        if problem:
+            raise UsageError(f"{path}: cluster {name!r}: {problem}; fix or remove it")
+    default = data.get("default")
+    if default is not None and default not in clusters:
+        raise UsageError(f"{path}: the default cluster {default!r} is not one of its clusters; fix or remove it")
+    return {"default": default, "clusters": clusters}
 
 
-class ConfigLock:
-    """Serializes read-modify-write of a config file between concurrent sparkrun processes."""
-
-    def __init__(self, path: Path):
-        self.path = path.with_name(f".{path.name}.lock")
-
-    def __enter__(self):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
+def cluster_problem(name, cluster) -> str | None:
+    if not isinstance(name, str) or not CLUSTER_NAME_RE.fullmatch(name):
+        return "the name must be letters, digits, '.', '_' or '-'"
+    if not isinstance(cluster, dict):
+        return "expected a mapping with 'hosts:'"
+    hosts = cluster.get("hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        return "'hosts' must be a list of host names"
+    user = cluster.get("user")
+    try:
+        for host in hosts:
+            validate_host(host)
+        if len(set(hosts)) < len(hosts):
+            return "a host is listed twice"
+        if user is not None:
+            validate_host(f"{user}@x" if isinstance(user, str) else "")
+    except UsageError as exc:
+        return str(exc)
+    if not isinstance(cluster.get("description") or "", str):
+        return "'description' must be text"
+    return None
 
 
 def change_clusters(change) -> dict:
@@ -2551,7 +2916,11 @@ REMOTE_MODS = "~/.cache/sparkrun/mods"  # on the hosts, one folder per launch
 CONTAINER_MODS = "/root/.cache/sparkrun/mods"
 REMOTE_COMPILE_CACHE = "~/.cache/sparkrun/compile"  # on the hosts, one folder per engine
 CONTAINER_COMPILE_CACHE = "/root/.cache/sparkrun/compile"
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.I)
+# Names that look like credentials: their values are secrets wherever they appear.
+SECRET_NAME = re.compile(r"KEY(?:$|_)|TOKEN|SECRET|PASS|PWD|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION", re.I)
+ENV_NOT_ALLOWED = ("recipe {recipe}: env {key} uses ${{{name}}}, but recipes from registry {registry} may only read "
+                   "the variables listed under 'allow_env' in {file}; add {name} there if you trust this "
+                   "registry, or copy the recipe into a file of your own")
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
 
@@ -2570,7 +2939,7 @@ class ContainerSpec(Record):
     image: str
     command: str  # run by `bash -c` inside the container
     env: tuple = ()  # (key, value), shown as is
-    secret_env: tuple = ()  # (key, value), sent in a 0600 env file and shown as ***
+    secret_env: tuple = ()  # (key, value), sent as docker's --env-file through a pipe, shown as ***
     mounts: tuple = ()  # (host path, container path[, "ro"]); "~/" is the remote user's home
     labels: tuple = ()  # (key, value)
     privileged: bool = False
@@ -2594,7 +2963,7 @@ class ContainerSpec(Record):
 
     def shown(self) -> str:
         """The docker run line as --dry-run prints it: secrets as ***."""
-        argv = self.docker_run_argv("<0600 env file>" if self.secret_env else None)
+        argv = self.docker_run_argv("<secrets>" if self.secret_env else None)
         return remote_join(argv) + "".join(f"\n      secret {k}=***" for k, _ in self.secret_env)
 
 
@@ -2736,20 +3105,37 @@ def cluster_id(runtime: str, model: str, hosts, port, served: str) -> str:
     return "sparkrun_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def expand_env(recipe: Recipe, environ=os.environ) -> tuple[list, list]:
-    """(plain, secret) env pairs. `${VAR}` comes from this machine's environment; values that
-    used it, and names that look like credentials, are secrets. HF_TOKEN joins the secrets."""
+def expand_env(recipe: Recipe, environ=os.environ, allowed=None) -> tuple[list, list]:
+    """(plain, secret) env pairs. `${VAR}` and `${VAR:-default}` come from this machine's
+    environment; a recipe from a registry reads only the variables in `allowed` (the others
+    take their default). Values that read a variable, and names that look like credentials, are
+    secrets. HF_TOKEN joins the secrets when it may be read."""
     plain, secret = [], []
+    may_read = (lambda name: True) if allowed is None else allowed.__contains__
     for key, raw in recipe.env.items():
         value = format_value(raw) if raw is not None else ""
-        names = ENV_REF.findall(value)
-        for name in names:
-            if name not in environ:
-                raise UsageError(f"recipe {recipe.name}: env {key} uses ${{{name}}}, which is not set here; "
-                                 f"export {name}=... or remove it from the recipe")
-        value = ENV_REF.sub(lambda m: environ[m.group(1)], value)
-        (secret if names or SECRET_NAME.search(key) else plain).append((key, value))
-    if environ.get("HF_TOKEN") and "HF_TOKEN" not in recipe.env:
+        read = []
+
+        def fill(match: re.Match) -> str:  # as bash: the default also replaces an empty value
+            name, default = match.groups()
+            found = environ.get(name) if may_read(name) else None
+            if found or (found == "" and default is None):
+                read.append(name)
+                return found
+            if default is not None:
+                return default
+            if not may_read(name):
+                raise UsageError(ENV_NOT_ALLOWED.format(recipe=recipe.name, key=key, name=name, registry=recipe.source,
+                                                        file=registries_file()))
+            raise UsageError(f"recipe {recipe.name}: env {key} uses ${{{name}}}, which is not set here; "
+                             f"export {name}=..., or write ${{{name}:-}} in the recipe to make it optional")
+
+        value = ENV_REF.sub(fill, value)
+        if not one_line_value(value):
+            raise UsageError(f"recipe {recipe.name}: env {key}: the value read from this machine holds a newline "
+                             "or another control character; docker cannot pass it")
+        (secret if read or SECRET_NAME.search(key) else plain).append((key, value))
+    if environ.get("HF_TOKEN") and "HF_TOKEN" not in recipe.env and may_read("HF_TOKEN"):
         secret.append(("HF_TOKEN", environ["HF_TOKEN"]))
     SECRET_VALUES.update(v for _, v in secret if len(v) >= 4)
     return plain, secret
@@ -2853,6 +3239,10 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     when known, + tuned MoE configs to mount: a TuningMount, section 10) -> the launch, as data."""
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
+    for key, value in values.items():
+        problem = typed_value_problem(key, value)
+        if problem:
+            raise UsageError(f"{'-o ' if key in options.overrides else f'recipe {recipe.name}: '}{problem}")
     runtime = recipe.runtime
     cluster_only = recipe.cluster_only or recipe.mode == "cluster"
     solo = options.solo or recipe.solo_only or recipe.mode == "solo"
@@ -2877,7 +3267,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     if not image:
         raise UsageError(f"recipe {recipe.name} names no container image; pass --image")
     rendezvous, why, peer_addresses = choose_rendezvous(hosts, facts)
-    plain_env, secret_env = expand_env(recipe, environ)
+    plain_env, secret_env = expand_env(recipe, environ, None if recipe.source == "Local" else registry_allowed_env())
     if snapshot and snapshot.gguf_file:
         # llama.cpp would download with -hf; point it at the synced file instead.
         # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
@@ -3058,14 +3448,24 @@ def resolve_mods(recipe: Recipe) -> list[tuple[str, Path]]:
     if not recipe.mods:
         return []
     names = [Path(str(m)).name for m in recipe.mods]
+    if any(n in ("", ".", "..") for n in names):
+        raise UsageError(f"recipe {recipe.name}: mods must name folders, not {recipe.mods!r}")
     places = [recipe.path.parent / "mods", recipe.path.parent.parent / "mods", recipe.path.parent.parent.parent / "mods"]
+    registries = {e["name"]: e for e in load_registry_config()["registries"]} if recipe.source != "Local" else {}
+    if recipe.source in registries:  # a registry's recipe: only mods inside its clone, or eugr's
+        clone = clone_path(registries[recipe.source]["clone"])
+        places = [p for p in places if inside(p, clone)]
     registry_dir = registry_mods_dir(recipe)
     if registry_dir:
         places.insert(0, registry_dir)
+
+    def found(place: Path, name: str) -> bool:
+        return (place / name / "run.sh").is_file() and inside(place / name / "run.sh", place)
+
     for place in places:
-        if all((place / n / "run.sh").is_file() for n in names):
+        if all(found(place, n) for n in names):
             return [(n, place / n) for n in names]
-    missing = [n for n in names if not any((p / n / "run.sh").is_file() for p in places)]
+    missing = [n for n in names if not any(found(p, n) for p in places)]
     raise UsageError(f"recipe {recipe.name}: mod(s) {', '.join(missing)} not found (looked in "
                      f"{', '.join(str(p) for p in places if p.is_dir()) or 'no mods folder'}); add the "
                      f"registry that has them (eugr's: sparkrun registry add "
@@ -3102,21 +3502,29 @@ def remote_join(argv: list[str]) -> str:
     return " ".join(parts)
 
 
-def start_container_script(spec: ContainerSpec) -> str:
-    """docker run on the host, after creating the folders it mounts writable (docker would create
-    them as root); secrets travel inside this script (stdin), into a 0600 env file that is removed
-    as soon as docker has read it, so no process list ever shows them."""
-    folders = remote_join(["mkdir", "-p", *(m[0] for m in spec.mounts if m[2:] != ("ro",))]) + "\n"
-    if not spec.secret_env:
-        return f"{folders}{remote_join(spec.docker_run_argv())}\n"
-    for key, value in spec.secret_env:
-        if "\n" in value:
-            raise UsageError(f"env {key}: a value with a newline cannot be passed to docker")
-    lines = "\n".join(f"{k}={v}" for k, v in spec.secret_env)
-    docker_run = remote_join(spec.docker_run_argv("ENVFILE")).replace(" ENVFILE ", ' "$env_file" ')
-    return (f"{folders}umask 077\nenv_file=$(mktemp)\n"
-            f"cat > \"$env_file\" <<'SPARKRUN_SECRETS'\n{lines}\nSPARKRUN_SECRETS\n"
-            f"{docker_run}\nrc=$?\nrm -f \"$env_file\"\nexit $rc\n")
+ENV_PIPE = "SPARKRUN_ENV_PIPE"  # stands for the secrets' --env-file in the docker run argv
+
+
+def start_container_script(spec: ContainerSpec) -> tuple[str, bytes]:
+    """(script, data that follows it on stdin) to `docker run` the container on its host, after
+    creating the folders it mounts writable (docker would create them as root). The secrets are
+    that data: docker reads them as its --env-file from a pipe, so they never reach
+    the host's disk, a command line or the script that -vv prints, and nothing is left behind
+    whatever happens to the connection. The script is one function called on its last line, with
+    `exit` on that same line: bash has read all of it before `head` reads the data, and never
+    reads the data as commands."""
+    docker_run = remote_join(spec.docker_run_argv(ENV_PIPE if spec.secret_env else None))
+    data = "".join(f"{key}={value}\n" for key, value in spec.secret_env).encode()
+    if data:
+        docker_run = docker_run.replace(f" {ENV_PIPE} ", f" <(head -c {len(data)}) ")
+    folders = remote_join(["mkdir", "-p", *(m[0] for m in spec.mounts if m[2:] != ("ro",))])
+    return f"start() {{\n{folders}\n{docker_run}\n}}\nstart; exit\n", data
+
+
+def start_container(ssh: SSH, spec: ContainerSpec, timeout: float) -> RemoteResult:
+    script, secrets = start_container_script(spec)
+    return ssh.run(spec.host, script, stdin_data=secrets, check=True, timeout=timeout,
+                   what=f"docker run of {spec.name}")
 
 
 def wait_port_script(address: str, port: int, container: str, timeout_s: int) -> str:
@@ -3154,12 +3562,27 @@ class SignalsHeld:
             signal.signal(signum, handler)
 
 
-def remove_containers(ssh: SSH, names_by_host: dict) -> None:
-    """docker rm -f on every host at once; no signal interrupts it."""
+def remove_containers(ssh: SSH, names_by_host: dict) -> dict:
+    """docker rm -f on every host at once; no signal interrupts it. Returns host -> names of the
+    hosts that could not be reached: those containers may still be there."""
     with SignalsHeld():
-        ssh.run_all([h for h, names in names_by_host.items() if names],
-                    lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
-                    timeout=60)
+        results = ssh.run_all(
+            [h for h, names in names_by_host.items() if names],
+            lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
+            timeout=60)
+    return {h: names_by_host[h] for h, r in results.items() if isinstance(r, HostError) or r.returncode == 255}
+
+
+def left_behind_message(recipe: str, left: dict) -> str:
+    """What to do about containers on hosts that were lost before they could be removed."""
+    where = "; ".join(f"{h}: {', '.join(names)}" for h, names in left.items())
+    return (f"containers possibly left on hosts that could not be reached ({where}); once they are back, "
+            f"run: sparkrun stop {recipe} -H {','.join(left)}")
+
+
+def already_running_message(plan: LaunchPlan, hosts) -> str:
+    return (f"{plan.recipe} is already running as {plan.cluster_id} on {', '.join(sorted(hosts))}; stop it first "
+            f"(sparkrun stop {plan.recipe}) or pass --replace")
 
 
 def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
@@ -3182,9 +3605,7 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
                 problems.append(f"{host}: port {port} ({what}) is already in use; stop what uses it, "
                                 f"or pass {'--port' if what == 'serve' else '--' + what.replace(' ', '-') + '-port'}")
     if existing and not replace:
-        problems.insert(0, f"{plan.recipe} is already running as {plan.cluster_id} on "
-                           f"{', '.join(sorted({h for h, _ in existing}))}; stop it first "
-                           f"(sparkrun stop {plan.recipe}) or pass --replace")
+        problems.insert(0, already_running_message(plan, {h for h, _ in existing}))
     if problems:
         raise SparkrunError("\n       ".join(problems))
     return existing
@@ -3418,6 +3839,9 @@ def raise_first(results: dict) -> dict:
     return results
 
 
+NAME_TAKEN = "is already in use by container"  # docker run's Conflict error for a name in use
+
+
 def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> tuple[float, Readiness]:
     """Start each step in order (consecutive starts on different hosts at once), then wait
     until ready; returns the seconds spent waiting for the server (rendezvous ports included)
@@ -3435,9 +3859,13 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                     say(f"[{step.host}] starting {step.container.role} ({step.container.name})")
                     started.setdefault(step.host, []).append(step.container.name)
                 specs = {s.host: s.container for s in batch}
-                results = in_parallel(list(specs), lambda h: ssh.run(
-                    h, start_container_script(specs[h]), check=True, timeout=120,
-                    what=f"docker run of {specs[h].name}"), running=in_flight)
+                results = in_parallel(list(specs), lambda h: start_container(ssh, specs[h], timeout=120),
+                                      running=in_flight)
+                taken = [h for h, r in results.items() if isinstance(r, RemoteFailed) and NAME_TAKEN in str(r)]
+                for host in taken:  # the same launch, started by another `run` a moment ago: not ours
+                    started[host].remove(specs[host].name)
+                if taken:
+                    raise SparkrunError(already_running_message(plan, taken))
                 raise_first(results)
                 continue
             step = batch[0]
@@ -3449,13 +3877,15 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
             if result.returncode == 3:
                 raise RemoteFailed(step.host, f"container {owner} exited while waiting for {step.reason}; "
                                               "last log lines:\n" + container_logs_tail(ssh, step.host, owner))
-            if not result.ok:
+            if result.returncode == 4:
                 raise RemoteFailed(step.host, f"{step.address}:{step.port} ({step.reason}) did not open in 600 s")
+            if not result.ok:
+                raise Unreachable(step.host, f"lost the connection while waiting for {step.address}:{step.port} "
+                                             f"({result.stderr_tail(1) or f'exit {result.returncode}'})")
     except KeyboardInterrupt as interrupt:
         roll_back(ssh, started, in_flight, interrupt)
     except SparkrunError as failure:
-        remove_containers(ssh, started)
-        raise failure_with_entrypoint(failure, plan) from None
+        raise rolled_back_failure(ssh, started, failure, plan) from None
     try:
         say(f"waiting for {plan.endpoint} to serve {plan.served_model or UNKNOWN_SERVED_NAME}")
         since = time.monotonic()
@@ -3464,8 +3894,7 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
     except KeyboardInterrupt as interrupt:
         raise Detached(interrupt) from None
     except SparkrunError as failure:
-        remove_containers(ssh, started)
-        raise failure_with_entrypoint(failure, plan) from None
+        raise rolled_back_failure(ssh, started, failure, plan) from None
 
 
 class LaunchInterrupted(SparkrunError):
@@ -3495,6 +3924,13 @@ def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInter
                                 interrupt) from None
     raise LaunchInterrupted("launch interrupted before every container had started; nothing was left running",
                             interrupt) from None
+
+
+def rolled_back_failure(ssh: SSH, started: dict, failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
+    """Remove what the launch started; the failure, naming what may be left on hosts that were lost."""
+    left = remove_containers(ssh, started)
+    failure = failure_with_entrypoint(failure, plan)
+    return SparkrunError(f"{failure}; {left_behind_message(plan.recipe, left)}") if left else failure
 
 
 def failure_with_entrypoint(failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
@@ -3567,9 +4003,13 @@ def pending_operations() -> list[dict]:
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             entry = json.loads(path.read_text())
-            os.kill(int(entry["pid"]), 0)
+        except (OSError, ValueError):
+            entry = None
+        well_formed = (isinstance(entry, dict) and isinstance(entry.get("pid"), int)
+                       and isinstance(entry.get("what"), str) and isinstance(entry.get("hosts"), list))
+        if well_formed and process_alive(entry["pid"]):
             alive.append(entry)
-        except (OSError, ValueError, KeyError, ProcessLookupError):
+        else:
             path.unlink(missing_ok=True)
     return alive
 
@@ -5063,15 +5503,30 @@ def tuning_dir(engine: str) -> Path:
 
 
 def read_tuning_manifest(folder: Path) -> dict:
+    """The manifest's models and registry files; entries of another shape are left out."""
     data = _read_json(folder / TUNING_MANIFEST) or {}
-    return {"models": data.get("models") or {}, "registry_files": data.get("registry_files") or []}
+    models, files = data.get("models"), data.get("registry_files")
+    models = {model: {tp: entry for tp, entry in sizes.items()
+                      if tp.isdigit() and isinstance(entry, dict) and isinstance(entry.get("files"), list)
+                      and all(isinstance(f, str) for f in entry["files"])}
+              for model, sizes in models.items() if isinstance(sizes, dict)} if isinstance(models, dict) else {}
+    files = [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+    return {"models": models, "registry_files": files}
+
+
+def change_tuning_manifest(folder: Path, change) -> None:
+    """Apply change(manifest) under the manifest's lock and replace it whole."""
+    with ConfigLock(folder / TUNING_MANIFEST):
+        manifest = read_tuning_manifest(folder)
+        change(manifest)
+        atomic_write(folder / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def tuned_sizes(folder: Path, model: str) -> set[int]:
     """TP sizes tuned for `model` whose config files are all still in `folder`."""
     entries = read_tuning_manifest(folder)["models"].get(model, {})
     return {int(tp) for tp, entry in entries.items()
-            if entry.get("files") and all((folder / f).is_file() for f in entry["files"])}
+            if entry["files"] and all((folder / f).is_file() for f in entry["files"])}
 
 
 def sync_registry_tuning(engine: str, folder: Path) -> list[str]:
@@ -5080,18 +5535,17 @@ def sync_registry_tuning(engine: str, folder: Path) -> list[str]:
     manifest = read_tuning_manifest(folder)
     present = set(manifest["registry_files"])
     added = []
-    for root in registry_tuning_dirs():
-        source = root / engine
-        for path in sorted(source.rglob("*.json")) if source.is_dir() else []:
-            relative = path.relative_to(source).as_posix()
+    for entry in enabled_registries():
+        for path in clone_files(entry, "tuning", "*.json", sub=engine):
+            relative = path.relative_to(registry_folder(entry, "tuning") / engine).as_posix()
             if relative not in present and not (folder / relative).exists():
                 (folder / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, folder / relative)
                 added.append(relative)
                 present.add(relative)
     if added:
-        manifest["registry_files"] = sorted(present)
-        atomic_write(folder / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        change_tuning_manifest(folder, lambda manifest: manifest.update(
+            registry_files=sorted(set(manifest["registry_files"]) | present)))
     return sorted(f for f in present if (folder / f).is_file())
 
 
@@ -5282,8 +5736,7 @@ def cmd_tune(args) -> int:
     ssh.run(plan.host, f"docker rm -f {container} >/dev/null 2>&1 || true\n", timeout=60)
     say(f"[{plan.host}] starting the tuning container {container}")
     try:
-        ssh.run(plan.host, start_container_script(plan.container), check=True, timeout=300,
-                what=f"docker run of {container}")
+        start_container(ssh, plan.container, timeout=300)
         tune_in_container(ssh, plan)
     except KeyboardInterrupt:
         say("Interrupted: removing the tuning container ...")
@@ -5373,10 +5826,8 @@ def collect_tuned(ssh: SSH, plan: TunePlan, tp: int, configs: list[str]) -> None
         listing.unlink(missing_ok=True)
     if done.returncode != 0:
         raise RemoteFailed(plan.host, f"copying tuned configs back failed: {done.stderr.strip()[-300:]}")
-    manifest = read_tuning_manifest(plan.output)
-    manifest["models"].setdefault(plan.model, {})[str(tp)] = {
-        "files": sorted(configs), "image": plan.image, "tuned": time.strftime("%Y-%m-%d %H:%M")}
-    atomic_write(plan.output / TUNING_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    change_tuning_manifest(plan.output, lambda manifest: manifest["models"].setdefault(plan.model, {}).update(
+        {str(tp): {"files": sorted(configs), "image": plan.image, "tuned": time.strftime("%Y-%m-%d %H:%M")}}))
 
 
 # -- CLI: registered by build_parser (section 12)
@@ -5473,7 +5924,8 @@ def read_install_record() -> dict:
         data = json.loads(install_record_path().read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    known = isinstance(data, dict) and data.get("method") in ("pyz", "uv") and isinstance(data.get("source"), str)
+    return data if known else {}  # anything else was not written by sparkrun: as if there were none
 
 
 def running_pyz() -> Path | None:
@@ -5944,8 +6396,9 @@ def write_completion_data() -> dict:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
-    if not isinstance(old, dict) or old.get("format") != program["FORMAT"]:
-        old = {"files": {}}
+    if not (isinstance(old, dict) and old.get("format") == program["FORMAT"]
+            and isinstance(old.get("files"), dict) and isinstance(old.get("tree"), dict)):
+        old = {"files": {}}  # not what this function wrote: made again
     # The zipapp rather than this file: an updated zipapp unpacks elsewhere, leaving this one as it was.
     me = str(running_pyz() or Path(__file__).resolve())
     files = {me: program["identity"](me)}
@@ -5959,7 +6412,7 @@ def write_completion_data() -> dict:
     if data != old:
         try:
             atomic_write(path, json.dumps(data))
-        except OSError:
+        except FolderError:
             pass  # a read-only cache only costs speed
     return data
 
@@ -6924,8 +7377,14 @@ def print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 def table_lines(rows: list[list[str]], headers: list[str]) -> list[str]:
+    rows = [[one_cell(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+
+
+def one_cell(text: str) -> str:
+    """A table cell, on one line."""
+    return str(text).replace("\n", " ").replace("\t", " ")
 
 
 def cmd_list(args) -> int:
@@ -6953,7 +7412,8 @@ def recipe_as_dict(recipe: Recipe) -> dict:
         "min_nodes": recipe.min_nodes, "max_nodes": recipe.max_nodes, "mode": recipe.mode,
         "solo_only": recipe.solo_only, "cluster_only": recipe.cluster_only,
         "description": recipe.description, "metadata": recipe.metadata, "defaults": recipe.defaults,
-        "env": recipe.env, "command": recipe.command, "mods": recipe.mods,
+        "env": {k: "***" if SECRET_NAME.search(k) else v for k, v in recipe.env.items()},
+        "command": recipe.command, "mods": recipe.mods,
         "build_args": recipe.build_args, "runtime_config": recipe.runtime_config,
     }
 
@@ -7012,6 +7472,10 @@ def launch_options(args) -> LaunchOptions:
         check_cli_value("--image", args.image)
     if args.cache_dir:
         check_cli_value("--cache-dir", args.cache_dir)
+    for flag in ("init_port", "ray_port", "dashboard_port"):
+        value = getattr(args, flag)
+        if value is not None and typed_value_problem("port", value):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a port number from 1 to 65535, not {value}")
     return LaunchOptions(overrides=overrides, image=args.image, cache_dir=args.cache_dir,
                          init_port=args.init_port, ray_port=args.ray_port, dashboard=args.dashboard,
                          dashboard_port=args.dashboard_port, solo=args.solo, no_sync=args.no_sync)
@@ -7431,6 +7895,7 @@ def assess_engine(workload: dict, figures: dict, samples: dict, key: str, clock:
                                                  f"for {still:.0f} s")
     else:
         workload["health"] = "busy"
+SIGPIPE_EXIT = 141  # what a shell reports for a program ended by SIGPIPE
 
 
 def collect_workloads(facts: dict) -> list[dict]:
@@ -7625,22 +8090,26 @@ def cmd_recipe_validate(args) -> int:
 
 
 def registry_url(text: str) -> str:
-    """A local folder as an absolute path (the air-gapped case); anything else as given."""
+    """A local folder as an absolute path (the air-gapped case); a URL with its path normalized
+    ('/.' and 'sub/..' removed); anything else as given."""
+    if "://" in text:
+        import posixpath
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(text)
+        return urlunsplit(parts._replace(path=posixpath.normpath(parts.path))) if parts.path else text
     path = Path(os.path.expanduser(text))
-    return str(path.resolve()) if "://" not in text and path.is_dir() else text
+    return str(path.resolve()) if path.is_dir() else text
 
 
 def recipe_count(entry: dict) -> int:
-    root = registry_folder(entry, "recipes")
-    return sum(1 for _ in root.rglob("*.yaml")) if root.is_dir() else 0
+    return len(clone_files(entry, "recipes", "*.yaml"))
 
 
 def cmd_registry_add(args) -> int:
     source = {"url": registry_url(args.source)}
     source.update((k, v) for k, v in (("name", args.name), ("path", args.path), ("mods", args.mods)) if v)
-    config = load_registry_config()
-    added = add_source(config, source)
-    save_registry_config(config)
+    added = change_registry_config(lambda config: add_source(config, source))
     for entry in added:
         hidden = "" if entry["visible"] else "; hidden, shown with --all"
         print(f"Added registry {entry['name']} ({recipe_count(entry)} recipes{hidden})")
@@ -7671,27 +8140,24 @@ def cmd_registry_list(args) -> int:
 
 
 def cmd_registry_remove(args) -> int:
-    config = load_registry_config()
-    pending = [s for s in config["pending"] if args.name in (s["url"], s.get("name"))]
-    if pending:  # a default registry never fetched: stop retrying it
-        config["pending"] = [s for s in config["pending"] if s not in pending]
-        save_registry_config(config)
-        print(f"Removed pending registry {args.name}")
-        return 0
-    entry = registry_named(config, args.name)
-    config["registries"].remove(entry)
-    save_registry_config(config)
-    if all(e["clone"] != entry["clone"] for e in config["registries"]):
-        shutil.rmtree(registries_root() / entry["clone"], ignore_errors=True)
-    print(f"Removed registry {args.name}")
+    def remove(config) -> str:
+        pending = [s for s in config["pending"] if args.name in (s["url"], s.get("name"))]
+        if pending:  # a default registry never fetched: stop retrying it
+            config["pending"] = [s for s in config["pending"] if s not in pending]
+            return f"Removed pending registry {args.name}"
+        entry = registry_named(config, args.name)
+        config["registries"].remove(entry)
+        if all(e["clone"] != entry["clone"] for e in config["registries"]):
+            shutil.rmtree(clone_path(entry["clone"]), ignore_errors=True)
+        return f"Removed registry {args.name}"
+
+    print(change_registry_config(remove))
     return 0
 
 
 def cmd_registry_enable(args) -> int:
     """`registry enable` and `registry disable` (args.enabled)."""
-    config = load_registry_config()
-    registry_named(config, args.name)["enabled"] = args.enabled
-    save_registry_config(config)
+    change_registry_config(lambda config: registry_named(config, args.name).update(enabled=args.enabled))
     print(f"Registry {args.name} {'enabled' if args.enabled else 'disabled'}")
     return 0
 
@@ -7735,7 +8201,7 @@ def cmd_registry_show_profile(args) -> int:
         return 0
     source = next((r.source for r in benchmark_profiles() if r.path == path), "Local")
     print(f"Name:         {path.stem}\nRepository:   {source}\nFile:         {path}\n")
-    print(path.read_text().rstrip())
+    print(read_text_file(path).rstrip())
     return 0
 
 
@@ -8010,18 +8476,38 @@ def build_parser(argv: list[str] | None = None):
     return parser
 
 
+def stdout_closed() -> None:
+    """The reader of our stdout is gone: send the rest nowhere, so that no flush fails later."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [COMPLETE_COMMAND]:  # shell completion: before any parser is built
         return run_completion(argv[1:])
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    raise_on_signals()
     try:
-        return args.func(args)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+    finally:  # --help, usage errors: flushed here, where a closed pipe is caught
+        flush_stdout()
+    raise_on_signals()
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(sys.stdout), PrintableStream(sys.stderr)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except SparkrunError as exc:
         if args.verbose:
             import traceback
@@ -8031,12 +8517,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print("Interrupted.", file=sys.stderr)
         return signal_exit_code(interrupt)
+    except BrokenPipeError:  # `sparkrun list | head`: the reader has all it wants
+        stdout_closed()
+        return SIGPIPE_EXIT
+    except OSError as exc:  # a file or folder this machine refused (read-only, full, a device)
+        if args.verbose or not exc.filename:
+            raise
+        print(f"Error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug: one line, the traceback with -v
         if args.verbose:
             raise
         print(mask(f"Error: internal error ({type(exc).__name__}: {exc}); run again with -v for the "
                    "traceback and report it"), file=sys.stderr)
         return 1
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

@@ -75,6 +75,26 @@ def test_zipapp_is_portable_and_runs_on_system_python(zipapp, tmp_path):
     assert "Container:    scitrera/dgx-spark-vllm:0.16.0-t5" in result.stdout
 
 
+def test_zipapp_starts_from_its_unpacked_copy_with_bytecode_from_the_build(zipapp, tmp_path):
+    """The first run unpacks through shiv's bootstrap; later runs skip it and its imports."""
+    with zipfile.ZipFile(zipapp) as archive:
+        assert any(n.startswith("site-packages/__pycache__/sparkrun.cpython-") for n in archive.namelist())
+    env = isolated_env(tmp_path, {"SHIV_ROOT": str(tmp_path / "shiv")})
+
+    def imported_modules():
+        result = run([SYSTEM_PYTHON, "-X", "importtime", str(zipapp), "--help"], env)
+        assert result.returncode == 0 and result.stdout.startswith("usage: sparkrun"), result.stderr
+        return {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+    assert {"_bootstrap", "compileall"} <= imported_modules()  # first run: unpacks
+    later = imported_modules()
+    assert not later & {"_bootstrap", "compileall", "zipfile", "subprocess", "hashlib", "shutil"}
+    assert "sparkrun" in later
+    # A shiv setting in the environment still goes through shiv's bootstrap.
+    env["SHIV_FORCE_EXTRACT"] = "1"
+    assert "_bootstrap" in imported_modules()
+
+
 @pytest.mark.parametrize("args", [["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"],
                                   ["cluster", "list"], ["run", "qwen3-1.7b-llama-cpp", "-H", "h1", "--dry-run"]])
 def test_quick_commands_import_neither_huggingface_hub_nor_network_libraries(cli, args):

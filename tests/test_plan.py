@@ -109,10 +109,11 @@ def test_secrets_masked_and_sent_in_env_file(tmp_path):
     assert dict(spec.env)["PLAIN"] == "x"
     shown = plan.describe()
     assert "s3cr3t" not in shown and "hf_abc" not in shown and "secret API=***" in shown
-    script = sr.start_container_script(spec)
+    script, data = sr.start_container_script(spec)
     run_line = next(l for l in script.splitlines() if l.startswith("docker run"))
-    assert "s3cr3t" not in run_line and '--env-file "$env_file"' in run_line
-    assert "umask 077" in script
+    assert "s3cr3t" not in script and "hf_abc" not in script
+    assert f"--env-file <(head -c {len(data)})" in run_line and script.endswith("start; exit\n")
+    assert data == b"API=s3cr3t-value\nHF_TOKEN=hf_abcdef\n"
 
 
 def test_unset_env_reference_is_named():

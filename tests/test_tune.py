@@ -158,14 +158,13 @@ def test_registry_tuning_configs_are_merged_and_mounted_local_ones_win(monkeypat
     monkeypatch.setenv("SPARKRUN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SPARKRUN_CONFIG_DIR", str(tmp_path / "config"))
     (tmp_path / "config").mkdir()
-    sr.registries_file().write_text("registries: []\n")
-    registry = tmp_path / "registry" / "tuning"
+    sr.registries_file().write_text("registries: [{name: reg, url: x, clone: reg, recipes: recipes, tuning: tuning}]\n")
+    registry = tmp_path / "cache" / "registries" / "reg" / "tuning"
     (registry / "sglang" / "triton_3_4_0").mkdir(parents=True)
     (registry / "sglang" / "triton_3_4_0" / "E=8,N=512,device_name=NVIDIA_GB10.json").write_text('{"from": "registry"}')
     (registry / "sglang" / "E=8,N=256,device_name=NVIDIA_GB10.json").write_text('{"from": "registry"}')
     (registry / "vllm").mkdir()
     (registry / "vllm" / "E=8,N=1,device_name=NVIDIA_GB10.json").write_text("{}")
-    monkeypatch.setattr(sr, "registry_tuning_dirs", lambda: [registry])
     local = sr.tuning_dir("sglang")
     local.mkdir(parents=True)
     (local / "E=8,N=256,device_name=NVIDIA_GB10.json").write_text('{"from": "here"}')

@@ -204,6 +204,11 @@ def _run(store, args):
     if not argv:
         raise daemon_error("no command specified", 125)
     env = user_env(opts["env"], opts["env_file"], image.get("Env") or [])
+    slow = store.fault("docker_run_slow")
+    if slow is not None:
+        # The CLI has read its --env-file by now (docker/cli cli/command/container/opts.go parses
+        # it with the other options); the daemon may then take long to create the container.
+        time.sleep(float(slow or 5))
     mounts = parse_mounts(store, opts["volume"], opts["mount"])
     container = new_container(store, opts, image, ref, argv, env, mounts)
     with store.lock():
