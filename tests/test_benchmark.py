@@ -15,6 +15,8 @@ import yaml
 from conftest import H1, H2, CORPUS, REPO, TESTS
 import sparkrun as sr
 
+bench = sr.command_module("benchmark")
+
 VLLM_IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 LLAMA_IMAGE = "sparkrun-test/llama-cpp-python:0.3.36"
 PLUGIN = TESTS / "bench_data" / "plugin"
@@ -26,21 +28,21 @@ PROFILES = sorted(p for p in CORPUS.rglob("*.yaml") if p.parent.name in ("benchm
 # -- args, profiles and the command line (no hosts)
 
 def test_args_precedence_framework_recipe_profile_cli():
-    framework = sr.LlamaBenchy()
-    merged = sr.merge_bench_args(framework, {"pp": [512], "tg": [64], "prefix_caching": True},
-                                 {"tg": [32], "depth": [0, 4096]}, sr.bench_overrides(["depth=0,16", "runs=1"]))
+    framework = bench.LlamaBenchy()
+    merged = bench.merge_bench_args(framework, {"pp": [512], "tg": [64], "prefix_caching": True},
+                                 {"tg": [32], "depth": [0, 4096]}, bench.bench_overrides(["depth=0,16", "runs=1"]))
     assert merged == {"pp": [512], "tg": [32], "depth": [0, 16], "concurrency": [1], "runs": 1,
                       "enable_prefix_caching": True}
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
 def test_every_corpus_profile_builds_a_command(path, capsys):
-    profile = sr.read_profile(str(path))
+    profile = bench.read_profile(str(path))
     assert profile.name == path.stem and profile.framework == "llama-benchy"
-    framework = sr.load_framework(profile.framework)
-    args = sr.merge_bench_args(framework, {}, profile.args, {})
-    points = sr.schedule_points(args, profile.schedule)
-    job = sr.BenchmarkJob("http://h:8000/v1", "org/model", "served", points[0], "/tok", "http://127.0.0.1:1/p.txt",
+    framework = bench.load_framework(profile.framework)
+    args = bench.merge_bench_args(framework, {}, profile.args, {})
+    points = bench.schedule_points(args, profile.schedule)
+    job = bench.BenchmarkJob("http://h:8000/v1", "org/model", "served", points[0], "/tok", "http://127.0.0.1:1/p.txt",
                           Path("/r.json"), True)
     argv = framework.argv(job)
     assert argv[argv.index("--model") + 1] == "org/model" and argv[argv.index("--served-model-name") + 1] == "served"
@@ -58,13 +60,13 @@ def test_every_corpus_profile_builds_a_command(path, capsys):
 
 
 def test_flags_lists_booleans_and_mappings():
-    assert sr.bench_flag("depth", [0, 4096]) == ["--depth", "0", "4096"]
-    assert sr.bench_flag("enable_prefix_caching", True) == ["--enable-prefix-caching"]
-    assert sr.bench_flag("no_cache", False) == []
-    assert sr.bench_flag("extra_body", {"top_k": 1}) == ["--extra-body", "top_k=1"]
-    job = sr.BenchmarkJob("http://h:1/v1", "m/m", "m", {"adapt_prompt": False, "tokenizer": "x"}, None, None,
+    assert bench.bench_flag("depth", [0, 4096]) == ["--depth", "0", "4096"]
+    assert bench.bench_flag("enable_prefix_caching", True) == ["--enable-prefix-caching"]
+    assert bench.bench_flag("no_cache", False) == []
+    assert bench.bench_flag("extra_body", {"top_k": 1}) == ["--extra-body", "top_k=1"]
+    job = bench.BenchmarkJob("http://h:1/v1", "m/m", "m", {"adapt_prompt": False, "tokenizer": "x"}, None, None,
                           Path("/r"), True)
-    argv = sr.LlamaBenchy().argv(job)
+    argv = bench.LlamaBenchy().argv(job)
     assert "--no-adapt-prompt" in argv and "--tokenizer" not in argv and "--book-url" not in argv
 
 
@@ -74,7 +76,7 @@ def test_recipe_block_in_both_layouts(tmp_path):
                     "  tokenizer: a/tok\n")
     nested = tmp_path / "nested.yaml"
     nested.write_text("model: a/b\ncommand: vllm serve a/b\nbenchmark:\n  framework: x\n  args: {pp: [1]}\n")
-    flat_block, nested_block = (sr.recipe_benchmark_block(sr.load_recipe(p)) for p in (flat, nested))
+    flat_block, nested_block = (bench.recipe_benchmark_block(sr.load_recipe(p)) for p in (flat, nested))
     assert (flat_block.framework, flat_block.args) == ("llama-benchy", {"depth": [0, 4096], "tokenizer": "a/tok"})
     assert (nested_block.framework, nested_block.args) == ("x", {"pp": [1]})
 
@@ -84,7 +86,7 @@ def test_recipe_block_timeout_and_schedule_are_not_framework_args(cli, tmp_path)
     recipe.write_text((REPO / "recipes" / "qwen3-1.7b-vllm.yaml").read_text() + (
         "\nbenchmark:\n  timeout: 5400\n  tg: [64]\n"
         "  schedule:\n    - {depth: 0, concurrency: 1}\n    - {depth: 4096, concurrency: 2}\n"))
-    block = sr.recipe_benchmark_block(sr.load_recipe(recipe))
+    block = bench.recipe_benchmark_block(sr.load_recipe(recipe))
     assert (block.timeout, block.args) == (5400, {"tg": [64]}) and len(block.schedule) == 2
     result = cli("benchmark", recipe, "-H", H1, "--dry-run", check=0)
     assert "Benchmark (llama-benchy, 2 run(s), timeout 5400 s)" in result.stdout
@@ -99,19 +101,19 @@ def test_recipe_block_timeout_and_schedule_are_not_framework_args(cli, tmp_path)
 def test_profile_args_directly_under_benchmark_and_empty_profiles(tmp_path):
     flat = tmp_path / "flat.yaml"
     flat.write_text("benchmark:\n  framework: llama-benchy\n  depth: [0, 8192]\n  concurrency: [2]\n  timeout: 900\n")
-    profile = sr.read_profile(str(flat))
+    profile = bench.read_profile(str(flat))
     assert profile.args == {"depth": [0, 8192], "concurrency": [2]} and profile.timeout == 900
     for text in ("description: nothing here\n", "metadata: {description: x}\n", "benchmark: {}\n"):
         (tmp_path / "empty.yaml").write_text(text)
         with pytest.raises(sr.UsageError) as error:
-            sr.read_profile(str(tmp_path / "empty.yaml"))
-        assert str(error.value) == sr.PROFILE_EMPTY.format(path=tmp_path / "empty.yaml")
+            bench.read_profile(str(tmp_path / "empty.yaml"))
+        assert str(error.value) == bench.PROFILE_EMPTY.format(path=tmp_path / "empty.yaml")
 
 
 def test_bundled_prompt_text_is_packaged():
     import tomllib
 
-    assert sr.prompt_text_file().is_file() and len(sr.prompt_text_file().read_text()) > 5000
+    assert bench.prompt_text_file().is_file() and len(bench.prompt_text_file().read_text()) > 5000
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert data["package-dir"]["sparkrun_recipes"] == "recipes"
     assert "*.txt" in data["package-data"]["sparkrun_recipes"]
@@ -121,9 +123,9 @@ def test_prompt_server_serves_only_the_text():
     import urllib.error
     import urllib.request
 
-    with sr.PromptServer(sr.prompt_text_file()) as server:
+    with bench.PromptServer(bench.prompt_text_file()) as server:
         assert server.url.startswith("http://127.0.0.1:")
-        assert urllib.request.urlopen(server.url, timeout=5).read() == sr.prompt_text_file().read_bytes()
+        assert urllib.request.urlopen(server.url, timeout=5).read() == bench.prompt_text_file().read_bytes()
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(server.url.rsplit("/", 1)[0] + "/etc/passwd", timeout=5)
 
@@ -142,12 +144,12 @@ def test_dry_run_prints_plan_and_every_scheduled_command(cli):
 def test_missing_tokenizer_offline_says_what_to_do(cli):
     result = cli("benchmark", "qwen3-1.7b-vllm", "-H", H1)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "Error: " + sr.TOKENIZER_MISSING.format(
+    assert result.stderr.strip().splitlines()[-1] == "Error: " + bench.TOKENIZER_MISSING.format(
         name="Qwen/Qwen3-1.7B", home=cli.home / "hf")
 
 
 def test_llama_benchy_not_installed_says_how_to_install(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(sr.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -155,7 +157,7 @@ def test_llama_benchy_not_installed_says_how_to_install(monkeypatch, capsys, tmp
     monkeypatch.setenv("SPARKRUN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SPARKRUN_DEFAULT_REGISTRIES", "")
     assert sr.main(["benchmark", "qwen3-1.7b-vllm", "-H", H1]) == 1
-    assert capsys.readouterr().err.strip() == f"Error: {sr.LLAMA_BENCHY_MISSING}"
+    assert capsys.readouterr().err.strip() == f"Error: {bench.LLAMA_BENCHY_MISSING}"
 
 
 def test_unknown_framework_lists_the_known_ones(cli):
@@ -174,7 +176,7 @@ def lab(bed, tmp_path):
     sys.path.insert(0, str(TESTS / "bench_data"))
     from tiny_model import train_tokenizer
 
-    train_tokenizer(sr.prompt_text_file().read_text()).save(str(tokenizer))
+    train_tokenizer(bench.prompt_text_file().read_text()).save(str(tokenizer))
     bed.tokenizer = tokenizer
     yield bed
     bed("stop", "--all", "-H", f"{H1},{H2}")
@@ -204,7 +206,7 @@ def test_skip_run_benchmarks_the_running_instance_and_leaves_it(lab, tmp_path):
     assert [(r["depth"], r["concurrency"]) for r in record["results"]["rows"]] == [(0, 1), (0, 2), (16, 1), (16, 2)]
     assert all(r["answered"] for r in record["results"]["rows"])
     raw = record["results"]["runs"][0]["raw"]
-    assert raw["prompt_chars"] == len(sr.prompt_text_file().read_text())  # served on 127.0.0.1
+    assert raw["prompt_chars"] == len(bench.prompt_text_file().read_text())  # served on 127.0.0.1
     assert raw["tokenizer"] == str(lab.tokenizer)
     assert record["container"]["image_id"] == lab.bed.hosts[0].containers()[0]["image_id"]
     assert record["container"]["image"] == VLLM_IMAGE and record["hosts"] == [H1]
@@ -217,7 +219,7 @@ def test_skip_run_benchmarks_the_running_instance_and_leaves_it(lab, tmp_path):
 def test_skip_run_with_nothing_running(lab):
     result = fake_bench(lab, "-H", H1, "--skip-run")
     assert result.returncode == 1
-    assert f"Error: {sr.NOT_RUNNING.format(recipe='qwen3-1.7b-vllm', hosts=H1)}" in result.stderr
+    assert f"Error: {bench.NOT_RUNNING.format(recipe='qwen3-1.7b-vllm', hosts=H1)}" in result.stderr
 
 
 def test_launch_benchmark_stop_and_no_stop(lab, tmp_path):
@@ -266,7 +268,7 @@ def test_ctrl_c_keeps_partial_results_and_stops_the_server(lab, tmp_path):
     stdout, stderr = process.communicate(timeout=90)
     stderr = "".join(seen) + stderr
     assert process.returncode == 130, stderr
-    assert sr.BENCHMARK_INTERRUPTED.format(path=out) in stderr
+    assert bench.BENCHMARK_INTERRUPTED.format(path=out) in stderr
     record = yaml.safe_load(out.read_text())
     assert record["status"] == "interrupted" and 1 <= len(record["results"]["rows"]) < 3
     assert running(lab.bed.hosts[0]) == []
@@ -294,7 +296,7 @@ def test_end_to_end_llama_benchy_against_llama_cpp_python(bed, tmp_path):
     from tiny_model import make_cached_model
 
     repo = "sparkrun-test/tiny-llama-GGUF"
-    make_cached_model(bed.home / "hf", repo, "F32", sr.prompt_text_file().read_text())
+    make_cached_model(bed.home / "hf", repo, "F32", bench.prompt_text_file().read_text())
     image_id = bed.bed.add_image(LLAMA_IMAGE, size_bytes=4096, hosts=[1])
     recipe = tmp_path / "tiny-llama.yaml"
     recipe.write_text(f"""model: {repo}:F32

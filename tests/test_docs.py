@@ -9,6 +9,8 @@ import pytest
 import sparkrun as sr
 from conftest import REPO
 
+bench = sr.command_module("benchmark")
+
 RECIPES_MD = REPO / "RECIPES.md"
 # The metadata keys sparkrun reads: VRAM hints (recipe validate checks the first three) and the
 # description list and show print.
@@ -21,7 +23,7 @@ def known_fields() -> set[str]:
     defaults = set(sr.TYPED_FLAGS.values()) | set(sr.BUILTIN_VALUES)
     for runtime in sr.RUNTIMES:
         defaults |= {key for key, _ in sr.default_command(runtime)[1]}
-    return (set(sr.RECIPE_FIELDS) | set(METADATA_KEYS) | set(sr.BENCHMARK_SETTINGS) | set(sr.MODES)
+    return (set(sr.RECIPE_FIELDS) | set(METADATA_KEYS) | set(bench.BENCHMARK_SETTINGS) | set(sr.MODES)
             | set(sr.RUNTIMES) | defaults)
 
 

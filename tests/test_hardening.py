@@ -20,6 +20,8 @@ from conftest import H1, H2, REPO
 from test_lifecycle import IMAGES, lab, popen, wait_for_line  # noqa: F401 - lab is a fixture used below
 from test_registry import GIT, commit, make_repo, one_error_line
 
+lab_setup = sr.command_module("lab_setup")
+
 RECIPE = "model: org/m\ncontainer: img:1\nruntime: vllm\ncommand: vllm serve {model} --port {port}\n"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -571,9 +573,9 @@ def test_install_records_of_another_shape_are_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARKRUN_CONFIG_DIR", str(tmp_path))
     for garbage in ('{"method": "uv", "source": 5}', '{"method": 1}', "[]", '"x"', "\xff", '{"source": "/x"}'):
         (tmp_path / "install.json").write_text(garbage)
-        assert sr.read_install_record() == {}
+        assert lab_setup.read_install_record() == {}
     (tmp_path / "install.json").write_text('{"method": "pyz", "source": "/x"}')
-    assert sr.read_install_record() == {"method": "pyz", "source": "/x"}
+    assert lab_setup.read_install_record() == {"method": "pyz", "source": "/x"}
 
 
 BROKEN_REGISTRY_FILES = {k: BAD_FILES[k] for k in ("latin1", "deep-flow-5000", "alias-9x9", "huge-comments",

@@ -238,7 +238,7 @@ def test_compile_cache_survives_the_container_and_status_and_clear_cache_see_it(
     cache.parent.symlink_to(elsewhere)
     linked = lab("setup", "clear-cache", "-H", H1, "--compile-caches")
     assert linked.returncode == 0 and (elsewhere / "keep").is_dir()
-    assert "Warning: " + sparkrun.COMPILE_CACHES_LINKED.format(host=H1) in linked.stderr
+    assert "Warning: " + lab_setup.COMPILE_CACHES_LINKED.format(host=H1) in linked.stderr
     cache.parent.unlink()
     third = run(lab, "qwen3-1.7b-vllm", "-H", H1, "--no-sync")
     assert third.returncode == 0, third.stderr
@@ -261,6 +261,8 @@ def test_without_the_mount_the_compile_cache_dies_with_the_container(lab):
 # --save-sudo` saves lets the page-cache step drop caches; without it, the model's files are evicted.
 
 from test_setup import grant, local_user, needs_root_and_sudo  # noqa: E402,F401  (local_user: a fixture)
+
+lab_setup = sparkrun.command_module("lab_setup")
 
 
 def page_cache_as(user, root: Path, target: Path) -> str:

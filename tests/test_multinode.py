@@ -12,6 +12,8 @@ from conftest import H1, H2, H3, TESTS
 from test_lifecycle import IMAGES, lifecycle, run_calls, run_ok, write_recipe
 from testbed import facts
 
+lab_setup = sparkrun.command_module("lab_setup")
+
 LINK = "127.10.12"  # the subnet of the cable between two hosts
 
 
@@ -113,7 +115,7 @@ RING = ((1, 0, 2, 1), (2, 0, 3, 1), (3, 0, 1, 1))  # each Spark's port 0 to the 
 
 def netplan_addresses(host) -> dict:
     """netdev -> address in the netplan file `setup cx7` wrote on the host."""
-    text = (host.root / "etc" / "netplan" / sparkrun.NETPLAN_FILE).read_text()
+    text = (host.root / "etc" / "netplan" / lab_setup.NETPLAN_FILE).read_text()
     return dict(re.findall(r"^    (\S+):\n(?:      .*\n)*?      addresses: \[(\S+)/24\]", text, re.M))
 
 
@@ -159,11 +161,11 @@ def test_three_sparks_in_a_ring_set_up_and_launched(lab, tmp_path):
 
 def cx7_host(name, number, cabled):
     """A Cx7Host whose ports heard `cabled[port]` (MACs of the ports on the same cable)."""
-    ports = tuple(sparkrun.Cx7Port(netdev, pci, "up", 9000, port in cabled, (), f"4c:bb:47:{number:02x}:{i:02x}:01",
+    ports = tuple(lab_setup.Cx7Port(netdev, pci, "up", 9000, port in cabled, (), f"4c:bb:47:{number:02x}:{i:02x}:01",
                                    cabled.get(port, ()))
                   for i, (port, (netdev, pci)) in enumerate(((0, ("enp1s0f0np0", "0000:01:00.0")),
                                                              (1, ("enp1s0f1np1", "0000:01:00.1"))), start=1))
-    return sparkrun.Cx7Host(name, name, 22, ports)
+    return lab_setup.Cx7Host(name, name, 22, ports)
 
 
 def mac(number, port):
@@ -182,8 +184,8 @@ def mac(number, port):
 ])
 def test_cx7_subnets_follow_the_cabling(cabling, expected):
     hosts = [cx7_host(name, number, cabling[number]) for number, name in zip(sorted(cabling), "abc")]
-    subnets = [sparkrun.check_subnet("10.0.1.0/24", "--subnet1"), sparkrun.check_subnet("10.0.2.0/24", "--subnet2")]
-    assigned = sparkrun.link_assignments(hosts, sparkrun.cx7_links(hosts), subnets, {h.host: i for i, h in
+    subnets = [lab_setup.check_subnet("10.0.1.0/24", "--subnet1"), lab_setup.check_subnet("10.0.2.0/24", "--subnet2")]
+    assigned = lab_setup.link_assignments(hosts, lab_setup.cx7_links(hosts), subnets, {h.host: i for i, h in
                                                                                       enumerate(hosts, start=1)})
     assert {host: [address.split("/")[0] for _, address in pairs] for host, pairs in assigned.items()} == expected
-    assert sparkrun.cx7_links([cx7_host("a", 1, {})]) is None  # nothing heard: ports in order, as before
+    assert lab_setup.cx7_links([cx7_host("a", 1, {})]) is None  # nothing heard: ports in order, as before

@@ -44,8 +44,8 @@ def test_pip_install_has_console_script_and_no_generic_names(tmp_path):
     assert result.returncode == 0, result.stderr
     site = next(venv.glob("lib/python3*/site-packages"))
     top_level = {p.name for p in site.iterdir()}
-    assert {"sparkrun.py", "sparkrun_runtimes", "sparkrun_recipes"} <= top_level
-    assert not {"runtimes", "recipes", "tests"} & top_level
+    assert {"sparkrun.py", "sparkrun_runtimes", "sparkrun_commands", "sparkrun_recipes"} <= top_level
+    assert not {"runtimes", "commands", "recipes", "tests"} & top_level
     env = isolated_env(tmp_path)
     result = run([str(venv / "bin" / "sparkrun"), "list"], env)
     assert result.returncode == 0 and "nemotron3-nano-30b-nvfp4-vllm" in result.stdout, result.stderr

@@ -19,6 +19,8 @@ import pytest
 import sparkrun
 from conftest import H1, H2, H3, REPO, TESTS, Cli, read_until
 
+lab_setup = sparkrun.command_module("lab_setup")
+
 ALL = f"{H1},{H2},{H3}"
 DATA = TESTS / "setup_data"
 
@@ -51,7 +53,7 @@ def shell_env(tmp_path_factory):
     shutil.copy(REPO / "recipes" / "qwen3-1.7b-vllm.yaml", clone / "recipes" / "team-special.yaml")
     (Path(cli.env["SPARKRUN_CONFIG_DIR"]) / "registries.yaml").write_text(
         "registries:\n- {name: team, url: /nowhere, clone: team, recipes: recipes, enabled: true, visible: true}\n")
-    for shell in sparkrun.SHELLS:
+    for shell in lab_setup.SHELLS:
         cli("setup", "completion", "--shell", shell, check=0)
     return dict(cli.env, PATH=f"{bin_dir}:{os.environ['PATH']}", SHELL="/bin/bash")
 
@@ -93,14 +95,14 @@ def test_completion_install_is_idempotent_and_prints(cli):
     first = cli("setup", "completion", "--shell", "bash", check=0)
     path = cli.home / ".local" / "share" / "bash-completion" / "completions" / "sparkrun"
     assert f"bash completion installed: {path}" in first.stdout
-    assert path.read_text() == sparkrun.completion_script("bash")
+    assert path.read_text() == lab_setup.completion_script("bash")
     again = cli("setup", "completion", "--shell", "bash", check=0)
     assert "already installed" in again.stdout
     for shell, where in (("zsh", ".zfunc/_sparkrun"), ("fish", ".config/fish/completions/sparkrun.fish")):
         cli("setup", "completion", "--shell", shell, check=0)
-        assert (cli.home / where).read_text() == sparkrun.completion_script(shell)
+        assert (cli.home / where).read_text() == lab_setup.completion_script(shell)
     printed = cli("setup", "completion", "--print", env={"SHELL": "/usr/bin/fish"}, check=0)
-    assert printed.stdout == sparkrun.completion_script("fish")
+    assert printed.stdout == lab_setup.completion_script("fish")
     bad = cli("setup", "completion", env={"SHELL": "/bin/tcsh"})
     assert bad.returncode == 2 and "pass --shell bash, zsh or fish" in bad.stderr
 
@@ -190,7 +192,7 @@ def spied(tmp_path):
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(REPO / "sparkrun.py", app / "sparkrun.py")
-    for folder in ("recipes", "runtimes"):
+    for folder in ("recipes", "runtimes", "commands"):
         (app / folder).symlink_to(REPO / folder)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -200,7 +202,7 @@ def spied(tmp_path):
         f'esac\nexec {sys.executable} {app}/sparkrun.py "$@"\n')
     (bin_dir / "sparkrun").chmod(0o755)
     env = dict(cli.env, PATH=f"{bin_dir}:{os.environ['PATH']}", SHELL="/bin/bash")
-    for shell in sparkrun.SHELLS:
+    for shell in lab_setup.SHELLS:
         subprocess.run(["sparkrun", "setup", "completion", "--shell", shell], env=env, check=True,
                        capture_output=True)
     cli.env = env
@@ -210,8 +212,8 @@ def spied(tmp_path):
 
 
 def test_completion_program_fits_in_single_quotes_and_finds_the_cache(monkeypatch, tmp_path):
-    assert "'" not in sparkrun.COMPLETION_PROGRAM and "\\" not in sparkrun.COMPLETION_PROGRAM
-    program = sparkrun.completion_program()
+    assert "'" not in lab_setup.COMPLETION_PROGRAM and "\\" not in lab_setup.COMPLETION_PROGRAM
+    program = lab_setup.completion_program()
     for env in ({"SPARKRUN_CACHE_DIR": str(tmp_path / "c")}, {"XDG_CACHE_HOME": str(tmp_path / "x")},
                 {"HOME": str(tmp_path / "h")}):
         for name in ("SPARKRUN_CACHE_DIR", "XDG_CACHE_HOME"):
@@ -341,7 +343,7 @@ def test_install_from_checkout_uses_uv_and_sets_up_completion(cli, fake_uv):
 
 def test_install_without_uv_says_how_to_get_it(cli):
     result = cli("setup", "install", env={"PATH": "/usr/bin:/bin"})
-    assert result.returncode == 1 and sparkrun.UV_HINT in result.stderr
+    assert result.returncode == 1 and lab_setup.UV_HINT in result.stderr
     assert not (cli.home / "config" / "install.json").exists()
 
 
@@ -420,7 +422,7 @@ def test_ssh_mesh_from_nothing_then_idempotent(mesh_bed):
     (hosts[0].home / ".ssh" / "authorized_keys").write_text(keep)  # no final newline
     first = bed("setup", "ssh", "-H", ALL)
     assert first.returncode == 0, first.stderr
-    assert sparkrun.MESH_DONE in first.stdout
+    assert lab_setup.MESH_DONE in first.stdout
     assert re.search(r"this machine +key created, \+3 authorized keys, \+3 known_hosts entries", first.stdout)
     for host in hosts:
         assert re.search(rf"{re.escape(host.addr)} +key created, \+3 authorized keys, \+2 known_hosts entries",
@@ -433,7 +435,7 @@ def test_ssh_mesh_from_nothing_then_idempotent(mesh_bed):
     before = ssh_files(bed)
     second = bed("setup", "ssh", "-H", ALL)
     assert second.returncode == 0, second.stderr
-    assert sparkrun.MESH_UNCHANGED in second.stdout and second.stdout.count("unchanged") == 4
+    assert lab_setup.MESH_UNCHANGED in second.stdout and second.stdout.count("unchanged") == 4
     assert ssh_files(bed) == before
 
 
@@ -487,7 +489,7 @@ def test_cx7_dry_run_prints_each_hosts_netplan(netplan):
     assert result.returncode == 0, result.stderr
     template = (DATA / "cx7-netplan.yaml").read_text()
     for host in netplan.bed.hosts:
-        block = result.stdout.split(f"{host.addr}: /etc/netplan/{sparkrun.NETPLAN_FILE}\n")[1]
+        block = result.stdout.split(f"{host.addr}: /etc/netplan/{lab_setup.NETPLAN_FILE}\n")[1]
         assert block.startswith(template.format(octet=octet(host.addr)))
         assert netplan_calls(host) == [] and not list((host.root / "etc" / "netplan").iterdir())
     assert re.search(rf"{re.escape(H1)} +enp1s0f1np1 +up +9000 +-", result.stdout)
@@ -495,7 +497,7 @@ def test_cx7_dry_run_prints_each_hosts_netplan(netplan):
 
 def test_cx7_without_yes_or_terminal_applies_nothing(netplan):
     result = netplan("setup", "cx7", "-H", ALL, *SUBNETS)
-    assert result.returncode == 2 and sparkrun.NOT_CONFIRMED in result.stderr
+    assert result.returncode == 2 and lab_setup.NOT_CONFIRMED in result.stderr
     assert all(netplan_calls(h) == [] for h in netplan.bed.hosts)
 
 
@@ -505,12 +507,12 @@ def test_cx7_yes_writes_applies_learns_addresses_then_keeps(netplan):
     assert result.returncode == 0, result.stderr
     template = (DATA / "cx7-netplan.yaml").read_text()
     for host in bed.bed.hosts:
-        written = host.root / "etc" / "netplan" / sparkrun.NETPLAN_FILE
+        written = host.root / "etc" / "netplan" / lab_setup.NETPLAN_FILE
         assert written.read_text() == template.format(octet=octet(host.addr))
         assert oct(written.stat().st_mode & 0o777) == "0o600"
         digest = hashlib.md5(written.read_bytes()).hexdigest()[:8]
-        assert netplan_calls(host) == ["netplan generate", f"  {sparkrun.NETPLAN_FILE} 600 {digest}",
-                                       "netplan apply", f"  {sparkrun.NETPLAN_FILE} 600 {digest}"]
+        assert netplan_calls(host) == ["netplan generate", f"  {lab_setup.NETPLAN_FILE} 600 {digest}",
+                                       "netplan apply", f"  {lab_setup.NETPLAN_FILE} 600 {digest}"]
         assert f"{host.addr}: netplan applied" in result.stdout
     # Every host (and this machine) knows the others' host keys under their new addresses.
     h1, h3 = bed.bed.hosts[0], bed.bed.hosts[2]
@@ -544,7 +546,7 @@ def test_cx7_keeps_a_valid_configuration_unless_forced(netplan):
 def test_cx7_invalid_netplan_restores_the_previous_file(netplan):
     bed = netplan
     h1 = bed.bed.hosts[0]
-    previous = h1.root / "etc" / "netplan" / sparkrun.NETPLAN_FILE
+    previous = h1.root / "etc" / "netplan" / lab_setup.NETPLAN_FILE
     previous.write_text("# the admin's own\n")
     h1.fault("netplan_invalid")
     result = bed("setup", "cx7", "-H", H1, *SUBNETS, "--yes")
@@ -554,11 +556,11 @@ def test_cx7_invalid_netplan_restores_the_previous_file(netplan):
 
 
 def test_cx7_refuses_to_cut_the_connection_it_runs_over():
-    port = sparkrun.Cx7Port("enp1s0f1np1", "0000:01:00.1", "up", 9000, True, ("10.0.0.5/24",))
-    host = sparkrun.Cx7Host("10.0.0.5", "10.0.0.5", 22, (port,))
+    port = lab_setup.Cx7Port("enp1s0f1np1", "0000:01:00.1", "up", 9000, True, ("10.0.0.5/24",))
+    host = lab_setup.Cx7Host("10.0.0.5", "10.0.0.5", 22, (port,))
     with pytest.raises(sparkrun.UsageError, match="reaches it through enp1s0f1np1"):
-        sparkrun.cx7_changes([host], {"10.0.0.5": [(port, "192.168.100.5/24")]}, 9000)
-    assert sparkrun.cx7_changes([host], {"10.0.0.5": [(port, "10.0.0.5/24")]}, 9000) == {}
+        lab_setup.cx7_changes([host], {"10.0.0.5": [(port, "192.168.100.5/24")]}, 9000)
+    assert lab_setup.cx7_changes([host], {"10.0.0.5": [(port, "10.0.0.5/24")]}, 9000) == {}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -575,23 +577,23 @@ def test_cx7_bad_options(cli, args, message):
 # -- permissions, page cache and sudo rules -------------------------------------------
 
 def test_sudoers_rule_is_one_exact_command():
-    rule = sparkrun.sudoers_rule("alice", ["/usr/bin/chown", "-hR", "alice:alice", "/data/hf"], "test")
+    rule = lab_setup.sudoers_rule("alice", ["/usr/bin/chown", "-hR", "alice:alice", "/data/hf"], "test")
     assert rule.splitlines()[-1] == r"alice ALL=(root) NOPASSWD: /usr/bin/chown -hR alice\:alice /data/hf"
-    assert sparkrun.sudoers_rule("bob", ["/usr/bin/tee", sparkrun.DROP_CACHES], "t").splitlines()[-1] == \
+    assert lab_setup.sudoers_rule("bob", ["/usr/bin/tee", sparkrun.DROP_CACHES], "t").splitlines()[-1] == \
         "bob ALL=(root) NOPASSWD: /usr/bin/tee /proc/sys/vm/drop_caches"
     for bad in ("/data/*", "/data/hf x", "/data/[a]", "/data/h?"):
         with pytest.raises(sparkrun.UsageError):
-            sparkrun.sudoers_rule("alice", ["/usr/bin/chown", "-hR", "alice:alice", bad], "test")
+            lab_setup.sudoers_rule("alice", ["/usr/bin/chown", "-hR", "alice:alice", bad], "test")
     with pytest.raises(sparkrun.UsageError):
-        sparkrun.sudoers_rule("al ice", ["/usr/bin/tee", "/x"], "test")
-    assert sparkrun.sudoers_file("first.last", "chown-cache") == "/etc/sudoers.d/sparkrun-chown-cache-first_last"
+        lab_setup.sudoers_rule("al ice", ["/usr/bin/tee", "/x"], "test")
+    assert lab_setup.sudoers_file("first.last", "chown-cache") == "/etc/sudoers.d/sparkrun-chown-cache-first_last"
 
 
 @pytest.mark.skipif(not shutil.which("visudo"), reason="visudo is not installed (apt-get install sudo)")
 def test_sudoers_rules_pass_visudo(tmp_path):
-    for rule in (sparkrun.sudoers_rule("alice", ["/usr/bin/chown", "-hR", "alice:alice", "/home/alice/.cache/hf"],
+    for rule in (lab_setup.sudoers_rule("alice", ["/usr/bin/chown", "-hR", "alice:alice", "/home/alice/.cache/hf"],
                                        "x"),
-                 sparkrun.sudoers_rule("alice", ["/usr/bin/tee", sparkrun.DROP_CACHES], "y")):
+                 lab_setup.sudoers_rule("alice", ["/usr/bin/tee", sparkrun.DROP_CACHES], "y")):
         path = tmp_path / "rule"
         path.write_text(rule)
         result = subprocess.run(["visudo", "-cf", str(path)], capture_output=True, text=True)
@@ -673,7 +675,7 @@ def test_save_sudo_allows_exactly_the_chown(local_user):
     saved = subprocess.run(as_user(user, "setup", "fix-permissions", "-H", "localhost", "--save-sudo"),
                            capture_output=True, text=True, timeout=60)
     assert saved.returncode == 0, saved.stderr
-    rule_file = Path(sparkrun.sudoers_file(name, "chown-cache"))
+    rule_file = Path(lab_setup.sudoers_file(name, "chown-cache"))
     assert f"sudo rule saved: {rule_file}" in saved.stdout
     bootstrap.unlink()
     stat = rule_file.stat()
@@ -730,7 +732,7 @@ def test_clear_cache_asks_the_sudo_password_once_then_saves_the_rule(local_user,
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert text.count("sudo password for") == 1 and password not in text
     assert "synced and dropped the page cache" in text and target.read_text() == "3\n"
-    rule_file = Path(sparkrun.sudoers_file(name, "drop-caches"))
+    rule_file = Path(lab_setup.sudoers_file(name, "drop-caches"))
     assert f"sudo rule saved: {rule_file}" in text
     for path in user["sudoers"]:
         path.unlink()
@@ -751,4 +753,4 @@ def test_sudo_password_needed_without_a_terminal_is_a_clear_error(local_user):
                                     env={"SPARKRUN_DROP_CACHES": str(user["home"] / "x")}),
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
-    assert result.stderr.strip() == "Error: " + sparkrun.SUDO_NEEDS_TTY.format(hosts="localhost")
+    assert result.stderr.strip() == "Error: " + lab_setup.SUDO_NEEDS_TTY.format(hosts="localhost")
