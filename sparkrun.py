@@ -3898,7 +3898,7 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
                 raise Unreachable(step.host, f"lost the connection while waiting for {step.address}:{step.port} "
                                              f"({result.stderr_tail(1) or f'exit {result.returncode}'})")
     except KeyboardInterrupt as interrupt:
-        roll_back(ssh, started, in_flight, interrupt)
+        roll_back(ssh, started, in_flight, interrupt, plan.recipe)
     except SparkrunError as failure:
         raise rolled_back_failure(ssh, started, failure, plan) from None
     try:
@@ -3920,7 +3920,7 @@ class LaunchInterrupted(SparkrunError):
         self.exit_code = signal_exit_code(interrupt)
 
 
-def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInterrupt) -> None:
+def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInterrupt, recipe: str) -> None:
     """Remove what a launch started, after waiting (bounded) for the `docker run`s still in
     flight, which would otherwise create their containers after the removal."""
     with SignalsHeld():
@@ -3931,7 +3931,9 @@ def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInter
             for done in pending:
                 done.wait(max(0.0, deadline - time.monotonic()))
         say("Interrupted: removing the containers this launch started ...")
-        remove_containers(ssh, started)
+        left = remove_containers(ssh, started)
+    if left:
+        raise LaunchInterrupted(f"launch interrupted; {left_behind_message(recipe, left)}", interrupt) from None
     still = [done for done in in_flight if not done.is_set()]
     if still:
         raise LaunchInterrupted(f"launch interrupted; {len(still)} container start(s) still had not finished after "
