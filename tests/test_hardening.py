@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -714,6 +715,30 @@ def test_two_runs_of_one_recipe_at_once_one_wins(lab):
     running = [c["name"] for h in lab.bed.hosts[:2] for c in h.containers() if c["running"]]
     assert sorted(running) == sorted(n for h in lab.bed.hosts[:2] for n in [c["name"] for c in h.containers()])
     assert len(running) == 2  # the winner's head and worker: nothing of it was removed
+    lab("stop", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", check=0)
+
+
+def test_an_interrupted_launch_names_what_it_could_not_remove_on_a_lost_host(lab):
+    """Ctrl+C before every container started rolls back; a host lost meanwhile is named, not
+    reported as cleaned."""
+    head, worker = lab.bed.hosts[:2]
+    worker.fault("docker_run_slow", "3")  # the worker's start is in flight when Ctrl+C comes
+    process = popen(lab, "run", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--no-follow")
+    wait_for_line(process.stderr, "starting worker1")
+    for _ in range(200):
+        if "docker run" in worker.ssh("ps -eo args").stdout:
+            break
+        threading.Event().wait(0.05)
+    process.send_signal(signal.SIGINT)
+    wait_for_line(process.stderr, "container start(s) in flight")
+    head.down()  # lost while the rollback waits for the worker's start
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert re.search(rf"containers possibly left on hosts that could not be reached \({re.escape(head.addr)}: "
+                     rf"sparkrun_\w+_head\)", last), err
+    assert worker.containers() == []  # the reachable host was cleaned, its late start included
+    head.up()
     lab("stop", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", check=0)
 
 
