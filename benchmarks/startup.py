@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Median wall time of sparkrun's quick commands (`--help`, `list`, `show`), warm caches, in the
 ways sparkrun runs: the installed command (`import sparkrun`, bytecode cached), the zipapp when
-dist/sparkrun.pyz exists, and `python sparkrun.py` from a checkout (which recompiles the file on
-every start: Python never caches a script's own bytecode).
+dist/sparkrun.pyz exists, and from a checkout: `python sparkrun.py` (which recompiles the file on
+every start: Python never caches a script's own bytecode) and `python -m sparkrun` run in the
+checkout folder (a module: its bytecode is cached in __pycache__ from the first run on).
 
 Usage: python3 benchmarks/startup.py [--runs N] [--python PATH]
 """
@@ -25,7 +26,8 @@ def main() -> None:
                    SPARKRUN_CACHE_DIR=f"{home}/cache", SPARKRUN_DEFAULT_REGISTRIES="",
                    PYTHONPYCACHEPREFIX=f"{home}/pycache", SHIV_ROOT=f"{home}/shiv", PYTHONPATH=str(REPO))
         forms = {"installed command": [args.python, "-c", "import sys, sparkrun; sys.exit(sparkrun.main())"],
-                 "python sparkrun.py": [args.python, str(REPO / "sparkrun.py")]}
+                 "python sparkrun.py": [args.python, str(REPO / "sparkrun.py")],
+                 "python -m sparkrun": [args.python, "-m", "sparkrun"]}
         if (REPO / "dist" / "sparkrun.pyz").exists():
             forms["dist/sparkrun.pyz"] = [args.python, str(REPO / "dist" / "sparkrun.pyz")]
         print(f"python {args.python}, {args.runs} runs each, median:")

@@ -34,6 +34,22 @@ def test_checkout_runs_with_only_pyyaml(tmp_path):
     assert "qwen3-1.7b-llama-cpp" in run([sys.executable, "-S", str(REPO / "sparkrun.py"), "list"], env).stdout
 
 
+def test_checkout_runs_as_a_module_with_cached_bytecode(tmp_path):
+    """`python -m sparkrun` in a checkout folder: the same commands, and the module's bytecode is
+    cached (a script's never is), so later starts skip compiling the core."""
+    only_yaml = tmp_path / "only-yaml"
+    only_yaml.mkdir()
+    shutil.copytree(Path(yaml.__file__).parent, only_yaml / "yaml",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = isolated_env(tmp_path, {"PYTHONPATH": str(only_yaml), "PYTHONPYCACHEPREFIX": str(tmp_path / "pyc")})
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    for args in (["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"]):
+        result = run([sys.executable, "-S", "-m", "sparkrun", *args], env, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == run([sys.executable, "-S", str(REPO / "sparkrun.py"), *args], env).stdout
+    assert list((tmp_path / "pyc").rglob("sparkrun.*.pyc"))
+
+
 def test_pip_install_has_console_script_and_no_generic_names(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
