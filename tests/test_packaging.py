@@ -91,6 +91,29 @@ def test_zipapp_is_portable_and_runs_on_system_python(zipapp, tmp_path):
     assert "Container:    scitrera/dgx-spark-vllm:0.16.0-t5" in result.stdout
 
 
+def other_pythons() -> list[str]:
+    """Every other CPython >= 3.10 this machine has (system or pyenv): the zipapp's bytecode is
+    for the Python that built it; the others must run it from its sources."""
+    found = {}
+    for minor in range(10, 20):
+        candidates = [shutil.which(f"python3.{minor}", path="/usr/bin:/usr/local/bin"),
+                      *sorted(Path.home().glob(f".pyenv/versions/3.{minor}.*/bin/python3"))]
+        path = next((str(c) for c in candidates if c), None)
+        if path and f"3.{minor}" != f"{sys.version_info[0]}.{sys.version_info[1]}":
+            found[minor] = path
+    return list(found.values())
+
+
+@pytest.mark.parametrize("python", other_pythons() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no other Python >= 3.10 on this machine"))])
+def test_zipapp_runs_on_every_other_python(zipapp, tmp_path, python):
+    env = isolated_env(tmp_path, {"SHIV_ROOT": str(tmp_path / "shiv")})
+    for _ in range(2):  # the first run unpacks, the second starts from the unpacked copy
+        result = run([python, str(zipapp), "show", "qwen3-1.7b-vllm", "--no-vram"], env)
+        assert result.returncode == 0, result.stderr
+        assert "Name:         qwen3-1.7b-vllm" in result.stdout
+
+
 def test_zipapp_starts_from_its_unpacked_copy_with_bytecode_from_the_build(zipapp, tmp_path):
     """The first run unpacks through shiv's bootstrap; later runs skip it and its imports."""
     with zipfile.ZipFile(zipapp) as archive:
