@@ -21,12 +21,17 @@ def run(argv, env, **kw):
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
+def only_pyyaml(tmp_path) -> Path:
+    """A folder holding PyYAML's pure-Python files and nothing else, for PYTHONPATH."""
+    folder = tmp_path / "only-yaml"
+    folder.mkdir()
+    shutil.copytree(Path(yaml.__file__).parent, folder / "yaml", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return folder
+
+
 def test_checkout_runs_with_only_pyyaml(tmp_path):
     """`python sparkrun.py` on a bare host: no site-packages but PyYAML's pure-Python files."""
-    only_yaml = tmp_path / "only-yaml"
-    only_yaml.mkdir()
-    shutil.copytree(Path(yaml.__file__).parent, only_yaml / "yaml",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    only_yaml = only_pyyaml(tmp_path)
     env = isolated_env(tmp_path, {"PYTHONPATH": str(only_yaml)})
     for args in (["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"]):
         result = run([sys.executable, "-S", str(REPO / "sparkrun.py"), *args], env)
@@ -37,10 +42,7 @@ def test_checkout_runs_with_only_pyyaml(tmp_path):
 def test_checkout_runs_as_a_module_with_cached_bytecode(tmp_path):
     """`python -m sparkrun` in a checkout folder: the same commands, and the module's bytecode is
     cached (a script's never is), so later starts skip compiling the core."""
-    only_yaml = tmp_path / "only-yaml"
-    only_yaml.mkdir()
-    shutil.copytree(Path(yaml.__file__).parent, only_yaml / "yaml",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    only_yaml = only_pyyaml(tmp_path)
     env = isolated_env(tmp_path, {"PYTHONPATH": str(only_yaml), "PYTHONPYCACHEPREFIX": str(tmp_path / "pyc")})
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     for args in (["--help"], ["list"], ["show", "qwen3-1.7b-vllm", "--no-vram"]):
