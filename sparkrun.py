@@ -3249,9 +3249,10 @@ class LaunchOptions(Record):
 
 
 def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions,
-                facts: dict | None = None, environ=os.environ, snapshot=None, tuning=None) -> LaunchPlan:
-    """Recipe + hosts + options (+ per-host facts when detected, + the model's local snapshot
-    when known, + tuned MoE configs to mount: a TuningMount, section 9) -> the launch, as data."""
+                facts: dict | None = None, environ=os.environ, snapshots=(), tuning=None) -> LaunchPlan:
+    """Recipe + hosts + options (+ per-host facts when detected, + the snapshots of the repos the
+    launch needs when known: repo_needs' order, None for one not known, + tuned MoE configs to
+    mount: a TuningMount, section 9) -> the launch, as data."""
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
     for key, value in values.items():
@@ -3283,14 +3284,12 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         raise UsageError(f"recipe {recipe.name} names no container image; pass --image")
     rendezvous, why, peer_addresses = choose_rendezvous(hosts, facts)
     plain_env, secret_env = expand_env(recipe, environ, None if recipe.source == "Local" else registry_allowed_env())
-    if snapshot and snapshot.gguf_file:
-        # llama.cpp would download with -hf; point it at the synced file instead.
-        # llama-server fetches the repo's multimodal projector with -hf too; name the synced one.
-        named = re.search(r"(?:^|\s)(?:-mm|--mmproj|--no-mmproj)\b", command)
-        projector = f" --mmproj {snapshot.container_path(snapshot.mmproj_file)}" if snapshot.mmproj_file and not named else ""
-        command = re.sub(rf"(?:-hf|--hf-repo)[ =]+{re.escape(recipe.model)}(?=\s|$)",
-                         f"-m {snapshot.container_path(snapshot.gguf_file)}{projector}", command)
+    snapshot = snapshots[0] if snapshots else None
     module = load_runtime(runtime)
+    synced = [(s.need.role, s.need.written, s.container_path(s.gguf_file),
+               s.mmproj_file and s.container_path(s.mmproj_file)) for s in snapshots if s and s.gguf_file]
+    if synced and hasattr(module, "use_synced_files"):
+        command = module.use_synced_files(command, synced)
     command, served, api_key = served_name_and_key(module, command, values, recipe, dict(plain_env + secret_env))
     cid = cluster_id(runtime, recipe.model, hosts, port, served)
     hf_mount = options.cache_dir or "~/.cache/huggingface"
@@ -4040,6 +4039,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", "
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
 TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+GGUF_SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # llama.cpp's split files: NAME-00001-of-00003.gguf
 LOGIN_FAILURE = re.compile(r"Permission denied|Host key verification failed|Connection (refused|timed out|closed)|"
                            r"No route to host|Could not resolve hostname|kex_exchange")
 
@@ -4055,10 +4055,31 @@ class RepoNeed(Record):
     role: str = "model"  # "model", "draft model" or "tokenizer"
     revision: str | None = None
     gguf_quant: str | None = None
+    gguf_defaults: tuple = ()  # a GGUF repo named without a quant: the quants the engine looks for, in order
 
     @property
     def cache_name(self) -> str:
         return "models--" + self.repo.replace("/", "--")
+
+    @property
+    def written(self) -> str:
+        """The repo as the recipe or its command names it: `org/name`, or `org/name:QUANT`."""
+        return f"{self.repo}:{self.gguf_quant}" if self.gguf_quant else self.repo
+
+    @property
+    def gguf(self) -> bool:
+        return bool(self.gguf_quant or self.gguf_defaults)
+
+    @property
+    def projector(self) -> bool:
+        """Whether the repo's multimodal projector comes along: the model's does, a draft's does not
+        (llama.cpp's common/arg.cpp fetches and loads the projector of the -hf repo only)."""
+        return self.role == "model"
+
+    @property
+    def wanted(self) -> str:
+        """What the repo must hold, for messages: the quant(s), else the role's files."""
+        return self.gguf_quant or " or ".join(self.gguf_defaults) or self.role
 
     @property
     def ref(self) -> str:
@@ -4071,10 +4092,25 @@ class RepoNeed(Record):
     def download_patterns(self) -> list[str] | None:
         """What to download of the repo: one quant (and the multimodal projector) of a GGUF
         repo, the tokenizer files of a tokenizer repo, else everything."""
-        if self.gguf_quant:
-            q = self.gguf_quant
-            return [f"*{q}*.gguf", f"*{q.lower()}*.gguf", f"*{q}*/*.gguf", f"*{q.lower()}*/*.gguf", "*mmproj*.gguf"]
+        if self.gguf:
+            quants = (self.gguf_quant,) if self.gguf_quant else self.gguf_defaults
+            return [pattern for q in quants for pattern in
+                    (f"*{q}*.gguf", f"*{q.lower()}*.gguf", f"*{q}*/*.gguf", f"*{q.lower()}*/*.gguf")
+                    ] + (["*mmproj*.gguf"] if self.projector else [])
         return TOKENIZER_PATTERNS if self.role == "tokenizer" else None
+
+    def gguf_weights(self, paths) -> list[str]:
+        """The GGUF files the engine loads of those present, in order (split shards included): the
+        quant's, else the first of gguf_defaults present, else the first model file's."""
+        models = sorted(p for p in paths if p.endswith(".gguf") and not is_mmproj(p))
+        for quant in (self.gguf_quant,) if self.gguf_quant else self.gguf_defaults:
+            chosen = [p for p in models if gguf_quant_match(p, quant)]
+            if chosen:
+                return chosen
+        if self.gguf_quant or not models:
+            return []
+        first = GGUF_SHARD.sub("", models[0])
+        return [p for p in models if GGUF_SHARD.sub("", p) == first]
 
 
 def main_need(recipe: Recipe) -> RepoNeed:
@@ -4083,9 +4119,13 @@ def main_need(recipe: Recipe) -> RepoNeed:
 
 def repo_needs(recipe: Recipe, command: str) -> list[RepoNeed]:
     """The recipe's model, then every other repo its command names through the runtime's
-    REPO_FLAGS (draft models, tokenizers). Local paths are not repos."""
+    REPO_FLAGS (draft models, tokenizers). Local paths are not repos. When the runtime has
+    GGUF_QUANTS, those flags name GGUF repos as `org/name[:QUANT]`; without a quant, the engine
+    looks for GGUF_QUANTS in turn, else takes the repo's first model file."""
     needs = [main_need(recipe)]
-    flags = getattr(load_runtime(recipe.runtime), "REPO_FLAGS", {})
+    module = load_runtime(recipe.runtime)
+    flags = getattr(module, "REPO_FLAGS", {})
+    gguf_defaults = tuple(getattr(module, "GGUF_QUANTS", ()))
     try:
         words = shlex.split(command)
     except ValueError:
@@ -4102,8 +4142,11 @@ def repo_needs(recipe: Recipe, command: str) -> list[RepoNeed]:
                 value = json.loads(value).get(json_key, "")
             except (ValueError, AttributeError):
                 continue
-        if isinstance(value, str) and HF_REPO_ID.fullmatch(value) and all(n.repo != value for n in needs):
-            needs.append(RepoNeed(value, role))
+        if not isinstance(value, str):
+            continue
+        repo, _, quant = value.partition(":") if gguf_defaults else (value, "", "")
+        if HF_REPO_ID.fullmatch(repo) and all(n.written != value for n in needs):
+            needs.append(RepoNeed(repo, role, gguf_quant=quant or None, gguf_defaults=() if quant else gguf_defaults))
     return needs
 
 
@@ -4121,10 +4164,10 @@ class SnapshotCopy(Record):
         """The files a launch takes from this snapshot; None when it is no usable copy: shards
         missing (an interrupted download), no weights at all (the lone config.json that `show`
         and `recipe vram` leave behind), no tokenizer in a tokenizer repo, no file of the quant."""
-        if need.gguf_quant:
-            files = {p: s for p, s in self.files.items()
-                     if p.endswith(".gguf") and (gguf_quant_match(p, need.gguf_quant) or is_mmproj(p))}
-            return files if any(not is_mmproj(p) for p in files) else None
+        if need.gguf:
+            weights = need.gguf_weights(self.files)
+            projectors = [p for p in self.files if is_mmproj(p)] if need.projector else []
+            return {p: self.files[p] for p in weights + projectors} if weights else None
         if need.role == "tokenizer":
             return self.files if any(p.rpartition("/")[2] in TOKENIZER_FILES for p in self.files) else None
         if not any(p.endswith(WEIGHT_SUFFIXES) for p in self.files) or not self.shards <= self.files.keys():
@@ -4155,6 +4198,7 @@ class ModelSnapshot(Record):
     gguf_file: str | None = None  # first GGUF shard, for llama.cpp's -m
     mmproj_file: str | None = None  # a GGUF repo's multimodal projector, for --mmproj
     label: str = ""
+    need: RepoNeed | None = None  # what the launch asked of the repo
 
     @property
     def cache_name(self) -> str:
@@ -4176,13 +4220,23 @@ def make_snapshot(need: RepoNeed, copy: SnapshotCopy | None, home: Path) -> Mode
     weights = [p for p, _ in ordered if not is_mmproj(p)]
     projectors = [p for p, _ in ordered if is_mmproj(p)]
     return ModelSnapshot(need.repo, copy.revision, need.ref, home / "hub" / need.cache_name, ordered,
-                         weights[0] if need.gguf_quant else None, projectors[0] if projectors else None, need.label)
+                         weights[0] if need.gguf else None, projectors[0] if projectors else None, need.label, need)
+
+
+def local_snapshots(needs: list[RepoNeed], home: Path) -> list[ModelSnapshot | None]:
+    """Each repo from the local cache if it is complete there (else None); never contacts the Hub."""
+    return [make_snapshot(need, local_copy(home, need), home) for need in needs]
 
 
 def local_snapshot(recipe: Recipe, home: Path) -> ModelSnapshot | None:
     """The recipe's model from the local cache if it is complete there; never contacts the Hub."""
-    need = main_need(recipe)
-    return make_snapshot(need, local_copy(home, need), home)
+    return local_snapshots([main_need(recipe)], home)[0]
+
+
+def nothing_downloaded(need: RepoNeed, where: str = "") -> str:
+    hint = ", or name the quant (repo:QUANT)" if need.gguf_defaults else ""
+    return (f"download of {need.repo}{where} finished but no {need.wanted} files were found in it; "
+            f"check the recipe's model name{hint}")
 
 
 def model_missing_message(need: RepoNeed, home: Path, hosts=()) -> str:
@@ -4219,8 +4273,7 @@ def download_here(need: RepoNeed, home: Path) -> ModelSnapshot:
         pending.unlink(missing_ok=True)
     snapshot = make_snapshot(need, local_copy(home, need), home)
     if snapshot is None:
-        raise SparkrunError(f"download of {need.repo} finished but no {need.gguf_quant or need.role} files "
-                            "were found in it; check the recipe's model name")
+        raise SparkrunError(nothing_downloaded(need))
     return snapshot
 
 
@@ -4568,11 +4621,11 @@ def distribute_models(dist: Distribution, needs: list[RepoNeed], *, home: Path, 
     """Every repo the launch needs onto every host, each from its best source: a host that holds
     it, this machine, a download. Returns the snapshots, the main model first."""
     ssh, hosts, root = dist.ssh, dist.hosts, dist.root
-    local = {n.repo: make_snapshot(n, local_copy(home, n), home) for n in needs}
-    surveys = survey_hosts(ssh, hosts, [(n, local[n.repo].revision if local[n.repo] else "") for n in needs], root)
+    local = local_snapshots(needs, home)
+    surveys = survey_hosts(ssh, hosts, [(n, s.revision if s else "") for n, s in zip(needs, local)], root)
     plans = []
-    for need in needs:
-        snapshot, here = local[need.repo], bool(local[need.repo])
+    for need, snapshot in zip(needs, local):
+        here = bool(snapshot)
         if snapshot is None:
             snapshot = next((s for h in hosts
                              if (s := make_snapshot(need, surveys[h].copies.get(need.cache_name), home))), None)
@@ -4580,7 +4633,7 @@ def distribute_models(dist: Distribution, needs: list[RepoNeed], *, home: Path, 
             snapshot, here = obtain(ssh, need, hosts, home=home, root=root, download_on=download_on)
         plans.append((need, snapshot, here))
     # The hosts were asked about the local revision, else the ref's; ask again for another reference.
-    again = [(n, s.revision) for n, s, _ in plans if not local[n.repo]]
+    again = [(n, s.revision) for (n, s, _), cached in zip(plans, local) if not cached]
     if again:
         for host, cache in survey_hosts(ssh, hosts, again, root).items():
             surveys[host].copies.update(cache.copies)
@@ -4615,8 +4668,7 @@ def obtain(ssh: SSH, need: RepoNeed, hosts, *, home: Path, root: str, download_o
     survey = survey_hosts(ssh, [head], [(need, "")], root)[head]
     snapshot = make_snapshot(need, survey.copies.get(need.cache_name), home)
     if snapshot is None:
-        raise SparkrunError(f"download of {need.repo} on {head} finished but no {need.gguf_quant or need.role} "
-                            "files were found in it; check the recipe's model name")
+        raise SparkrunError(nothing_downloaded(need, f" on {head}"))
     return snapshot, False
 
 
@@ -5203,9 +5255,10 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     ssh = SSH(selection.user, args.verbose)
     local_home = hf_home(args.cache_dir)
     tuning = None if getattr(args, "no_sync_tuning", False) else tuning_mount(recipe)
+    needs = repo_needs(recipe, one_line(render_command(recipe, recipe_values(recipe, options.overrides))))
+    snapshots = local_snapshots(needs, local_home)
     if args.dry_run and not args.detect:
-        snapshot = local_snapshot(recipe, local_home)
-        print(plan_launch(recipe, selection, options, snapshot=snapshot, tuning=tuning).describe())
+        print(plan_launch(recipe, selection, options, snapshots=snapshots, tuning=tuning).describe())
         return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
@@ -5213,8 +5266,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         port = choose_free_port(facts, selection.hosts)
         options = options.replace(overrides=dict(options.overrides, port=port))
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
-    snapshot = local_snapshot(recipe, local_home)
-    plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
+    plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning)
     inspected = image_entrypoint(image, reachable, plan.hosts) is not None
     if args.dry_run:
         print(plan.describe())
@@ -5233,10 +5285,9 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     dist = Distribution(ssh, reachable, plan.hosts, remote_cache_root(args.cache_dir))
     distribute_image(ssh, image, facts, plan.hosts, build=eugr_builder(ssh, recipe, image, plan.hosts), dist=dist)
     if not args.no_sync:
-        command = one_line(render_command(recipe, recipe_values(recipe, options.overrides)))
-        snapshot = distribute_models(dist, repo_needs(recipe, command), home=local_home,
-                                     cache_dir_option=args.cache_dir, download_on=args.download_on)[0]
-        plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
+        snapshots = distribute_models(dist, needs, home=local_home, cache_dir_option=args.cache_dir,
+                                      download_on=args.download_on)
+        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning)
     for note in plan.notes:
         say(note)
     if plan.mods:
@@ -5250,11 +5301,11 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         passes = check_entrypoint(ssh, plan.head, image)
         reachable[plan.head] = reachable[plan.head].replace(entrypoint_checks=((image, passes),))
     if not inspected or reachable[plan.head].entrypoint_checks:
-        plan = plan_launch(recipe, selection, options, reachable, snapshot=snapshot, tuning=tuning)
+        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning)
     page_cache = 0.0
     if not args.no_drop_cache:
         since = time.monotonic()
-        free_page_cache(ssh, plan.hosts, snapshot, remote_cache_root(args.cache_dir))
+        free_page_cache(ssh, plan.hosts, snapshots[0], remote_cache_root(args.cache_dir))
         page_cache = time.monotonic() - since
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     try:

@@ -14,6 +14,13 @@ A runtime module has:
     METRICS_FLAG  optional: the serve flag without which the engine serves no /metrics; the
               serve command gets it unless it has it already.
     ENV       optional: default container env; a recipe's own value of a variable wins.
+    REPO_FLAGS  optional: {flag: (role, JSON key or None)}, the serve flags naming other Hugging
+              Face repos the launch needs on every host (draft models, tokenizers).
+    GGUF_QUANTS  optional: REPO_FLAGS name GGUF repos as `org/name[:QUANT]`; without a quant the
+              engine loads the first of these quants the repo has, else its first model file.
+    use_synced_files(command, synced)  optional: the serve command pointed at the GGUF files synced
+              to the hosts instead of the repos it names; synced: (role, repo as named, file,
+              multimodal projector or None) per GGUF repo, the model first.
     CACHE_ENGINE, CACHES
               optional: the engine's compile caches, {VARIABLE: subfolder}. Each host keeps them in
               ~/.cache/sparkrun/compile/<CACHE_ENGINE>, mounted into every container, with each

@@ -21,6 +21,7 @@ from testbed.fakedocker.store import Store
 ALL = f"{H1},{H2},{H3}"
 CONTROL = "control"  # this machine, in the bed's byte records
 DRAFT, TOKENIZER, MMPROJ_GGUF = "org/Draft-0.6B", "org/Tokenizer", "org/Vision-GGUF"
+MAIN_GGUF, DRAFT_GGUF = "org/Main-GGUF", "org/Draft-GGUF"
 HUB_VENV = Path(os.environ.get("SPARKRUN_TEST_HUB_VENV", "/var/tmp/sparkrun-testdeps/hub-venv"))
 
 
@@ -31,10 +32,20 @@ def vision_gguf_repo():
     return spec
 
 
+def draft_gguf_repo():
+    """Q8_0, a split Q4_K_M, a Q4_0 and a projector: a launch naming Q4_0 takes that file only."""
+    spec = make_gguf_repo("Draft", size=128 * 1024, seed=3)
+    spec["files"]["Draft-Q4_0.gguf"] = b"GGUF" + bytes(32 * 1024)
+    spec["files"]["mmproj-Draft-F16.gguf"] = b"GGUF" + bytes(4096)
+    spec["revision"] = commit_sha_for(spec["files"])
+    return spec
+
+
 @pytest.fixture(scope="module")
 def hub():
     repos = {MODEL: make_safetensors_repo(n_files=2, size=4 << 20), DRAFT: make_safetensors_repo(size=1 << 20, seed=1),
-             TOKENIZER: make_safetensors_repo(size=1 << 20, seed=2), MMPROJ_GGUF: vision_gguf_repo()}
+             TOKENIZER: make_safetensors_repo(size=1 << 20, seed=2), MMPROJ_GGUF: vision_gguf_repo(),
+             MAIN_GGUF: make_gguf_repo("Main", size=256 * 1024, seed=4), DRAFT_GGUF: draft_gguf_repo()}
     with FakeHub(repos) as server:
         yield server
 
@@ -214,6 +225,33 @@ def test_multimodal_projector_is_synced_and_named(bed, hub):
     command = bed.bed.hosts[0].containers()[0]["command"][-1]
     assert "--mmproj /root/.cache/huggingface/hub/models--org--Vision-GGUF/snapshots/" in command
     bed("stop", "--all", "-H", H1, check=0)
+
+
+def test_a_draft_gguf_repo_is_synced_and_llama_server_loads_it_from_the_cache(bed, hub):
+    control_image(bed, LLAMA_IMAGE)
+    recipe = bed.home / "spec.yaml"
+    recipe.write_text(f"model: {MAIN_GGUF}:Q8_0\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
+                      "defaults: {served_model_name: spec}\n"
+                      f"command: llama-server -hf {{model}} -hfd {DRAFT_GGUF}:Q4_0 --alias {{served_model_name}} "
+                      "--host {host} --port {port}\n")
+    before = bed("run", recipe, "-H", H1, "--dry-run")
+    assert f"-hfd {DRAFT_GGUF}:Q4_0" in before.stdout  # not in the local cache yet: nothing to point at
+    result = run(bed, recipe, "-H", H1, env=online(hub))
+    assert result.returncode == 0, result.stderr
+    assert f"Model {DRAFT_GGUF} (draft model)" in result.stderr
+    revision = hub.commit(DRAFT_GGUF)
+    host = bed.bed.hosts[0]
+    assert sorted(p.name for p in host_repo(host, DRAFT_GGUF).rglob("*.gguf")) == ["Draft-Q4_0.gguf"]
+    assert sorted(p.name for p in host_repo(host, MAIN_GGUF).rglob("*.gguf")) == ["Main-Q8_0.gguf"]
+    command = host.containers()[0]["command"][-1]
+    assert "-hf " not in command and "-hfd " not in command
+    assert f"-m /root/.cache/huggingface/hub/models--org--Main-GGUF/snapshots/{hub.commit(MAIN_GGUF)}/Main-Q8_0.gguf" in command
+    assert f"-md /root/.cache/huggingface/hub/models--org--Draft-GGUF/snapshots/{revision}/Draft-Q4_0.gguf" in command
+    assert host.containers()[0]["running"]  # llama-server loaded the draft from the synced file
+    bed("stop", "--all", "-H", H1, check=0)
+    after = bed("run", recipe, "-H", H1, "--dry-run")
+    assert f"-md /root/.cache/huggingface/hub/models--org--Draft-GGUF/snapshots/{revision}/Draft-Q4_0.gguf" in after.stdout
+    assert "-hfd" not in after.stdout
 
 
 def test_a_target_without_room_is_an_error_with_the_sizes(bed, hub):
@@ -398,6 +436,59 @@ def test_repos_a_command_needs_besides_the_model(tmp_path):
     recipe.declared_runtime = "sglang"
     command = "sglang serve --model-path org/main --speculative-draft-model-path org/eagle --tokenizer-path org/main"
     assert [n.repo for n in sparkrun.repo_needs(recipe, command)] == ["org/main", "org/eagle"]
+
+
+def test_a_llama_server_draft_repo_is_a_gguf_need_with_its_quant(tmp_path):
+    recipe = sparkrun.recipe_from_mapping({"model": "org/main-GGUF:Q8_0", "runtime": "llama-cpp", "container": "i",
+                                           "command": "llama-server -hf {model}"}, tmp_path / "r.yaml", "Local", "")
+    for flag in ("-hfd ", "-hfrd ", "--hf-repo-draft=", "--spec-draft-hf "):
+        needs = sparkrun.repo_needs(recipe, f"llama-server -hf org/main-GGUF:Q8_0 {flag}org/draft-GGUF:Q4_0")
+        assert [(n.repo, n.role, n.gguf_quant, n.written) for n in needs] == [
+            ("org/main-GGUF", "model", "Q8_0", "org/main-GGUF:Q8_0"),
+            ("org/draft-GGUF", "draft model", "Q4_0", "org/draft-GGUF:Q4_0")]
+    unquantized = sparkrun.repo_needs(recipe, "llama-server -hf org/main-GGUF:Q8_0 -hfd org/draft-GGUF")[1]
+    assert (unquantized.gguf_quant, unquantized.gguf_defaults) == (None, ("Q4_K_M", "Q8_0"))
+    assert "*Q4_K_M*.gguf" in unquantized.download_patterns() and "*Q8_0*.gguf" in unquantized.download_patterns()
+    assert not any("mmproj" in p for p in unquantized.download_patterns())  # a draft's projector is never loaded
+    assert sparkrun.repo_needs(recipe, "llama-server -hf org/main-GGUF:Q8_0 -md /models/draft.gguf")[1:] == []
+
+
+def test_the_gguf_file_of_a_repo_is_picked_as_llama_server_picks_it():
+    """common/download.cpp, find_best_model: the named quant, else Q4_K_M, else Q8_0, else the
+    first model file (its first shard); never a projector."""
+    draft = sparkrun.RepoNeed("org/d", "draft model", gguf_defaults=("Q4_K_M", "Q8_0"))
+    files = {"d-Q8_0.gguf": 1, "Q4_K_M/d-Q4_K_M-00001-of-00002.gguf": 2, "Q4_K_M/d-Q4_K_M-00002-of-00002.gguf": 2,
+             "mmproj-d-F16.gguf": 3, "README.md": 4}
+    assert sparkrun.SnapshotCopy("r", files).usable(draft) == {
+        "Q4_K_M/d-Q4_K_M-00001-of-00002.gguf": 2, "Q4_K_M/d-Q4_K_M-00002-of-00002.gguf": 2}
+    assert sparkrun.SnapshotCopy("r", {"d-Q8_0.gguf": 1, "d-F16.gguf": 5}).usable(draft) == {"d-Q8_0.gguf": 1}
+    others = {"d-IQ4_XS-00002-of-00002.gguf": 6, "d-IQ4_XS-00001-of-00002.gguf": 6, "d-Q6_K.gguf": 7, "mmproj-d.gguf": 3}
+    assert sparkrun.SnapshotCopy("r", others).usable(draft) == {
+        "d-IQ4_XS-00001-of-00002.gguf": 6, "d-IQ4_XS-00002-of-00002.gguf": 6}
+    quantized = draft.replace(gguf_quant="Q6_K", gguf_defaults=())
+    assert sparkrun.SnapshotCopy("r", others).usable(quantized) == {"d-Q6_K.gguf": 7}
+    assert sparkrun.SnapshotCopy("r", {"d-Q8_0.gguf": 1}).usable(quantized) is None  # a named quant has no fallback
+    snapshot = sparkrun.make_snapshot(draft, sparkrun.SnapshotCopy("r", files), Path("/hf"))
+    assert (snapshot.gguf_file, snapshot.mmproj_file) == ("Q4_K_M/d-Q4_K_M-00001-of-00002.gguf", None)
+
+
+def test_llama_server_is_pointed_at_the_synced_model_and_draft_files(tmp_path):
+    recipe = sparkrun.recipe_from_mapping({
+        "model": "org/main-GGUF:Q8_0", "runtime": "llama-cpp", "container": "i",
+        "command": "llama-server -hf {model} --hf-repo-draft org/draft-GGUF:Q4_0 --alias m --port {port}"},
+        tmp_path / "r.yaml", "Local", "")
+    main = sparkrun.RepoNeed("org/main-GGUF", gguf_quant="Q8_0")
+    draft = sparkrun.RepoNeed("org/draft-GGUF", "draft model", gguf_quant="Q4_0")
+    snapshots = [sparkrun.make_snapshot(need, sparkrun.SnapshotCopy("c0ffee", files), Path("/hf")) for need, files in (
+        (main, {"main-Q8_0.gguf": 9, "mmproj-main-F16.gguf": 2}), (draft, {"draft-Q4_0.gguf": 1}))]
+    selection, options = sparkrun.HostSelection(("h1",), None, "t"), sparkrun.LaunchOptions(overrides={})
+    command = sparkrun.plan_launch(recipe, selection, options, snapshots=snapshots).containers[0].command
+    hub = "/root/.cache/huggingface/hub"
+    assert command == (f"llama-server -m {hub}/models--org--main-GGUF/snapshots/c0ffee/main-Q8_0.gguf "
+                       f"--mmproj {hub}/models--org--main-GGUF/snapshots/c0ffee/mmproj-main-F16.gguf "
+                       f"-md {hub}/models--org--draft-GGUF/snapshots/c0ffee/draft-Q4_0.gguf --alias m --port 8000 --metrics")
+    only_model = sparkrun.plan_launch(recipe, selection, options, snapshots=[snapshots[0], None]).containers[0].command
+    assert "-m /root/" in only_model and "--hf-repo-draft org/draft-GGUF:Q4_0" in only_model
 
 
 def test_what_makes_a_usable_snapshot():

@@ -141,6 +141,19 @@ def test_ray_cluster_and_llama_rpc(bed):
     assert h1.wait_http(18042)["data"][0]["id"] == "small"
 
 
+def test_llama_server_exits_when_its_draft_model_file_is_missing(bed):
+    host = bed.hosts[0]
+    ok(host.ssh(f"{RUN} --name spec {IMAGE} llama-server -hf org/model:Q4 -md /models/missing.gguf --port 18043"))
+    deadline = time.monotonic() + 10
+    while host.containers()[0]["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.containers()[0]["exit_code"] == 1
+    logs = host.ssh("docker logs spec")
+    assert "srv    load_model: failed to load draft model, '/models/missing.gguf'" in logs.stdout + logs.stderr
+    ok(host.ssh(f"{RUN} --name spec2 {IMAGE} llama-server -hf org/model:Q4 -hfd org/draft:Q4 --port 18044"))
+    assert host.wait_http(18044)["data"][0]["id"].endswith("org_model_q4.gguf")
+
+
 def test_save_load_between_hosts_keeps_image_id(bed):
     h1, h2, h3 = bed.hosts
     image_id = h1.add_image("local/only:1", size_bytes=100_000)

@@ -4,11 +4,14 @@ import sys
 import threading
 
 from . import distributed, metrics, openai, rendezvous
-from .common import check_model_path, die, log, loose_args, real_addr, start_faults
+from .common import check_model_path, die, host_path, log, loose_args, real_addr, start_faults
 
+# Draft model flags: tools/server/README.md in llama.cpp.
+DRAFT_FILE_FLAGS = ("md", "model-draft", "spec-draft-model")
+DRAFT_REPO_FLAGS = ("hfd", "hfrd", "hf-repo-draft", "spec-draft-hf")
 SERVER_VALUES = {"m", "model", "hf", "hf-repo", "hfr", "a", "alias", "host", "port", "rpc",
                  "c", "ctx-size", "ngl", "n-gpu-layers", "api-key", "fa", "flash-attn",
-                 "split-mode", "sm"}
+                 "split-mode", "sm", "mm", "mmproj", *DRAFT_FILE_FLAGS, *DRAFT_REPO_FLAGS}
 SERVER_BOOLS = {"metrics"}
 RPC_VALUES = {"H", "host", "p", "port", "c", "cache"}
 # tools/server/server.cpp: while the model loads, and /metrics without --metrics
@@ -39,6 +42,22 @@ def hf_cache_file(repo):
     return f"/root/.cache/llama.cpp/{name.replace('/', '_')}_{(quant or 'Q4_K_M').lower()}.gguf"
 
 
+def load_draft(opts):
+    """Load the draft model after the main one, as llama-server does: a missing -md file fails the
+    load and the server exits 1 (tools/server/server.cpp, load_model: "failed to load draft
+    model"; main: "exiting due to model loading error"). A -hfd repo is fetched into its cache."""
+    draft = next((opts[f] for f in DRAFT_FILE_FLAGS if f in opts), None)
+    repo = next((opts[f] for f in DRAFT_REPO_FLAGS if f in opts), None)
+    if draft is None and repo is None:
+        return
+    draft = draft or hf_cache_file(repo)
+    log(f"srv    load_model: loading draft model '{draft}'")
+    if not repo and not os.path.exists(host_path(draft)):
+        log(f"llama_model_load: error loading model: failed to open {draft}: No such file or directory")
+        log(f"srv    load_model: failed to load draft model, '{draft}'")
+        die("main: exiting due to model loading error")
+
+
 def server_main(argv=None):
     opts, positionals = loose_args(sys.argv[1:] if argv is None else argv, SERVER_VALUES, SERVER_BOOLS)
     if positionals:  # common_params_parse takes no positional arguments
@@ -62,6 +81,7 @@ def server_main(argv=None):
     def load():
         start_faults("llama_model_load: error loading model: tensor data is not within file bounds")
         log(f"llama_model_loader: loaded meta data from {model or repo} ({len(links)} RPC servers)")
+        load_draft(opts)
         metrics.hold_gpu_memory(0.1, "llama-server")
 
     # Like llama-server, listen first and answer 503 "Loading model" until the model is loaded.
