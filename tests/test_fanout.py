@@ -254,6 +254,25 @@ def test_a_draft_gguf_repo_is_synced_and_llama_server_loads_it_from_the_cache(be
     assert "-hfd" not in after.stdout
 
 
+def test_a_draft_named_without_a_quant_takes_llama_servers_default_on_every_host(bed, hub):
+    control_image(bed, LLAMA_IMAGE)
+    recipe = bed.home / "spec-rpc.yaml"
+    recipe.write_text(f"model: {MAIN_GGUF}:Q8_0\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
+                      "defaults: {served_model_name: spec, tensor_parallel: 2}\n"
+                      f"command: llama-server -hf {{model}} --hf-repo-draft={MMPROJ_GGUF} --alias {{served_model_name}} "
+                      "--host {host} --port {port}\n")
+    result = run(bed, recipe, "-H", f"{H1},{H2}", env=online(hub))
+    assert result.returncode == 0, result.stderr
+    shards = ["Vision-Q4_K_M-00001-of-00002.gguf", "Vision-Q4_K_M-00002-of-00002.gguf"]
+    for host in bed.bed.hosts[:2]:  # Q4_K_M before Q8_0, and no projector for a draft
+        assert sorted(p.name for p in host_repo(host, MMPROJ_GGUF).rglob("*.gguf")) == shards
+    command = bed.bed.hosts[0].containers()[-1]["command"][-1]
+    assert "--hf-repo-draft" not in command and "--mmproj" not in command
+    assert (f"-md /root/.cache/huggingface/hub/models--org--Vision-GGUF/snapshots/{hub.commit(MMPROJ_GGUF)}/"
+            f"Q4_K_M/{shards[0]}") in command
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
 def test_a_target_without_room_is_an_error_with_the_sizes(bed, hub):
     seed_local_model(bed, hub.url)
     control_image(bed, VLLM_IMAGE)
