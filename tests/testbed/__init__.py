@@ -25,7 +25,8 @@ sshd's SetEnv gives every session:
                        DGX Spark, MemAvailable from facts/memory.json
                        (host.set_memory) minus what GPU processes hold
                        (--query-compute-apps rewrites it: read it after
-                       asking nvidia-smi, as sparkrun's probe does)
+                       asking nvidia-smi, as sparkrun's probe does), and
+                       Shmem: what the files in <root>/dev-shm hold
     TESTBED_RUN        token of this bed (every process carrying it is
                        killed by bed.stop())
 With a private /root, sshd also accepts keys in the host's own
@@ -37,7 +38,10 @@ the fake engines (engines/bin: vllm, sglang, llama-server, rpc-server,
 ray; engines/py on PYTHONPATH) first on PATH. Containers share the
 host's network: a server asked to bind 0.0.0.0, "", localhost or
 127.0.0.1 binds the host's address instead, and fake IB addresses are
-mapped to the owning host's address (<root>/addrmap.json).
+mapped to the owning host's address (<root>/addrmap.json). A container run
+with --ipc host gets the host's /dev/shm, <root>/dev-shm (host.dev_shm), as
+TESTBED_DEV_SHM: the fake vLLM and SGLang put a segment there at start and
+unlink it on SIGTERM (`docker stop`), not on SIGKILL (`docker rm -f`).
 
 Faults (host.fault(name, value)) are files in <root>/faults:
     docker_permission    every docker command fails like a user outside the docker group
@@ -49,6 +53,8 @@ Faults (host.fault(name, value)) are files in <root>/faults:
     engine_slow_ready    engines wait <value> seconds before listening
     engine_crash_after   engines exit 1 <value> seconds after starting
     engine_crash         running engines exit 1 as soon as it is set
+    engine_slow_stop     engines take <value> seconds to shut down on SIGTERM
+    engine_shm_mib       size of the segment engines put in the host's /dev/shm (128)
     engine_stall         the hang: /metrics shows <value> waiting requests and generation stops
     engine_slow_generate completions generate a token every <value> seconds
     no_generate          /v1/models works, completions return HTTP 500

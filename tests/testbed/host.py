@@ -27,6 +27,7 @@ class Host:
         self.home, self.tmp, self.bin = self.root / "home", self.root / "tmp", self.root / "bin"
         self.sshd_dir = self.root / "sshd"
         self.meter_dir = self.root / "meter"  # its ssh connections' byte counts (meter.py)
+        self.dev_shm = self.root / "dev-shm"  # its /dev/shm: what containers with --ipc host leave there
         self.log = self.sshd_dir / "sshd.log"
         self.store = None
         self._ib = facts.normalize_ib(facts.default_ib(addr))
@@ -313,6 +314,7 @@ class Host:
         self._memory = dict(facts.DEFAULT_MEMORY)
         self.block_drop_caches(False)
         shutil.rmtree(self.root / "gpu_processes", ignore_errors=True)
+        shutil.rmtree(self.dev_shm, ignore_errors=True)
         self._write_facts()
         (self.root / "facts" / "links.json").unlink(missing_ok=True)
         if images:

@@ -73,8 +73,15 @@ def user_env(items, env_files, base=()):
     return env
 
 
-def process_env(container_id, hostname, env, mounts):
-    """What the container's processes see: fake engines first on PATH."""
+def host_dev_shm():
+    """The simulated host's /dev/shm (a folder of its state)."""
+    return join(os.environ.get("TESTBED_STATE", "/nonexistent"), "dev-shm")
+
+
+def process_env(container_id, hostname, env, mounts, ipc):
+    """What the container's processes see: fake engines first on PATH; with --ipc host, the
+    host's /dev/shm as TESTBED_DEV_SHM. A private IPC namespace has a /dev/shm of its own, which
+    docker unmounts with the container however it ends, so nothing of it is modelled."""
     out = {"PATH": STD_PATH, "HOSTNAME": hostname, "HOME": "/root"}
     out.update(env)
     out["PATH"] = f"{ENGINE_BIN}:{out['PATH']}"
@@ -82,6 +89,8 @@ def process_env(container_id, hostname, env, mounts):
     out.update({k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     out["TESTBED_CONTAINER"] = container_id
     out["TESTBED_MOUNTS"] = json.dumps({m["Destination"]: m["Source"] for m in mounts})
+    if ipc == "host":
+        out["TESTBED_DEV_SHM"] = host_dev_shm()
     return out
 
 
@@ -220,7 +229,7 @@ def _run(store, args):
                 "to be able to reuse that name", 125)
         store.save_container(container)
     open(store.log_path(container), "a").close()
-    penv = process_env(container["Id"], container["Hostname"], env, mounts)
+    penv = process_env(container["Id"], container["Hostname"], env, mounts, opts["ipc"])
     workdir = opts["workdir"] if opts["workdir"] and os.path.isdir(opts["workdir"]) else "/"
     argv = foreign_platform(store, image, [image_file(argv[0])] + argv[1:])
     if opts["detach"]:
@@ -413,11 +422,42 @@ def cmd_logs(store, args):
 
 
 # -- rm / stop / kill ------------------------------------------------------------
-def kill_container(store, container, grace):
-    """SIGTERM the container's processes, SIGKILL after grace, wait until gone."""
-    left = procs.terminate(store.container_pids(container), grace)
+# https://docs.docker.com/reference/cli/docker/container/rm/: "--force: Force the removal of a
+# running container (uses SIGKILL)". https://docs.docker.com/reference/cli/docker/container/stop/:
+# "The main process inside the container will receive SIGTERM, and after a grace period, SIGKILL"
+# (-t/--timeout, default 10 s); the CLI stops the containers it is given in parallel.
+DEFAULT_STOP_TIMEOUT = 10
+
+
+def kill_container(store, container):
+    """SIGKILL every process of the container; wait until they are gone."""
+    pids = store.container_pids(container)
+    procs.signal_all(pids, signal.SIGKILL)
+    left = procs.wait_gone(pids, 2.0)
     if left:
         raise daemon_error(f"could not kill container {container['Name']}: {left}")
+
+
+def stop_containers(store, containers, grace, sig=signal.SIGTERM):
+    """The stop signal to each running container's main process at once; SIGKILL to what is
+    left of those still running after grace seconds. When the main process exits, the rest of
+    the container is killed with it (the supervisor, as the end of PID 1 does)."""
+    running = [c for c in containers if store.state(c)["Running"]]
+    procs.signal_all([c["Pid"] for c in running if c.get("Pid")], sig)
+    deadline = time.monotonic() + grace
+    while any(store.state(c)["Running"] for c in running) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for container in running:
+        kill_container(store, container)
+
+
+def signal_number(text):
+    """A signal given as docker takes it: a name (KILL, SIGKILL) or a number."""
+    name = text.upper().removeprefix("SIG")
+    sig = int(name) if name.isdigit() else getattr(signal, "SIG" + name, None)
+    if sig is None:
+        raise DockerError(f"invalid signal: {text}")
+    return sig
 
 
 def cmd_rm(store, args):
@@ -436,7 +476,7 @@ def cmd_rm(store, args):
                           f'"/{container["Name"]}": container is running: stop the container '
                           "before removing or force remove")
             continue
-        kill_container(store, container, grace=1.0)
+        kill_container(store, container)
         store.delete_container(container)
         print(ref)
     if errors:
@@ -448,10 +488,10 @@ def cmd_stop(store, args):
     opts, pos = parse(args, STOP_SPEC)
     if not pos:
         raise DockerError('"docker stop" requires at least 1 argument.', 1)
+    containers = [must_find(store, ref) for ref in pos]
+    stop_containers(store, containers, float(opts["time"] or DEFAULT_STOP_TIMEOUT),
+                    signal_number(opts["signal"] or "TERM"))
     for ref in pos:
-        container = must_find(store, ref)
-        if store.state(container)["Running"]:
-            kill_container(store, container, grace=float(opts["time"] or 10))
         print(ref)
     return 0
 
@@ -460,10 +500,7 @@ def cmd_kill(store, args):
     opts, pos = parse(args, KILL_SPEC)
     if not pos:
         raise DockerError('"docker kill" requires at least 1 argument.', 1)
-    name = (opts["signal"] or "KILL").upper().removeprefix("SIG")
-    sig = int(name) if name.isdigit() else getattr(signal, "SIG" + name, None)
-    if sig is None:
-        raise DockerError(f"invalid signal: {opts['signal']}")
+    sig = signal_number(opts["signal"] or "KILL")
     for ref in pos:
         container = must_find(store, ref)
         if not store.state(container)["Running"]:

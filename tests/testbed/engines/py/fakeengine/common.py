@@ -1,6 +1,8 @@
 """Environment of a simulated host seen from inside a fake container."""
+import atexit
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -178,3 +180,34 @@ def gpu_free_mib():
     if gpu.get("unified_memory"):
         return host_facts("memory").get("available_kib", 0) // 1024
     return gpu.get("memory_mib", 0)
+
+
+SHM_SEGMENT_MIB = 128
+
+
+def shared_memory_segment():
+    """The POSIX shared memory vLLM and SGLang create at start (vLLM's shm_broadcast ring buffer
+    psm_*, multiprocessing's sem.mp-*; vLLM's KV offload vllm_offload_*.mmap): under `docker run
+    --ipc host` a file in the host's /dev/shm (TESTBED_DEV_SHM), of faults/engine_shm_mib MiB. The
+    engine unlinks it when it shuts down on SIGTERM, and Python's exit unlinks it after an error
+    (multiprocessing's resource_tracker cleans up "leaked shared_memory objects"); SIGKILL, or a
+    crash that ends the process at once, leaves it there until reboot
+    (vllm-project/vllm#51317 and #51579; MiaAI-Lab/Qwen3.8-Flash-Next-Single-DGX-Spark#13).
+    faults/engine_slow_stop: the shutdown takes that many seconds first. The file holds its size
+    in KiB, which the host's meminfo counts as Shmem (hostbin/memo)."""
+    folder = os.environ.get("TESTBED_DEV_SHM")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    segment = Path(folder) / f"psm_{os.getpid():08x}"
+    segment.write_text(f"{int(float(fault('engine_shm_mib') or SHM_SEGMENT_MIB) * 1024)}\n")
+    atexit.register(segment.unlink, missing_ok=True)
+
+    def shut_down(_signum, _frame):
+        log("INFO:     Shutting down")
+        time.sleep(float(fault("engine_slow_stop") or 0))
+        segment.unlink(missing_ok=True)
+        log("INFO:     Finished server process")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, shut_down)

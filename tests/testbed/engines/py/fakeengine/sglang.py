@@ -3,7 +3,8 @@ import os
 import sys
 
 from . import distributed, metrics, openai
-from .common import advertised_ip, check_model_path, die, gpu_free_mib, log, loose_args, real_addr, start_faults
+from .common import (advertised_ip, check_model_path, die, gpu_free_mib, log, loose_args, real_addr,
+                     shared_memory_segment, start_faults)
 
 IMBALANCE_CHECK = "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"
 
@@ -21,6 +22,7 @@ def launch_server(args):
     host = opts.get("host") or "127.0.0.1"
     port = int(opts.get("port") or 30000)
     log(f"[{os.getpid()}] server_args=ServerArgs(model_path='{model}', host='{host}', port={port})")
+    shared_memory_segment()
     start_faults("RuntimeError: Initialization failed. (sglang scheduler exited)")
     check_model_path(model)
     nnodes, rank = int(opts.get("nnodes") or 1), int(opts.get("node-rank") or 0)

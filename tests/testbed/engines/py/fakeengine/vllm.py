@@ -6,7 +6,7 @@ import time
 
 from . import compile_cache, distributed, metrics, openai, ray, rendezvous
 from .common import (advertised_ip, check_model_path, die, local_devices, log, loose_args, real_addr,
-                     start_faults)
+                     shared_memory_segment, start_faults)
 
 # vllm/ray/ray_env.py: the driver's variables with these prefixes are copied to every Ray worker,
 # except the worker-specific ones (vllm/v1/executor/ray_executor.py) and the names listed in
@@ -50,6 +50,7 @@ def serve(args):
     port = int(opts.get("port") or 8000)
     vlog(f"vLLM API server version {VERSION}")
     vlog(f"non-default args: model={model!r}, port={port}")
+    shared_memory_segment()
     start_faults("ERROR: EngineCore failed to start (RuntimeError: CUDA error: no kernel image)")
     check_model_path(model)
     nnodes, rank = int(opts.get("nnodes") or 1), int(opts.get("node-rank") or 0)
