@@ -2356,6 +2356,7 @@ class HostFacts(Record):
     gpu_processes: tuple = ()  # (pid, MiB) of the processes holding GPU memory
     mem_total_mib: int | None = None  # /proc/meminfo MemTotal
     mem_available_mib: int | None = None  # /proc/meminfo MemAvailable
+    shmem_mib: int | None = None  # /proc/meminfo Shmem: tmpfs (/dev/shm) and shared memory, not reclaimable
     compile_caches: tuple = ()  # (engine, KiB) of ~/.cache/sparkrun/compile/<engine>, when asked for
     entrypoint_checks: tuple = ()  # (image, whether its ENTRYPOINT runs its arguments): check_entrypoint
     # What the status probe (probe_script with metric_names) adds:
@@ -2413,12 +2414,21 @@ class HostFacts(Record):
         return list(info.entrypoint) if info else None
 
 
+# /proc/meminfo's MemTotal, MemAvailable and Shmem (kB) into $total, $available and $shmem, with
+# bash builtins; SPARKRUN_MEMINFO replaces the file on the test bed's simulated hosts.
+READ_MEMINFO = """\
+while read -r key value _; do
+  case $key in MemTotal:) total=$value;; MemAvailable:) available=$value;; Shmem:) shmem=$value;; esac
+done < "${SPARKRUN_MEMINFO:-/proc/meminfo}"
+"""
+
+
 def probe_script(images: tuple = (), metric_names: tuple = (), caches: bool = False) -> str:
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
     raw outputs are parsed here, so a probe starts few processes on the host. MemTotal and
-    MemAvailable are read last, as of the GPU process list. With metric_names (the status probe)
+    MemAvailable (and Shmem) are read last, as of the GPU process list. With metric_names (the status probe)
     it also reports the host's load and each sparkrun container's health, with those figures
     from the head's /metrics (MONITOR_SCRIPT, engines_script); with caches, the size of each
     engine's compile cache. SPARKRUN_SYSFS and SPARKRUN_MEMINFO replace /sys and /proc/meminfo
@@ -2460,10 +2470,8 @@ done
 cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker\
 {" /dev/fd/$images" if images else ""}{" /dev/fd/$caches" if caches else ""}\
 {" /dev/fd/$gpu_load" if metric_names else ""}
-while read -r key value _; do
-  case $key in MemTotal:) total=$value;; MemAvailable:) available=$value;; esac
-done < "${{SPARKRUN_MEMINFO:-/proc/meminfo}}"
-echo @@memtotal; echo "$total"; echo @@meminfo; echo "$available"
+{READ_MEMINFO}\
+echo @@memtotal; echo "$total"; echo @@meminfo; echo "$available"; echo @@shmem; echo "$shmem"
 echo @@end
 """
 
@@ -2525,7 +2533,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
     for line in output.splitlines():
         marker = line[2:] if line.startswith("@@") else ""
         if marker in ("hostname", "addrs", "ib", "gpu", "docker", "listen", "arch", "images", "caches", "end",
-                      "clock", "memtotal", "meminfo", "gpu_load", "gpu_processes", "engines"):
+                      "clock", "memtotal", "meminfo", "shmem", "gpu_load", "gpu_processes", "engines"):
             current = sections.setdefault(marker, [])
         elif current is not None:
             current.append(line)
@@ -2563,7 +2571,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
                      (sections.get("arch") or [""])[0].strip(), tuple(others),
                      gpu_processes=parse_gpu_processes(sections.get("gpu_processes", [])),
                      mem_total_mib=parse_meminfo_mib(sections.get("memtotal", [])),
-                     mem_available_mib=parse_meminfo_mib(sections.get("meminfo", [])), compile_caches=caches,
+                     mem_available_mib=parse_meminfo_mib(sections.get("meminfo", [])),
+                     shmem_mib=parse_meminfo_mib(sections.get("shmem", [])), compile_caches=caches,
                      clock=parse_clock(sections.get("clock", [])),
                      gpu_load=parse_gpu_load(sections.get("gpu_load", [])),
                      engines=parse_engines(sections.get("engines", [])))
@@ -2601,7 +2610,7 @@ def parse_clock(lines: list[str]) -> float:
 
 
 def parse_meminfo_mib(lines: list[str]) -> int | None:
-    """A /proc/meminfo figure (MemTotal, MemAvailable), in kB, to MiB."""
+    """A /proc/meminfo figure (MemTotal, MemAvailable, Shmem), in kB, to MiB."""
     return int(lines[0]) // 1024 if lines and lines[0].isdigit() else None
 
 
@@ -3576,14 +3585,32 @@ class SignalsHeld:
             signal.signal(signum, handler)
 
 
-def remove_containers(ssh: SSH, names_by_host: dict) -> dict:
-    """docker rm -f on every host at once; no signal interrupts it. Returns host -> names of the
-    hosts that could not be reached: those containers may still be there."""
+# How long `docker stop` lets an engine shut down before docker kills it. The engines unlink
+# their POSIX shared memory (the host's /dev/shm under --ipc host: on a Spark, GPU memory) only
+# when they shut down; `docker rm -f` is SIGKILL, which leaves it there until reboot
+# (vllm-project/vllm#51317). On SIGTERM vLLM's API server gives its engine core 5 s to shut down
+# (vllm-project/vllm#31252), which gives its workers 4 s (vllm-project/vllm#43154), and SGLang's
+# launcher then kills its process tree; docker's own default of 10 s (docs.docker.com,
+# `docker container stop`) would leave little beyond that. An engine that exits promptly ends
+# the wait at once: only one that ignores SIGTERM costs the whole grace.
+STOP_GRACE_S = 15
+
+
+def remove_script(names: list[str], grace: int) -> str:
+    """`docker stop -t grace` (SIGTERM, then SIGKILL after grace seconds; docker stops them in
+    parallel), then `docker rm -f`; grace 0: `docker rm -f` alone."""
+    quoted = " ".join(map(shlex.quote, names))
+    stop = f"docker stop -t {grace} {quoted} >/dev/null 2>&1\n" if grace else ""
+    return f"{stop}docker rm -f {quoted} >/dev/null 2>&1 || true\n"
+
+
+def remove_containers(ssh: SSH, names_by_host: dict, grace: int = STOP_GRACE_S) -> dict:
+    """Stop (remove_script) and remove containers on every host at once, in one round trip per
+    host; no signal interrupts it. Returns host -> names of the hosts that could not be reached:
+    those containers may still be there."""
     with SignalsHeld():
-        results = ssh.run_all(
-            [h for h, names in names_by_host.items() if names],
-            lambda h: f"docker rm -f {' '.join(map(shlex.quote, names_by_host[h]))} >/dev/null 2>&1 || true\n",
-            timeout=60)
+        results = ssh.run_all([h for h, names in names_by_host.items() if names],
+                              lambda h: remove_script(names_by_host[h], grace), timeout=grace + 60)
     return {h: names_by_host[h] for h, r in results.items() if isinstance(r, HostError) or r.returncode == 255}
 
 
@@ -3651,6 +3678,20 @@ def gpu_memory_holders(fact: HostFacts, cluster: str) -> list[str]:
     return holders
 
 
+# Shared memory (/proc/meminfo Shmem) cannot be reclaimed: files an engine left in /dev/shm when it
+# was killed (SIGKILL: docker rm -f, a crash) stay there, out of MemAvailable, until reboot.
+LEFT_IN_DEV_SHM = ("an engine killed without a graceful stop (stop --force, a crash) leaves its files in /dev/shm "
+                   "(psm_*, sem.mp-*, vllm_*, VLLM_*) until reboot: remove them (ls -la /dev/shm) or reboot")
+SHARED_MEMORY_HELD = "no container or GPU process holds it, but {size:.1f} GB is shared memory (Shmem): " + LEFT_IN_DEV_SHM
+SHARED_MEMORY_NOTE_MIB = 2048  # status names the host's shared memory from this size on
+
+
+def shared_memory_note(host: str, shmem_mib: int, containers_running: bool) -> str:
+    """Status's line about a host's shared memory; with no container running, how to free it."""
+    note = f"{host}: shared memory (Shmem) holds {shmem_mib / 1024:.1f} GB, which the GPU cannot use"
+    return note + (" (running containers may be using it)" if containers_running else f"; {LEFT_IN_DEV_SHM}")
+
+
 def memory_shortfalls(plan: LaunchPlan, facts: dict, estimate: VramEstimate, fraction, skip=()) -> list[str]:
     """One line per host whose available memory (MemAvailable: a Spark's GPU shares it) is below
     what the launch needs there. Hosts in `skip` are left out (their memory is this launch's own)."""
@@ -3664,8 +3705,13 @@ def memory_shortfalls(plan: LaunchPlan, facts: dict, estimate: VramEstimate, fra
         if need is None or need <= available:
             continue
         holders = gpu_memory_holders(fact, plan.cluster_id)
-        held = (f"held by {', '.join(holders)}; stop what you do not need" if holders
-                else "no container or GPU process holds it; free memory on the host")
+        shmem = (fact.shmem_mib or 0) * 2**20
+        if holders:
+            held = f"held by {', '.join(holders)}; stop what you do not need"
+        elif available + shmem >= need:  # what is missing sits in /dev/shm
+            held = SHARED_MEMORY_HELD.format(size=shmem / GIB)
+        else:
+            held = "no container or GPU process holds it; free memory on the host"
         lines.append(f"{host}: needs {need / GIB:.1f} GB ({why}) but {available / GIB:.1f} GB is available, "
                      f"{held}, or lower --gpu-mem")
     return lines
@@ -5385,7 +5431,7 @@ def cmd_stop(args) -> int:
     for host, containers in names.items():
         print(f"[{host}] {'would remove' if args.dry_run else 'removing'} {', '.join(containers)}")
     if not args.dry_run:
-        remove_containers(ssh, names)
+        remove_containers(ssh, names, grace=0 if args.force else STOP_GRACE_S)
         left = {h: cs for h, cs in find_workloads(ssh, names, recipe=recipe, port=port).items() if cs}
         if left:
             raise SparkrunError(f"{next(iter(left))}: containers still present after docker rm -f")
@@ -5647,6 +5693,7 @@ def host_status_dict(host: str, fact) -> dict:
     found = {"host": host, "reachable": True, "hostname": fact.hostname, "management_ip": fact.management_ip,
              "gpu": fact.gpu, "docker_error": fact.docker_error,
              "infiniband": [d.as_dict() for d in fact.ib], "containers": len(fact.containers),
+             "shmem_mib": fact.shmem_mib,
              "compile_caches": {engine: kib * 1024 for engine, kib in fact.compile_caches}}
     if fact.clock:
         first = first_gpu_load(fact)
@@ -5699,6 +5746,9 @@ def status_lines(facts: dict, workloads: list, pending: list) -> list[str]:
     if loads:
         lines += [""] + table_lines(loads, ["HOST", "GPU MEMORY USED", "GPU UTIL", "TEMP", "POWER", "MEMORY AVAILABLE"])
     for host, fact in facts.items():
+        if isinstance(fact, HostFacts) and (fact.shmem_mib or 0) >= SHARED_MEMORY_NOTE_MIB:
+            running = bool(fact.other_containers) or any(c.get("State") == "running" for c in fact.containers)
+            lines.append(shared_memory_note(host, fact.shmem_mib, running))
         if isinstance(fact, HostFacts) and fact.compile_caches:
             sizes = ", ".join(f"{engine} {kib / 2**20:.2f} GB" for engine, kib in fact.compile_caches)
             lines.append(f"{host}: compile caches {sizes} (empty them: sparkrun setup clear-cache --compile-caches)")
@@ -6089,6 +6139,9 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--tp", "--tensor-parallel", type=int, help="only the first N hosts")
     p.add_argument("--port", type=port, help="only the launch serving on this port")
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be removed")
+    p.add_argument("-f", "--force", action="store_true",
+                   help=f"remove at once (docker rm -f: SIGKILL) instead of giving the engines up to {STOP_GRACE_S} s "
+                        "to shut down, which they need to free their shared memory in /dev/shm")
 
     p = command("logs", cmd_logs, "Follow a recipe's head container log (Ctrl+C stops following).")
     p.add_argument("recipe", help="recipe whose logs to show")

@@ -76,13 +76,14 @@ SPARK_PROBE = "\n".join([
     '{"Names":"sparkrun_ab_head","State":"running","Image":"v","Labels":"sparkrun.cluster=sparkrun_ab,'
     'sparkrun.recipe=r"}',
     "@@caches", "1048576\t/root/.cache/sparkrun/compile/vllm/",
-    "@@memtotal", "127600748", "@@meminfo", "60000000",
+    "@@memtotal", "127600748", "@@meminfo", "60000000", "@@shmem", "1048576",
     "@@end", ""])
 
 
 def test_probe_reads_available_memory_gpu_processes_and_every_container():
     facts = sparkrun.parse_probe("h", SPARK_PROBE)
     assert (facts.mem_total_mib, facts.mem_available_mib) == (127600748 // 1024, 60000000 // 1024)
+    assert facts.shmem_mib == 1024
     assert facts.gpu_total_bytes == 127600748 // 1024 * 2**20  # [N/A]: the host's memory
     assert facts.gpu_processes == ((114687, 19135.0),)  # no figure, nothing to count
     assert [c["Names"] for c in facts.containers] == ["sparkrun_ab_head"]
@@ -291,3 +292,53 @@ def test_page_cache_step_uses_the_saved_sudo_rule_else_evicts_as_the_user(local_
     (root / "hub" / MODEL_DIR / "blobs").chmod(0o700)
     subprocess.run(["chown", "-R", "root:root", str(root / "hub" / MODEL_DIR / "blobs")], check=True)
     assert page_cache_as(user, root, target) == "@@page-cache failed"  # files it cannot open
+
+
+# -- shared memory left in /dev/shm, and the memory guard while the engine starts ----------------
+# Containers share the host's IPC namespace (--ipc host): an engine's POSIX shared memory lives in
+# the host's /dev/shm, which on a Spark is the GPU's memory too, until the engine unlinks it.
+
+def segments(host) -> list[str]:
+    """The files in the simulated host's /dev/shm."""
+    return sorted(p.name for p in host.dev_shm.iterdir()) if host.dev_shm.is_dir() else []
+
+
+def test_stop_replace_and_rollback_let_the_engines_unlink_their_shared_memory(lab):
+    h1, h2 = lab.bed.hosts[:2]
+    assert run(lab, "qwen3-1.7b-vllm", "-H", H1, "--no-sync").returncode == 0
+    assert run(lab, "qwen3-1.7b-sglang", "-H", H2, "--no-sync", "--port", "8100").returncode == 0
+    first = segments(h1)
+    assert len(first) == 1 and len(segments(h2)) == 1
+    replaced = run(lab, "qwen3-1.7b-vllm", "-H", H1, "--no-sync", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(segments(h1)) == 1 and segments(h1) != first  # the new engine's only
+    stopped = lab("stop", "--all", "-H", f"{H1},{H2}")
+    assert stopped.returncode == 0 and "Stopped 2 container(s)." in stopped.stdout, stopped.stderr
+    assert segments(h1) == segments(h2) == []
+    assert [c[0] for c in h1.docker_calls() if c[0] in ("stop", "rm")][-2:] == ["stop", "rm"]
+    h2.fault("engine_exit")  # the worker fails at once: the head's engine is rolled back
+    failed = run(lab, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync")
+    assert failed.returncode == 1 and "exited" in failed.stderr
+    assert segments(h1) == segments(h2) == [] and h1.containers() == h2.containers() == []
+
+
+def test_a_forced_stop_leaves_shared_memory_that_status_and_the_preflight_name(lab):
+    h1 = lab.bed.hosts[0]
+    h1.fault("engine_shm_mib", "8192")
+    assert run(lab, "qwen3-1.7b-vllm", "-H", H1, "--no-sync").returncode == 0
+    forced = lab("stop", "qwen3-1.7b-vllm", "-H", H1, "--force")
+    assert forced.returncode == 0 and h1.containers() == []
+    assert len(segments(h1)) == 1  # docker rm -f is SIGKILL: as after a crash, until reboot
+    status = lab("status", "-H", H1)
+    assert sparkrun.shared_memory_note(H1, 8192, False) in status.stdout
+    hosts = json.loads(lab("status", "-H", H1, "--json").stdout)["hosts"]
+    assert hosts[0]["shmem_mib"] == 8192
+    warned = run(lab, "qwen3-1.7b-vllm", "-H", H1, "--no-sync", "--gpu-mem", "0.95")
+    assert warned.returncode == 0, warned.stderr
+    assert [l for l in warned.stderr.splitlines() if l.startswith("Warning:")] == [
+        f"Warning: {H1}: needs 115.6 GB (gpu_memory_utilization 0.95 of 121.7 GB) but 108.3 GB is available, "
+        + sparkrun.SHARED_MEMORY_HELD.format(size=8.0) + ", or lower --gpu-mem"]
+    running = lab("status", "-H", H1)  # an engine runs: its shared memory may be its own
+    assert sparkrun.shared_memory_note(H1, 16384, True) in running.stdout
+    assert lab("stop", "qwen3-1.7b-vllm", "-H", H1).returncode == 0
+    assert len(segments(h1)) == 1  # the graceful stop took the running engine's segment only

@@ -430,9 +430,11 @@ DEFAULT_STOP_TIMEOUT = 10
 
 
 def kill_container(store, container):
-    """SIGKILL every process of the container; wait until they are gone."""
+    """SIGKILL every process of the container; wait until they are gone. Its supervisor goes
+    last: as containerd's shim does, it reaps the main process and records its exit (137)."""
     pids = store.container_pids(container)
-    procs.signal_all(pids, signal.SIGKILL)
+    procs.signal_all([pid for pid in pids if pid != container.get("Pgid")], signal.SIGKILL)
+    procs.signal_all(procs.wait_gone(pids, 2.0), signal.SIGKILL)
     left = procs.wait_gone(pids, 2.0)
     if left:
         raise daemon_error(f"could not kill container {container['Name']}: {left}")
@@ -489,7 +491,7 @@ def cmd_stop(store, args):
     if not pos:
         raise DockerError('"docker stop" requires at least 1 argument.', 1)
     containers = [must_find(store, ref) for ref in pos]
-    stop_containers(store, containers, float(opts["time"] or DEFAULT_STOP_TIMEOUT),
+    stop_containers(store, containers, float(opts["timeout"] or DEFAULT_STOP_TIMEOUT),
                     signal_number(opts["signal"] or "TERM"))
     for ref in pos:
         print(ref)
