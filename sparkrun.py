@@ -2419,7 +2419,7 @@ class HostFacts(Record):
 READ_MEMINFO = """\
 while read -r key value _; do
   case $key in MemTotal:) total=$value;; MemAvailable:) available=$value;; Shmem:) shmem=$value;; esac
-done < "${SPARKRUN_MEMINFO:-/proc/meminfo}"
+done 2>/dev/null < "${SPARKRUN_MEMINFO:-/proc/meminfo}"
 """
 
 
@@ -3809,10 +3809,11 @@ class Readiness(Record):
     through_head: bool = False
 
 
-def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> Readiness:
+def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress, guard: MemoryGuard) -> Readiness:
     """Poll until the server generates (or lists the model, for embedding servers). When the
     endpoint does not answer from here, the head is asked too, through its ssh connection; a
-    server that keeps listing other names than the expected one fails fast."""
+    server that keeps listing other names than the expected one fails fast. Every 5 s the
+    containers and the hosts' memory are checked (check_still_running, guard)."""
     started = time.monotonic()
     deadline = started + timeout_s
     names = {c.host: [] for c in plan.containers}
@@ -3845,7 +3846,7 @@ def wait_until_ready(plan: LaunchPlan, ssh: SSH, timeout_s: float, progress) -> 
             wrong_name_since = None
         if now - last_check > 5:
             last_check = now
-            check_still_running(plan, ssh, names)
+            check_still_running(plan, ssh, names, guard)
             progress(probe.why)
         if now > deadline:  # the log now: the containers are removed after this
             tail = container_logs_tail(ssh, plan.head, plan.head_container.name)
@@ -3862,17 +3863,53 @@ def indented_tail(tail: str, lines: int = 15) -> str:
     return "\n".join("    " + line for line in tail.splitlines()[-lines:]) or "    (no output)"
 
 
-def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict) -> None:
+# The memory guard while the engines start. A GB10 whose available memory collapses during weight
+# loading, profiling or CUDA-graph capture can hang until it is power-cycled: vllm-project/vllm#46307
+# last saw ~7 GiB available before the host wedged, a guard in vllm-project/vllm#56824 stopped the
+# engine at 6.27 GiB. DGX OS's earlyoom (`-m 2 -s 80`, as the established sparkrun's `setup
+# earlyoom` sets it) SIGTERMs one engine process at 2 % (~2.4 GiB of a Spark's 121.7 GiB), one rank
+# only. The default floor, 5 % of MemTotal (6.1 GiB on a Spark), sits above earlyoom's, so every
+# host's engine is stopped in order first, and at the figures seen before a wedge, while a launch at
+# gpu_memory_utilization 0.85 still leaves over twice that. Two checks in a row (5 s apart) below
+# it stop the launch; one low sample (a transient) does not.
+MEMORY_FLOOR_FRACTION = 0.05
+MEMORY_LOW_CHECKS = 2
+MEMORY_GUARD_STOPPED = ("available memory fell to {available:.1f} GB (floor {floor:.1f} GB) while the engine was "
+                        "starting; the launch is stopped before the host runs out (a DGX Spark's GPU shares this "
+                        "memory): lower --gpu-mem or --max-model-len, or set the floor with --memory-floor GB (0: off)")
+
+
+class MemoryGuard(Record, mutable=True):
+    """Fails a launch when a host's MemAvailable stays below the floor for MEMORY_LOW_CHECKS checks
+    in a row. floor_gb: None for MEMORY_FLOOR_FRACTION of each host's MemTotal; 0 for no guard."""
+    floor_gb: float | None = None
+    low_checks: dict = {}  # host -> checks in a row below its floor
+
+    def check(self, host: str, available_kib: int, total_kib: int) -> None:
+        floor = total_kib * 1024 * MEMORY_FLOOR_FRACTION if self.floor_gb is None else self.floor_gb * GIB
+        available = available_kib * 1024
+        self.low_checks[host] = self.low_checks.get(host, 0) + 1 if available < floor else 0
+        if self.low_checks[host] >= MEMORY_LOW_CHECKS:
+            raise RemoteFailed(host, MEMORY_GUARD_STOPPED.format(available=available / GIB, floor=floor / GIB))
+
+
+def check_still_running(plan: LaunchPlan, ssh: SSH, names: dict, guard: MemoryGuard) -> None:
+    """Whether every container still runs, and each host's memory for the guard: one round trip per host."""
     script = lambda h: "".join(
         f"printf '%s %s\\n' {shlex.quote(n)} \"$(docker inspect --format '{{{{.State.Running}}}}' {shlex.quote(n)} 2>/dev/null)\"\n"
-        for n in names[h])
+        for n in names[h]) + READ_MEMINFO + 'echo "@@memory $available $total"\n'
     for host, result in raise_first(ssh.run_all(list(names), script, timeout=30)).items():
+        memory = []
         for line in result.stdout.splitlines():
             name, _, running = line.partition(" ")
-            if running.strip() != "true":
+            if name == "@@memory":
+                memory = running.split()
+            elif running.strip() != "true":
                 tail = container_logs_tail(ssh, host, name)
                 raise RemoteFailed(host, f"container {name} exited before the server was ready; last log lines:\n"
                                          + indented_tail(tail))
+        if len(memory) == 2 and all(f.isdigit() for f in memory):  # none when meminfo is unreadable
+            guard.check(host, int(memory[0]), int(memory[1]))
 
 
 def step_batches(steps) -> list[list[Step]]:
@@ -3902,10 +3939,11 @@ def raise_first(results: dict) -> dict:
 NAME_TAKEN = "is already in use by container"  # docker run's Conflict error for a name in use
 
 
-def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> tuple[float, Readiness]:
+def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say,
+                   memory_floor: float | None = None) -> tuple[float, Readiness]:
     """Start each step in order (consecutive starts on different hosts at once), then wait
-    until ready; returns the seconds spent waiting for the server (rendezvous ports included)
-    and how it became ready. A failure before the endpoint is ready removes every container
+    until ready (memory_floor: MemoryGuard's floor_gb); returns the seconds spent waiting for the
+    server (rendezvous ports included) and how it became ready. A failure before the endpoint is ready removes every container
     this launch started on every host. So does Ctrl+C, SIGTERM or SIGHUP before every container
     has started (once the `docker run`s in flight have ended, bounded); after that, a signal
     raises Detached and the job keeps running."""
@@ -3949,7 +3987,8 @@ def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say) -> 
     try:
         say(f"waiting for {plan.endpoint} to serve {plan.served_model or UNKNOWN_SERVED_NAME}")
         since = time.monotonic()
-        readiness = wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"))
+        readiness = wait_until_ready(plan, ssh, ready_timeout, lambda why: say(f"  not ready yet: {why}"),
+                                     MemoryGuard(memory_floor))
         return waited + time.monotonic() - since, readiness
     except KeyboardInterrupt as interrupt:
         raise Detached(interrupt) from None
@@ -5228,6 +5267,8 @@ def launch_options(args) -> LaunchOptions:
         check_cli_value("--image", args.image)
     if args.cache_dir:
         check_cli_value("--cache-dir", args.cache_dir)
+    if args.memory_floor is not None and args.memory_floor < 0:
+        raise UsageError(f"--memory-floor takes GB of available memory, 0 or more (0: off), not {args.memory_floor:g}")
     for flag in ("init_port", "ray_port", "dashboard_port"):
         value = getattr(args, flag)
         if value is not None and typed_value_problem("port", value):
@@ -5355,7 +5396,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         page_cache = time.monotonic() - since
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     try:
-        waited, readiness = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say)
+        waited, readiness = execute_launch(plan, ssh, ready_timeout=args.ready_timeout, say=say,
+                                           memory_floor=args.memory_floor)
         plan = plan.replace(served_model=readiness.served)
         for command in plan.post_exec:
             ssh.run(plan.head, shlex.join(["docker", "exec", plan.head_container.name, "bash", "-c", command]) + "\n",
@@ -6127,6 +6169,9 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--no-drop-cache", action="store_true",
                    help="do not free the hosts' page cache before starting the containers")
     p.add_argument("--ready-timeout", type=float, default=3600, help="seconds to wait for readiness (3600)")
+    p.add_argument("--memory-floor", type=float, metavar="GB",
+                   help="while the engines start, stop the launch when a host's available memory stays below GB "
+                        f"(default {MEMORY_FLOOR_FRACTION * 100:.0f}%% of the host's memory, 6.1 GB on a DGX Spark; 0: off)")
     p.add_argument("--init-port", type=int, help="rendezvous port (vLLM 29501, SGLang 25000)")
     p.add_argument("--ray-port", type=int, help=f"Ray head port ({DEFAULT_RAY_PORT})")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard")

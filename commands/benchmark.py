@@ -949,8 +949,8 @@ def add_parsers(sub, command, host_options) -> None:
     p.add_argument("recipe", help="recipe name, @registry/name, or a path to a YAML file")
     host_options(p)
     shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
-              "no_sync", "download_on", "no_drop_cache", "strict", "ready_timeout", "init_port", "ray_port",
-              "dashboard", "dashboard_port", "no_sync_tuning"}
+              "no_sync", "download_on", "no_drop_cache", "strict", "ready_timeout", "memory_floor", "init_port",
+              "ray_port", "dashboard", "dashboard_port", "no_sync_tuning"}
     for action in run._actions:
         if action.dest in shared:
             p._add_action(action)  # run's own definitions (as argparse's parents= does): they cannot drift

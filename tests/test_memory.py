@@ -4,11 +4,13 @@ limits, and the engines' persistent compile caches (plan, probe parsing, end to 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import CORPUS, H1, H2
+from test_lifecycle import popen, wait_for_line
 
 import sparkrun
 
@@ -256,6 +258,63 @@ def test_without_the_mount_the_compile_cache_dies_with_the_container(lab):
         h1.wait_http(9200)
         assert "Compiling a graph for compile range" in h1.container_log("plain")
         assert h1.ssh("docker rm -f plain").returncode == 0
+
+
+
+SPARK_MEMTOTAL_KIB = 127600748  # a DGX Spark's MemTotal: the default floor, 5 %, is 6.1 GB
+
+
+def test_the_memory_guard_stops_after_two_low_checks_in_a_row_and_can_be_lowered_or_turned_off():
+    guard = sparkrun.MemoryGuard()
+    guard.check("h", 5_000_000, SPARK_MEMTOTAL_KIB)
+    guard.check("h", 60_000_000, SPARK_MEMTOTAL_KIB)  # one low check is a transient: counting starts again
+    guard.check("h", 5_000_000, SPARK_MEMTOTAL_KIB)
+    with pytest.raises(sparkrun.RemoteFailed) as stopped:
+        guard.check("h", 2_000_000, SPARK_MEMTOTAL_KIB)
+    assert str(stopped.value).startswith("h: available memory fell to 1.9 GB (floor 6.1 GB) while the engine was ")
+    assert "lower --gpu-mem or --max-model-len" in str(stopped.value)
+    lowered, off = sparkrun.MemoryGuard(floor_gb=1.5), sparkrun.MemoryGuard(floor_gb=0)
+    for _ in range(3):
+        lowered.check("h", 2_000_000, SPARK_MEMTOTAL_KIB)
+        off.check("h", 0, SPARK_MEMTOTAL_KIB)
+    with pytest.raises(sparkrun.RemoteFailed, match="fell to 1.0 GB .floor 1.5 GB."):
+        for _ in range(2):
+            lowered.check("h", 1 << 20, SPARK_MEMTOTAL_KIB)
+
+
+def test_a_host_running_low_on_memory_while_the_engines_start_stops_the_launch_on_every_host(lab):
+    h1, h2 = lab.bed.hosts[:2]
+    h2.fault("engine_slow_ready", "300")  # the worker loads for a long time: the head waits for it
+    launch = popen(lab, "run", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--no-follow")
+    try:
+        wait_for_line(launch.stderr, "not ready yet")  # the first check has run
+        (h2.root / "meminfo").write_text(f"MemTotal:       {SPARK_MEMTOTAL_KIB} kB\n"
+                                         "MemAvailable:    2000000 kB\nShmem:             0 kB\n")
+        low = time.monotonic()
+        _, err = launch.communicate(timeout=120)
+        elapsed = time.monotonic() - low
+    finally:
+        launch.kill()
+    print(f"stopped {elapsed:.1f} s after the host's memory fell")
+    assert launch.returncode == 1
+    assert f"Error: {H2}: available memory fell to 1.9 GB (floor 6.1 GB) while the engine was starting" in err
+    assert elapsed < 30  # two checks 5 s apart and the graceful stop, not the 3600 s ready timeout
+    assert h1.containers() == h2.containers() == [] and segments(h1) == segments(h2) == []
+    assert h1.processes_alive() == h2.processes_alive() == []
+
+
+def test_with_enough_memory_or_the_guard_lowered_the_launch_proceeds(lab):
+    h1, h2 = lab.bed.hosts[:2]
+    h2.fault("engine_slow_ready", "7")  # two checks while the worker loads
+    normal = run(lab, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync")
+    assert normal.returncode == 0 and normal.stderr.count("not ready yet") >= 2, normal.stderr
+    assert lab("stop", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}").returncode == 0
+    h2.set_memory(available_kib=3_000_000)  # 2.9 GB: under the default floor at every check
+    lowered = run(lab, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--memory-floor", "2")
+    assert lowered.returncode == 0 and lowered.stderr.count("not ready yet") >= 2, lowered.stderr
+    assert lab("stop", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}").returncode == 0
+    refused = lab("run", "qwen3-1.7b-vllm", "-H", H1, "--memory-floor", "-1", "--dry-run")
+    assert refused.returncode == 2 and "--memory-floor takes GB of available memory" in refused.stderr
 
 
 # The sudo side for real, with a throwaway local user (see test_setup): the rule `setup clear-cache
