@@ -2427,8 +2427,8 @@ def probe_script(images: tuple = (), metric_names: tuple = (), caches: bool = Fa
     """One bash script that reports everything HostFacts holds, in marked sections. The tools
     (docker, nvidia-smi, ip, ss: slowest first) start at once, each into its own pipe;
     one `cat` prints the pipes in order at the end. Everything else is bash builtins, and the
-    raw outputs are parsed here, so a probe starts few processes on the host. MemTotal and
-    MemAvailable (and Shmem) are read last, as of the GPU process list. With metric_names (the status probe)
+    raw outputs are parsed here, so a probe starts few processes on the host. MemTotal,
+    MemAvailable and Shmem are read last, as of the GPU process list. With metric_names (the status probe)
     it also reports the host's load and each sparkrun container's health, with those figures
     from the head's /metrics (MONITOR_SCRIPT, engines_script); with caches, the size of each
     engine's compile cache. SPARKRUN_SYSFS and SPARKRUN_MEMINFO replace /sys and /proc/meminfo
@@ -3868,10 +3868,12 @@ def indented_tail(tail: str, lines: int = 15) -> str:
 # last saw ~7 GiB available before the host wedged, a guard in vllm-project/vllm#56824 stopped the
 # engine at 6.27 GiB. DGX OS's earlyoom (`-m 2 -s 80`, as the established sparkrun's `setup
 # earlyoom` sets it) SIGTERMs one engine process at 2 % (~2.4 GiB of a Spark's 121.7 GiB), one rank
-# only. The default floor, 5 % of MemTotal (6.1 GiB on a Spark), sits above earlyoom's, so every
-# host's engine is stopped in order first, and at the figures seen before a wedge, while a launch at
-# gpu_memory_utilization 0.85 still leaves over twice that. Two checks in a row (5 s apart) below
-# it stop the launch; one low sample (a transient) does not.
+# only. The default floor, 5 % of MemTotal (6.1 GiB on a Spark), sits above earlyoom's, so sparkrun
+# stops every host's engines gracefully before earlyoom kills one, and near the figures seen just
+# before a wedge. Recipes mostly ask gpu_memory_utilization 0.7 to 0.85, which leaves a Spark 18 GiB
+# or more beside the engine; at 0.9 (12 GiB for the system and the engine's own processes) the
+# floor may stop a launch: --memory-floor lowers it. Two checks in a row (5 s apart) below it stop
+# the launch; one low sample (a transient) does not.
 MEMORY_FLOOR_FRACTION = 0.05
 MEMORY_LOW_CHECKS = 2
 MEMORY_GUARD_STOPPED = ("available memory fell to {available:.1f} GB (floor {floor:.1f} GB) while the engine was "
@@ -3942,9 +3944,9 @@ NAME_TAKEN = "is already in use by container"  # docker run's Conflict error for
 def execute_launch(plan: LaunchPlan, ssh: SSH, *, ready_timeout: float, say,
                    memory_floor: float | None = None) -> tuple[float, Readiness]:
     """Start each step in order (consecutive starts on different hosts at once), then wait
-    until ready (memory_floor: MemoryGuard's floor_gb); returns the seconds spent waiting for the
-    server (rendezvous ports included) and how it became ready. A failure before the endpoint is ready removes every container
-    this launch started on every host. So does Ctrl+C, SIGTERM or SIGHUP before every container
+    until ready (memory_floor: MemoryGuard's floor_gb); returns the seconds spent waiting for
+    the server (rendezvous ports included) and how it became ready. A failure before the
+    endpoint is ready removes every container this launch started on every host. So does Ctrl+C, SIGTERM or SIGHUP before every container
     has started (once the `docker run`s in flight have ended, bounded); after that, a signal
     raises Detached and the job keeps running."""
     started: dict[str, list[str]] = {}
@@ -4014,7 +4016,7 @@ def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInter
             deadline = time.monotonic() + START_SETTLE_S
             for done in pending:
                 done.wait(max(0.0, deadline - time.monotonic()))
-        say("Interrupted: removing the containers this launch started ...")
+        say(f"Interrupted: stopping the containers this launch started (up to {STOP_GRACE_S} s) ...")
         left = remove_containers(ssh, started)
     if left:
         raise LaunchInterrupted(f"launch interrupted; {left_behind_message(recipe, left)}", interrupt) from None
