@@ -3191,11 +3191,22 @@ def nccl_env(facts: HostFacts | None, address: str, per_link: bool = False) -> t
         # Each link its own subnet: NCCL must route by subnet and keep the ports apart.
         env += [("NCCL_IB_SUBNET_AWARE_ROUTING", "1"), ("NCCL_IB_MERGE_NICS", "0")]
     else:
-        gid = next((d.gid_index for d in facts.active_ib if d.netdev == socket_if), facts.active_ib[0].gid_index)
+        gid = shared_gid_index(devices)
         if gid is not None:
             env.append(("NCCL_IB_GID_INDEX", str(gid)))
     shown = ", ".join(f"{d.hca} ({d.netdev} {d.ipv4 or 'no address'})" for d in devices)
     return env, f"InfiniBand/RoCE{' per-link subnets' if per_link else ''}: {shown}"
+
+
+def shared_gid_index(devices: list[IbDevice]) -> int | None:
+    """The GID index to pin for every device NCCL_IB_HCA lists: only one they all share. NCCL
+    applies NCCL_IB_GID_INDEX to each listed device; a twin that `setup cx7` left without an
+    address has no IPv4 RoCE v2 GID at that index, its queue pairs fail (ibv_modify_qp) and the
+    handshake hangs (tonyd2wild/DeepSeek-v4-Flash 2x-DGX-Spark issue #38). Unset, NCCL picks the
+    RoCE v2 GID of each device itself: the default -1 (NVIDIA/nccl src/transport/net_ib/connect.cc,
+    NCCL_PARAM(IbGidIndex, "IB_GID_INDEX", -1)), automatic since NCCL 2.21 (NCCL docs, env.html)."""
+    indexes = {d.gid_index for d in devices}
+    return indexes.pop() if len(indexes) == 1 and None not in indexes else None
 
 
 def cx7_per_link(hosts, facts: dict, rendezvous: str) -> bool:

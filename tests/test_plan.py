@@ -281,9 +281,28 @@ def test_both_roce_twins_of_the_port_in_use_and_ucx_device_ports(tmp_path):
     assert env["NCCL_IB_HCA"] == "roceP2p1s0f1,rocep1s0f1"  # the unaddressed twin too; port 0 has no link
     assert env["UCX_NET_DEVICES"] == "roceP2p1s0f1:1,rocep1s0f1:1"
     assert (env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"]) == ("enp1s0f1np1", "enp1s0f1np1")
-    assert (env["NCCL_NET"], env["NCCL_IGNORE_CPU_AFFINITY"], env["NCCL_IB_GID_INDEX"]) == ("IB", "1", "3")
+    assert (env["NCCL_NET"], env["NCCL_IGNORE_CPU_AFFINITY"]) == ("IB", "1")
     argv = plan.containers[0].docker_run_argv()
     assert argv[argv.index("stack=67108864") - 1] == "--ulimit"
+
+
+def both_twins_addressed(n, twin_gid=3):
+    """Spark n with both twins of port 1 addressed, the second twin's IPv4 GID at twin_gid."""
+    return ib_facts(f"h{n}", [("rocep1s0f1", "enp1s0f1np1", f"10.0.1.{n}/24", 3),
+                              ("roceP2p1s0f1", "enP2p1s0f1np1", f"10.0.9.{n}/24", twin_gid)], f"192.0.2.{n}")
+
+
+def test_gid_index_pinned_only_when_every_listed_device_shares_it(tmp_path):
+    # `setup cx7` addresses one twin per port: the other has no IPv4 RoCE v2 GID at index 3, so
+    # NCCL chooses each device's GID itself.
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m")
+    assert all("NCCL_IB_GID_INDEX" not in dict(c.env) for c in plan.containers)
+    both = {"h1": both_twins_addressed(1), "h2": both_twins_addressed(2)}
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", both)
+    assert [dict(c.env)["NCCL_IB_GID_INDEX"] for c in plan.containers] == ["3", "3"]
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", dict(both, h2=both_twins_addressed(2, 4)))
+    assert "NCCL_IB_GID_INDEX" in dict(plan.containers[0].env)
+    assert "NCCL_IB_GID_INDEX" not in dict(plan.containers[1].env)
 
 
 @pytest.mark.parametrize("runtime", ["vllm-distributed", "vllm-ray", "eugr-vllm"])
