@@ -1618,6 +1618,7 @@ class ModelArch(Record):
     head_dim: int | None = None
     mla_dim: int | None = None  # kv_lora_rank + qk_rope_head_dim (DeepSeek-style MLA)
     note: str = ""
+    num_attention_heads: int | None = None  # query heads: what tensor parallel splits (from config.json)
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -1628,7 +1629,7 @@ class ModelArch(Record):
 
 
 def _arch(num_layers, num_kv_heads, head_dim, kv_layers=None, sliding_layers=0, sliding_window=None,
-          mla_dim=None) -> ModelArch:
+          mla_dim=None, attention_heads=None) -> ModelArch:
     kv_layers = num_layers if kv_layers is None else kv_layers
     if mla_dim:
         note = f"MLA compressed KV: {mla_dim} dims"
@@ -1639,7 +1640,7 @@ def _arch(num_layers, num_kv_heads, head_dim, kv_layers=None, sliding_layers=0, 
     else:
         note = ""
     return ModelArch(num_layers, kv_layers, sliding_layers, sliding_window if sliding_layers else None,
-                     num_kv_heads, head_dim, mla_dim, note)
+                     num_kv_heads, head_dim, mla_dim, note, attention_heads)
 
 
 _NO_KV_LAYER_TYPES = {"linear_attention", "mamba", "mamba2", "conv", "ssm", "recurrent"}
@@ -1699,7 +1700,7 @@ def arch_from_config(config: dict) -> ModelArch | None:
     num_layers, full, sliding, window = _layer_split(config, layers)
     if num_layers is None and kv_heads is None and head_dim is None:
         return None
-    return _arch(num_layers, kv_heads, head_dim, full, sliding, window, mla_dim)
+    return _arch(num_layers, kv_heads, head_dim, full, sliding, window, mla_dim, heads)
 
 
 def arch_from_metadata(meta: dict, config_arch: ModelArch | None = None) -> ModelArch | None:
@@ -1710,7 +1711,7 @@ def arch_from_metadata(meta: dict, config_arch: ModelArch | None = None) -> Mode
         return _arch(layers, kv_heads, head_dim) if layers or kv_heads or head_dim else None
     if layers and layers != config_arch.num_layers:  # the config's layer layout no longer applies
         config_arch = _arch(layers, config_arch.num_kv_heads, config_arch.head_dim,
-                            mla_dim=config_arch.mla_dim)
+                            mla_dim=config_arch.mla_dim, attention_heads=config_arch.num_attention_heads)
     return config_arch.replace(num_kv_heads=kv_heads or config_arch.num_kv_heads,
                                head_dim=head_dim or config_arch.head_dim)
 
@@ -2931,6 +2932,8 @@ SECRET_NAME = re.compile(r"KEY(?:$|_)|TOKEN|SECRET|PASS|PWD|CREDENTIAL|PRIVATE|A
 ENV_NOT_ALLOWED = ("recipe {recipe}: env {key} uses ${{{name}}}, but recipes from registry {registry} may only read "
                    "the variables listed under 'allow_env' in {file}; add {name} there if you trust this "
                    "registry, or copy the recipe into a file of your own")
+TP_HEADS_REFUSED = ("{model} has {heads} attention heads ({kv_heads} key/value heads), which {runtime} cannot "
+                    "split over tensor parallel {tp}: use --tp {sizes}")
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
 
@@ -3269,10 +3272,12 @@ class LaunchOptions(Record):
 
 
 def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions,
-                facts: dict | None = None, environ=os.environ, snapshots=(), tuning=None) -> LaunchPlan:
+                facts: dict | None = None, environ=os.environ, snapshots=(), tuning=None,
+                arch: ModelArch | None = None) -> LaunchPlan:
     """Recipe + hosts + options (+ per-host facts when detected, + the snapshots of the repos the
     launch needs when known: repo_needs' order, None for one not known, + tuned MoE configs to
-    mount: a TuningMount, section 9) -> the launch, as data."""
+    mount: a TuningMount, section 9, + the model's architecture when known, to refuse a tensor
+    parallel size the engine cannot split it over) -> the launch, as data."""
     facts = facts or {}
     values = recipe_values(recipe, options.overrides)
     for key, value in values.items():
@@ -3288,6 +3293,10 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         values["tensor_parallel"], values["pipeline_parallel"], values["data_parallel"] = 1, 1, 1
     command = one_line(render_command(recipe, values))
     nodes = 1 if solo else node_count(recipe, values, command)
+    module = load_runtime(runtime)
+    refused = tensor_parallel_refusal(module, arch, recipe.model, 1 if solo else _whole_number(values, "tensor_parallel"))
+    if refused:
+        raise UsageError(refused)
     if recipe.max_nodes and nodes > recipe.max_nodes:
         raise UsageError(f"recipe {recipe.name} runs on at most {recipe.max_nodes} host(s), but "
                          f"tensor x pipeline x data parallel asks for {nodes}")
@@ -3305,7 +3314,6 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     rendezvous, why, peer_addresses = choose_rendezvous(hosts, facts)
     plain_env, secret_env = expand_env(recipe, environ, None if recipe.source == "Local" else registry_allowed_env())
     snapshot = snapshots[0] if snapshots else None
-    module = load_runtime(runtime)
     synced = [(s.need.role, s.need.written, s.container_path(s.gguf_file),
                s.mmproj_file and s.container_path(s.mmproj_file)) for s in snapshots if s and s.gguf_file]
     if synced and hasattr(module, "use_synced_files"):
@@ -3373,6 +3381,21 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                       readiness, steps, tuple(notes), tuple(mods),
                       tuple(one_line(c) for c in recipe.post_exec), api_key,
                       (head_facts.management_ip if head_facts else "") or "127.0.0.1", entrypoint_note)
+
+
+def tensor_parallel_refusal(module, arch: ModelArch | None, model: str, tensor_parallel: int) -> str | None:
+    """Why the engine cannot shard the model over `tensor_parallel` ranks (its runtime's
+    SPLITS_HEADS rule), or None; None too when the model's head counts are not known."""
+    splits = getattr(module, "SPLITS_HEADS", None)
+    heads = arch.num_attention_heads if arch else None
+    if tensor_parallel <= 1 or splits is None or not heads:
+        return None
+    kv_heads = arch.num_kv_heads or heads
+    if splits(heads, kv_heads, tensor_parallel):
+        return None
+    sizes = [str(size) for size in range(1, heads + 1) if splits(heads, kv_heads, size)]
+    return TP_HEADS_REFUSED.format(model=model, heads=heads, kv_heads=kv_heads, runtime=module.NAME,
+                                   tp=tensor_parallel, sizes=" or ".join(filter(None, [", ".join(sizes[:-1]), sizes[-1]])))
 
 
 def served_name_and_key(module, command: str, values: dict, recipe: Recipe, env: dict) -> tuple[str, str, str]:
@@ -5358,7 +5381,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     needs = repo_needs(recipe, one_line(render_command(recipe, recipe_values(recipe, options.overrides))))
     snapshots = local_snapshots(needs, local_home)
     if args.dry_run and not args.detect:
-        print(plan_launch(recipe, selection, options, snapshots=snapshots, tuning=tuning).describe())
+        print(plan_launch(recipe, selection, options, snapshots=snapshots, tuning=tuning, arch=estimate.arch).describe())
         return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
@@ -5366,7 +5389,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         port = choose_free_port(facts, selection.hosts)
         options = options.replace(overrides=dict(options.overrides, port=port))
     reachable = {h: f for h, f in facts.items() if isinstance(f, HostFacts)}
-    plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning)
+    plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning, arch=estimate.arch)
     inspected = image_entrypoint(image, reachable, plan.hosts) is not None
     if args.dry_run:
         print(plan.describe())
@@ -5387,7 +5410,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if not args.no_sync:
         snapshots = distribute_models(dist, needs, home=local_home, cache_dir_option=args.cache_dir,
                                       download_on=args.download_on)
-        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning)
+        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning, arch=estimate.arch)
     for note in plan.notes:
         say(note)
     if plan.mods:
@@ -5401,7 +5424,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         passes = check_entrypoint(ssh, plan.head, image)
         reachable[plan.head] = reachable[plan.head].replace(entrypoint_checks=((image, passes),))
     if not inspected or reachable[plan.head].entrypoint_checks:
-        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning)
+        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning, arch=estimate.arch)
     page_cache = 0.0
     if not args.no_drop_cache:
         since = time.monotonic()

@@ -21,6 +21,8 @@ A runtime module has:
     use_synced_files(command, synced)  optional: the serve command pointed at the GGUF files synced
               to the hosts instead of the repos it names; synced: (role, repo as named, file,
               multimodal projector or None) per GGUF repo, the model first.
+    SPLITS_HEADS  optional: (attention heads, key/value heads, tensor parallel) -> whether the
+              engine can shard the model that way; a launch it cannot is refused at plan time.
     CACHE_ENGINE, CACHES
               optional: the engine's compile caches, {VARIABLE: subfolder}. Each host keeps them in
               ~/.cache/sparkrun/compile/<CACHE_ENGINE>, mounted into every container, with each

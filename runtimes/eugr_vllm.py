@@ -9,6 +9,7 @@ DEFAULT_COMMAND = vllm_ray.DEFAULT_COMMAND  # eugr's own runner builds the same 
 REPO_FLAGS = vllm_ray.REPO_FLAGS
 METRICS = vllm_ray.METRICS
 ENV, CACHE_ENGINE, CACHES = vllm_ray.ENV, vllm_ray.CACHE_ENGINE, vllm_ray.CACHES
+SPLITS_HEADS = vllm_ray.SPLITS_HEADS
 ENGINE = vllm_ray.ENGINE
 plan = vllm_ray.plan
 

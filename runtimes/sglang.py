@@ -15,6 +15,7 @@ NAME = "sglang"
 REPO_FLAGS = {"--tokenizer-path": ("tokenizer", None), "--speculative-draft-model-path": ("draft model", None)}
 ENV = torch_engines.ENV
 CACHE_ENGINE, CACHES = "sglang", torch_engines.SGLANG_CACHES
+SPLITS_HEADS = torch_engines.splits_heads
 ENGINE = serving.SGLANG
 
 # The serve command of a recipe without `command` (see vllm_distributed.DEFAULT_COMMAND). SGLang's

@@ -18,3 +18,15 @@ SHARED_CACHES = {"TRITON_CACHE_DIR": "triton", "FLASHINFER_WORKSPACE_BASE": "fla
                  "TORCHINDUCTOR_CACHE_DIR": "inductor"}
 VLLM_CACHES = {"VLLM_CACHE_ROOT": "vllm", **SHARED_CACHES}
 SGLANG_CACHES = {"SGLANG_DG_CACHE_DIR": "deep_gemm", **SHARED_CACHES}
+
+
+def splits_heads(heads: int, kv_heads: int, tensor_parallel: int) -> bool:
+    """Whether tensor parallel shards the attention evenly, as vLLM and SGLang require at start:
+    every rank takes heads / tp query heads (vLLM refuses otherwise in ModelConfig.
+    verify_with_parallel_config: "Total number of attention heads (X) must be divisible by tensor
+    parallel size (Y)"), and key/value heads are split when there are more of them than ranks, else
+    replicated, tp / kv_heads times (QKVParallelLinear in vllm/model_executor/layers/linear.py and
+    sglang/srt/layers/linear.py: `divide` asserts "X is not divisible by Y")."""
+    if heads % tensor_parallel:
+        return False
+    return (tensor_parallel % kv_heads if tensor_parallel >= kv_heads else kv_heads % tensor_parallel) == 0

@@ -26,6 +26,7 @@ REPO_FLAGS = {"--tokenizer": ("tokenizer", None), "--speculative-config": ("draf
               "--speculative-model": ("draft model", None)}
 ENV = torch_engines.ENV
 CACHE_ENGINE, CACHES = "vllm", torch_engines.VLLM_CACHES
+SPLITS_HEADS = torch_engines.splits_heads
 DATA_PARALLEL_SIZE = re.compile(r"(?:--data-parallel-size|-dp)[ =]")
 
 

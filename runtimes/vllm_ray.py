@@ -10,6 +10,7 @@ DEFAULT_COMMAND = vllm_distributed.DEFAULT_COMMAND
 REPO_FLAGS = vllm_distributed.REPO_FLAGS
 METRICS = vllm_distributed.METRICS
 ENV, CACHE_ENGINE, CACHES = vllm_distributed.ENV, vllm_distributed.CACHE_ENGINE, vllm_distributed.CACHES
+SPLITS_HEADS = vllm_distributed.SPLITS_HEADS
 ENGINE = serving.VLLM
 RAY_BACKEND = re.compile(r"\s*--distributed-executor-backend[ =]+ray\b")
 

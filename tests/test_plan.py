@@ -1,6 +1,7 @@
 """The launch plan as pure data: runtimes, rendezvous, NCCL env, secrets, host strings."""
 
 
+import json
 import re
 
 import pytest
@@ -372,3 +373,58 @@ def test_ring_of_three_uses_per_link_subnets_and_the_management_rendezvous(tmp_p
         assert (env["NCCL_IB_SUBNET_AWARE_ROUTING"], env["NCCL_IB_MERGE_NICS"]) == ("1", "0")
         assert "NCCL_IB_GID_INDEX" not in env
     assert any("per-link subnets" in note for note in plan.notes)
+
+
+# Qwen/Qwen3-1.7B's config.json, as far as the head counts go.
+QWEN3_1_7B_CONFIG = {"architectures": ["Qwen3ForCausalLM"], "num_attention_heads": 16, "num_key_value_heads": 8,
+                     "num_hidden_layers": 28, "hidden_size": 2048, "head_dim": 128, "torch_dtype": "bfloat16",
+                     "max_position_embeddings": 40960}
+
+
+@pytest.mark.parametrize("runtime", ["vllm-distributed", "vllm-ray", "sglang"])
+def test_tensor_parallel_must_split_the_attention_heads(tmp_path, runtime):
+    arch = sr.arch_from_config(QWEN3_1_7B_CONFIG)
+    assert (arch.num_attention_heads, arch.num_kv_heads) == (16, 8)
+    recipe = recipe_for(tmp_path, runtime, "serve m")
+    selection = sr.HostSelection(HOSTS, None, "test")
+    with pytest.raises(sr.UsageError) as refused:
+        sr.plan_launch(recipe, selection, sr.LaunchOptions(overrides={"tensor_parallel": 3}), arch=arch)
+    assert str(refused.value) == sr.TP_HEADS_REFUSED.format(model="org/m", heads=16, kv_heads=8, runtime=runtime,
+                                                             tp=3, sizes="1, 2, 4, 8 or 16")
+    assert len(sr.plan_launch(recipe, selection, sr.LaunchOptions(overrides={"tensor_parallel": 2}),
+                              arch=arch).hosts) == 2
+    assert len(sr.plan_launch(recipe, selection, sr.LaunchOptions(overrides={"tensor_parallel": 3})).hosts) == 3
+
+
+def test_key_value_heads_are_split_or_replicated_evenly(tmp_path):
+    # 24 query heads split over 3 ranks, but 8 key/value heads do not (vLLM's and SGLang's
+    # QKVParallelLinear); 16 ranks over 8 key/value heads replicate each twice.
+    arch = sr.arch_from_config(dict(QWEN3_1_7B_CONFIG, num_attention_heads=24))
+    recipe = recipe_for(tmp_path, "vllm-distributed", "vllm serve m")
+    with pytest.raises(sr.UsageError, match=re.escape("use --tp 1, 2, 4, 8 or 24")):
+        sr.plan_launch(recipe, sr.HostSelection(HOSTS, None, "t"),
+                       sr.LaunchOptions(overrides={"tensor_parallel": 3}), arch=arch)
+    llama = recipe_for(tmp_path, "llama-cpp", "llama-server -m /m.gguf")  # no head rule of its own
+    assert len(sr.plan_launch(llama, sr.HostSelection(HOSTS, None, "t"),
+                              sr.LaunchOptions(overrides={"tensor_parallel": 3}), arch=arch).hosts) == 3
+
+
+def cache_config(hf_home, repo, config):
+    """A local Hugging Face cache holding only the repo's config.json (what `show` fetches)."""
+    repo_dir = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("abc123")
+    (repo_dir / "snapshots" / "abc123").mkdir(parents=True)
+    (repo_dir / "snapshots" / "abc123" / "config.json").write_text(json.dumps(config))
+
+
+def test_dry_run_refuses_a_tensor_parallel_size_the_heads_do_not_divide(cli):
+    three = ["run", "qwen3-1.7b-vllm", "-H", "10.0.0.1,10.0.0.2,10.0.0.3", "--dry-run"]
+    unknown = cli(*three, "--tp", 3)  # no config.json anywhere (offline, nothing cached): no check
+    assert unknown.returncode == 0 and "10.0.0.3" in unknown.stdout
+    cache_config(cli.home / "hf", "Qwen/Qwen3-1.7B", QWEN3_1_7B_CONFIG)
+    refused = cli(*three, "--tp", 3)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == ("Error: " + sr.TP_HEADS_REFUSED.format(
+        model="Qwen/Qwen3-1.7B", heads=16, kv_heads=8, runtime="vllm-distributed", tp=3, sizes="1, 2, 4, 8 or 16"))
+    assert cli(*three, "--tp", 2, check=0).stdout.count("docker run") == 2
