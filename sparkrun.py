@@ -2294,6 +2294,7 @@ class IbDevice(Record):
     netdev: str
     ipv4: str | None  # address/prefix, e.g. 10.10.10.1/24
     gid_index: int | None  # the RoCE v2 GID of an IPv4 address
+    mtu: int | None = None  # its netdev's MTU
 
 
 def rdma_port(hca: str) -> str:
@@ -2465,7 +2466,8 @@ for hca in "$sysfs"/class/infiniband/*; do
   done
   read -r state < "$hca/ports/1/state" 2>/dev/null
   for n in "$hca"/device/net/*; do [ -e "$n" ] && netdev=${{n##*/}}; break; done
-  echo "${{hca##*/}}|$state|$netdev|$gid"
+  mtu=; [ -n "$netdev" ] && [ -r "$sysfs/class/net/$netdev/mtu" ] && read -r mtu < "$sysfs/class/net/$netdev/mtu"
+  echo "${{hca##*/}}|$state|$netdev|$gid|$mtu"
 done
 {MONITOR_SCRIPT if metric_names else ""}\
 cat /dev/fd/$addrs /dev/fd/$listen /dev/fd/$gpu /dev/fd/$apps /dev/fd/$docker\
@@ -2544,8 +2546,9 @@ def parse_probe(host: str, output: str) -> HostFacts:
     by_dev = dict(addresses)
     ib = []
     for line in sections.get("ib", []):
-        hca, state, netdev, gid = (line.split("|") + ["", "", "", ""])[:4]
-        ib.append(IbDevice(hca, state.strip(), netdev, by_dev.get(netdev), int(gid) if gid.isdigit() else None))
+        hca, state, netdev, gid, mtu = (line.split("|") + [""] * 5)[:5]
+        ib.append(IbDevice(hca, state.strip(), netdev, by_dev.get(netdev), int(gid) if gid.isdigit() else None,
+                           int(mtu) if mtu.isdigit() else None))
     docker_lines = sections.get("docker", [])
     containers, others, docker_error = [], [], ""
     if "@@docker_failed" in docker_lines:
@@ -3684,6 +3687,34 @@ def preflight(plan: LaunchPlan, facts: dict, replace: bool) -> list[str]:
     if problems:
         raise SparkrunError("\n       ".join(problems))
     return existing
+
+
+MTU_MISMATCH = ("CX7 MTU differs on {subnet}: {ports}; RDMA between these hosts can hang without an error "
+                "(a firmware update can reset a port to 1500): run 'sparkrun setup cx7 -H {hosts}', or {fixes}")
+
+
+def mtu_mismatches(plan: LaunchPlan, facts: dict) -> list[str]:
+    """One line per CX7 subnet whose ports on this launch's hosts have different MTUs: large RDMA
+    transfers then fail (IBV_WC_RETRY_EXC_ERR) and tensor parallel hangs silently."""
+    import ipaddress
+
+    ports_by_subnet: dict[str, list[tuple[str, str, int]]] = {}
+    for host in plan.hosts:
+        fact = facts.get(host)
+        for dev in fact.active_ib if isinstance(fact, HostFacts) else ():
+            if dev.mtu:
+                subnet = str(ipaddress.ip_interface(dev.ipv4).network)
+                ports_by_subnet.setdefault(subnet, []).append((host, dev.netdev, dev.mtu))
+    lines = []
+    for subnet, ports in ports_by_subnet.items():
+        highest = max(mtu for _, _, mtu in ports)
+        if len({host for host, _, _ in ports}) < 2 or all(mtu == highest for _, _, mtu in ports):
+            continue
+        fixes = "; ".join(f"on {host}: ip link set dev {netdev} mtu {highest}"
+                          for host, netdev, mtu in ports if mtu < highest)
+        lines.append(MTU_MISMATCH.format(subnet=subnet, ports=", ".join(f"{h} {n} {m}" for h, n, m in ports),
+                                         hosts=",".join(plan.hosts), fixes=fixes))
+    return lines
 
 
 def memory_need(estimate: VramEstimate, fraction, total: int | None) -> tuple[float | None, str]:
@@ -5397,6 +5428,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     existing = preflight(plan, facts, args.replace)
     short = memory_shortfalls(plan, facts, estimate, recipe_values(recipe, options.overrides).get(
         "gpu_memory_utilization"), skip={h for h, _ in existing})
+    short += mtu_mismatches(plan, facts)
     if short and args.strict:
         raise SparkrunError("\n       ".join(short) + "\n       refusing to launch because of --strict")
     for line in short:

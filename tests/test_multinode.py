@@ -189,3 +189,21 @@ def test_cx7_subnets_follow_the_cabling(cabling, expected):
                                                                                       enumerate(hosts, start=1)})
     assert {host: [address.split("/")[0] for _, address in pairs] for host, pairs in assigned.items()} == expected
     assert lab_setup.cx7_links([cx7_host("a", 1, {})]) is None  # nothing heard: ports in order, as before
+
+
+def test_cx7_mtu_mismatch_on_a_shared_subnet_warns_and_strict_refuses(lab):
+    h1, h2 = lab.bed.hosts[:2]
+    # A firmware update left spark-2's first port at 1500 while spark-1's stayed at 9000; the
+    # probe reads each port's MTU from the host's sysfs (class/net/<netdev>/mtu).
+    h2.set_ib([dict(e, mtu=1500) if e["netdev"] == "enp1s0f1np1" else e for e in facts.default_ib(H2)])
+    subnet = facts.default_ib(H1)[0]["ipv4"].rpartition(".")[0] + ".0/24"
+    expected = sparkrun.MTU_MISMATCH.format(
+        subnet=subnet, ports=f"{H1} enp1s0f1np1 9000, {H2} enp1s0f1np1 1500", hosts=f"{H1},{H2}",
+        fixes=f"on {H2}: ip link set dev enp1s0f1np1 mtu 9000")
+    strict = lab("run", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", 2, "--strict", "--no-sync", "--no-follow")
+    assert strict.returncode == 1 and expected in strict.stderr and "because of --strict" in strict.stderr
+    assert run_calls(h1) == run_calls(h2) == []
+    warned = lifecycle(lab, "qwen3-1.7b-vllm", [H1, H2], "--tp", 2)
+    assert f"Warning: {expected}" in warned.stderr
+    h2.set_ib(None)
+    assert "MTU" not in lifecycle(lab, "qwen3-1.7b-vllm", [H1, H2], "--tp", 2).stderr
