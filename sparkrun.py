@@ -4097,7 +4097,7 @@ def roll_back(ssh: SSH, started: dict, in_flight: list, interrupt: KeyboardInter
 def rolled_back_failure(ssh: SSH, started: dict, failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
     """Remove what the launch started; the failure, naming what may be left on hosts that were lost."""
     left = remove_containers(ssh, started)
-    failure = failure_with_entrypoint(failure, plan)
+    failure = failure_with_hint(failure_with_entrypoint(failure, plan), plan)
     return SparkrunError(f"{failure}; {left_behind_message(plan.recipe, left)}") if left else failure
 
 
@@ -4105,6 +4105,15 @@ def failure_with_entrypoint(failure: SparkrunError, plan: LaunchPlan) -> Sparkru
     """A container that died names how its image's ENTRYPOINT was handled."""
     if plan.entrypoint and "exited" in str(failure) and "entrypoint" not in str(failure):
         failure.args = (f"{failure}\n    (entrypoint: {plan.entrypoint})",)
+    return failure
+
+
+def failure_with_hint(failure: SparkrunError, plan: LaunchPlan) -> SparkrunError:
+    """A failure the runtime recognizes (its FAILURE_HINTS) ends with what to do about it."""
+    for pattern, hint in getattr(load_runtime(plan.runtime), "FAILURE_HINTS", ()):
+        if pattern.search(str(failure)):
+            failure.args = (f"{failure}\n    hint: {hint}",)
+            break
     return failure
 
 

@@ -21,6 +21,9 @@ A runtime module has:
     use_synced_files(command, synced)  optional: the serve command pointed at the GGUF files synced
               to the hosts instead of the repos it names; synced: (role, repo as named, file,
               multimodal projector or None) per GGUF repo, the model first.
+    FAILURE_HINTS  optional: ((compiled pattern, hint), ...): a container that dies before the
+              server is ready, with an error (its log tail included) the pattern finds, gets the
+              hint after the error.
     SPLITS_HEADS  optional: (attention heads, key/value heads, tensor parallel) -> whether the
               engine can shard the model that way; a launch it cannot is refused at plan time.
     CACHE_ENGINE, CACHES

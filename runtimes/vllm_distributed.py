@@ -28,6 +28,14 @@ ENV = torch_engines.ENV
 CACHE_ENGINE, CACHES = "vllm", torch_engines.VLLM_CACHES
 SPLITS_HEADS = torch_engines.splits_heads
 DATA_PARALLEL_SIZE = re.compile(r"(?:--data-parallel-size|-dp)[ =]")
+# The flags plan() adds came with multi-node serving without Ray (vLLM PR #23691, "[V1] Support MP
+# Executor for multi node distributed inference"); an older image's vLLM refuses them with
+# argparse's "unrecognized arguments: --nnodes 2 --node-rank 0 ...".
+FAILURE_HINTS = (
+    (re.compile(r"unrecognized arguments:.*--(?:nnodes|node-rank|master-addr|master-port|headless)\b"),
+     "this image's vLLM predates multi-node serving without Ray (vLLM PR #23691): set "
+     "distributed_executor_backend: ray in the recipe (runtime vllm-ray), or use a newer vLLM image"),
+)
 
 
 def node_env(ctx, rank: int) -> tuple:

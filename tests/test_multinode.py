@@ -9,10 +9,11 @@ import pytest
 
 import sparkrun
 from conftest import H1, H2, H3, TESTS
-from test_lifecycle import IMAGES, lifecycle, run_calls, run_ok, write_recipe
+from test_lifecycle import IMAGES, everything_stopped, lifecycle, run_calls, run_ok, write_recipe
 from testbed import facts
 
 lab_setup = sparkrun.command_module("lab_setup")
+vllm_distributed = sparkrun.load_runtime("vllm-distributed")
 
 LINK = "127.10.12"  # the subnet of the cable between two hosts
 
@@ -207,3 +208,19 @@ def test_cx7_mtu_mismatch_on_a_shared_subnet_warns_and_strict_refuses(lab):
     assert f"Warning: {expected}" in warned.stderr
     h2.set_ib(None)
     assert "MTU" not in lifecycle(lab, "qwen3-1.7b-vllm", [H1, H2], "--tp", 2).stderr
+
+
+def test_an_image_whose_vllm_predates_multi_node_without_ray_is_told_to_use_ray(lab, tmp_path):
+    old = "example/vllm:0.10.1"  # its vLLM has no --nnodes/--node-rank/--master-addr/--master-port
+    lab.bed.add_image(old, size_bytes=4096, env={"TESTBED_VLLM_VERSION": "0.10.1"})
+    failed = lab("run", "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", 2, "--image", old, "--no-sync",
+                 "--no-follow", timeout=180)
+    assert failed.returncode == 1
+    assert "error: unrecognized arguments: --nnodes 2 --node-rank 0 --master-addr" in failed.stderr
+    (pattern, hint), = vllm_distributed.FAILURE_HINTS
+    assert failed.stderr.rstrip().endswith(f"hint: {hint}")
+    everything_stopped(lab)
+    # The hint's way out: the same image runs the Ray flow.
+    ray = write_recipe(tmp_path, "ray-old", ray_recipe(tmp_path).read_text().replace(IMAGES["vllm"], old))
+    assert f"Ready: http://{H1}:8000/v1" in run_ok(lab, ray, "-H", f"{H1},{H2}", "--tp", 2).stdout
+    assert lab("stop", "--all", "-H", f"{H1},{H2}").returncode == 0

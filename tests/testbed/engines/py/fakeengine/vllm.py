@@ -17,6 +17,11 @@ WORKER_SPECIFIC = {"VLLM_HOST_IP", "VLLM_HOST_PORT", "LOCAL_RANK", "CUDA_VISIBLE
 PLACEMENT_GROUP_WAIT_S = float(os.environ.get("TESTBED_PLACEMENT_GROUP_WAIT", "3"))
 
 VERSION = "0.11.0"
+# Options of multi-node serving without Ray (vLLM PR #23691, opened 2025-08-26): the vLLM of an
+# older image (0.10.1, of 2025-08-18, or before) has none of them, and its argparse refuses them
+# with their values. An image says which vLLM it ships in TESTBED_VLLM_VERSION (its Env).
+MULTI_NODE_OPTIONS = ("--nnodes", "--node-rank", "--master-addr", "--master-port")
+LAST_WITHOUT_MULTI_NODE = (0, 10, 1)
 VALUES = {"model", "served-model-name", "host", "port", "nnodes", "node-rank", "gpu-memory-utilization",
           "master-addr", "master-port", "tensor-parallel-size", "tp",
           "pipeline-parallel-size", "pp", "distributed-executor-backend", "max-model-len",
@@ -27,11 +32,23 @@ BOOLS = {"headless", "trust-remote-code", "enforce-eager"}
 SHORT_FLAGS = {"-h", "-q", "-O", "-tp", "-pp", "-dp", "-cc"}  # vLLM's single-dash options
 
 
+def version():
+    return os.environ.get("TESTBED_VLLM_VERSION") or VERSION
+
+
 def unrecognized(args):
-    """Single-dash options vLLM does not define, which its argparse refuses: `vllm serve bash -c
-    ...` from an image whose ENTRYPOINT is ["vllm", "serve"] (vllm/entrypoints/cli/serve.py)."""
-    return [arg for arg in args if arg.startswith("-") and not arg.startswith("--")
-            and arg.partition("=")[0] not in SHORT_FLAGS and not arg[1:].replace(".", "").isdigit()]
+    """Options vLLM does not define, which its argparse refuses, in order: single-dash ones
+    (`vllm serve bash -c ...` from an image whose ENTRYPOINT is ["vllm", "serve"],
+    vllm/entrypoints/cli/serve.py), and on an old vLLM the multi-node ones with their values."""
+    old = tuple(int(part) for part in version().split(".")[:3]) <= LAST_WITHOUT_MULTI_NODE
+    refused = []
+    for i, arg in enumerate(args):
+        if arg.startswith("-") and not arg.startswith("--") and arg.partition("=")[0] not in SHORT_FLAGS \
+                and not arg[1:].replace(".", "").isdigit():
+            refused.append(arg)
+        elif old and arg.partition("=")[0] in MULTI_NODE_OPTIONS:
+            refused += [arg] if "=" in arg or i + 1 == len(args) else [arg, args[i + 1]]
+    return refused
 
 
 def vlog(message, where="api_server.py:1885", level="INFO"):
@@ -48,7 +65,7 @@ def serve(args):
     model = model or opts.get("model") or "facebook/opt-125m"
     name = opts.get("served-model-name") or model
     port = int(opts.get("port") or 8000)
-    vlog(f"vLLM API server version {VERSION}")
+    vlog(f"vLLM API server version {version()}")
     vlog(f"non-default args: model={model!r}, port={port}")
     shared_memory_segment()
     start_faults("ERROR: EngineCore failed to start (RuntimeError: CUDA error: no kernel image)")
@@ -67,7 +84,7 @@ def serve(args):
     else:
         check_ray_world(opts, data_parallel)
     vlog("Loading weights took 0.01 GiB and 0.1 seconds", "default_loader.py:267")
-    compile_cache.vllm_compile(model, VERSION)
+    compile_cache.vllm_compile(model, version())
     vlog(f"Starting vLLM API server 0 on http://{opts.get('host') or '0.0.0.0'}:{port}",
          "launcher.py:34")
     bind = real_addr(opts.get("host") or "")
@@ -159,7 +176,7 @@ def check_ray_world(opts, data_parallel):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--version"]:
-        print(VERSION)
+        print(version())
         return 0
     if argv[:1] != ["serve"]:
         die("usage: vllm [-h] [-v] {chat,complete,serve,bench,collect-env,run-batch} ...\n"
