@@ -1979,22 +1979,23 @@ def hub_config(repo_id: str, revision: str | None) -> dict | None:
 def recipe_vram(recipe: Recipe, overrides: dict | None = None, *, hf_home: Path,
                 auto_detect: bool = True) -> VramEstimate:
     """The estimate for a recipe as it would launch: metadata first, then the local cache's
-    config.json, then the Hub (online only); on-disk weight sizes win over params x dtype."""
+    config.json, then the Hub (online only; with tensor parallel always, as only config.json
+    has the attention heads tensor parallel splits); on-disk weight sizes win over params x dtype."""
     values = recipe_values(recipe, overrides)
     meta = recipe.metadata
+    tp = _positive_int(values.get("tensor_parallel")) or 1
     config = weights = None
     if auto_detect:
         config = read_cached_config(hf_home, recipe.model_repo, recipe.model_revision)
         weights = cached_weights_bytes(hf_home, recipe.model_repo, recipe.model_revision, recipe.gguf_quant)
         has_arch = all(meta.get(k) for k in ("num_layers", "num_kv_heads", "head_dim"))
-        if config is None and not (has_arch and (meta.get("model_dtype") or recipe.gguf_quant)):
+        if config is None and (tp > 1 or not (has_arch and (meta.get("model_dtype") or recipe.gguf_quant))):
             config = hub_config(recipe.model_repo, recipe.model_revision)
     arch = arch_from_metadata(meta, arch_from_config(config) if config else None)
     gpu_mem = values.get("gpu_memory_utilization")
     if not (isinstance(gpu_mem, (int, float)) and 0 < gpu_mem <= 1):
         gpu_mem = 0.9
     max_len = values.get("max_model_len") or values.get("ctx_size") or (config or {}).get("max_position_embeddings")
-    tp = _positive_int(values.get("tensor_parallel")) or 1
     pp = _positive_int(values.get("pipeline_parallel")) or 1
     model_dtype, note = meta.get("model_dtype") or recipe.gguf_quant, ""
     if not model_dtype and config:
