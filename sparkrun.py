@@ -3298,7 +3298,8 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     command = one_line(render_command(recipe, values))
     nodes = 1 if solo else node_count(recipe, values, command)
     module = load_runtime(runtime)
-    refused = tensor_parallel_refusal(module, arch, recipe.model, 1 if solo else _whole_number(values, "tensor_parallel"))
+    tensor_parallel = 1 if solo else _whole_number(values, "tensor_parallel")
+    refused = tensor_parallel_refusal(module, arch, recipe.model, tensor_parallel)
     if refused:
         raise UsageError(refused)
     if recipe.max_nodes and nodes > recipe.max_nodes:
@@ -3398,8 +3399,9 @@ def tensor_parallel_refusal(module, arch: ModelArch | None, model: str, tensor_p
     if splits(heads, kv_heads, tensor_parallel):
         return None
     sizes = [str(size) for size in range(1, heads + 1) if splits(heads, kv_heads, size)]
+    listed = " or ".join(filter(None, [", ".join(sizes[:-1]), sizes[-1]]))
     return TP_HEADS_REFUSED.format(model=model, heads=heads, kv_heads=kv_heads, runtime=module.NAME,
-                                   tp=tensor_parallel, sizes=" or ".join(filter(None, [", ".join(sizes[:-1]), sizes[-1]])))
+                                   tp=tensor_parallel, sizes=listed)
 
 
 def served_name_and_key(module, command: str, values: dict, recipe: Recipe, env: dict) -> tuple[str, str, str]:

@@ -17,6 +17,8 @@ from testbed.fakedocker.store import Store, normalize_ref, payload_chunks
 VLLM_IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 LLAMA_IMAGE = "scitrera/dgx-spark-llama-cpp:b8094-cu131"
 MODEL = "Qwen/Qwen3-1.7B"
+# Three Sparks, one replica each: its 16 attention heads do not split over tensor parallel 3.
+THREE_REPLICAS = ("-o", "data_parallel=3")
 GGUF_MODEL = "Qwen/Qwen3-1.7B-GGUF"
 
 
@@ -55,7 +57,7 @@ def run(lab, *args, env=None):
 
 def test_model_download_and_sync_to_three_hosts_keeps_the_cache_layout(bed, hub):
     control_image(bed, VLLM_IMAGE)
-    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2},{H3}", "--tp", "3", env=online(hub))
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2},{H3}", *THREE_REPLICAS, env=online(hub))
     assert result.returncode == 0, result.stderr
     local = bed.home / "hf" / "hub" / "models--Qwen--Qwen3-1.7B"
     want = {k: v for k, v in files_of(local).items() if not k.startswith(("trees/", ".no_exist"))}
@@ -78,7 +80,8 @@ def test_model_download_and_sync_to_three_hosts_keeps_the_cache_layout(bed, hub)
     for host in bed.bed.hosts:
         host.clear_docker_calls()
     start = time.monotonic()
-    again = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2},{H3}", "--tp", "3", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    again = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2},{H3}", *THREE_REPLICAS,
+                env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert again.returncode == 0, again.stderr
     assert f"Model {MODEL}: already on every host" in again.stderr
     assert "Image" not in again.stderr and hub.requests == []
@@ -140,7 +143,7 @@ def test_gguf_quant_selection_with_split_files_and_hf_rewrite(bed, hub):
 
 def test_image_copied_from_a_host_when_this_machine_has_none(bed):
     image_id = bed.bed.hosts[2].add_image(VLLM_IMAGE, size_bytes=2 << 20)
-    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2},{H3}", "--tp", "3", "--no-sync")
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2},{H3}", *THREE_REPLICAS, "--no-sync")
     assert result.returncode == 0, result.stderr
     assert f"Image {VLLM_IMAGE}: copying from {H3} to {H1}, {H2}" in result.stderr
     assert {c["image_id"] for h in bed.bed.hosts for c in h.containers()} == {image_id}

@@ -13,7 +13,7 @@ import pytest
 import sparkrun
 from conftest import H1, H2, H3
 from hubserver import FakeHub, commit_sha_for, make_gguf_repo, make_safetensors_repo
-from test_distribution import (LLAMA_IMAGE, MODEL, VLLM_IMAGE, control_image, files_of, online, run,
+from test_distribution import (LLAMA_IMAGE, MODEL, THREE_REPLICAS, VLLM_IMAGE, control_image, files_of, online, run,
                                seed_local_model)
 from testbed.host import install_image
 from testbed.fakedocker.store import Store
@@ -91,7 +91,7 @@ def test_this_machine_sends_once_and_hosts_copy_over_cx7(mesh, hub):
     bed = mesh
     seed_local_model(bed, hub.url)
     control_image(bed, VLLM_IMAGE, size=2 << 20)
-    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3")
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, *THREE_REPLICAS)
     assert result.returncode == 0, result.stderr
     size = model_size(bed) + (2 << 20)
     from_here = sent_by(bed, CONTROL)
@@ -111,7 +111,7 @@ def test_this_machine_sends_once_and_hosts_copy_over_cx7(mesh, hub):
     bed("stop", "--all", "-H", ALL, check=0)
 
     bed.bed.meter.reset()
-    again = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3")
+    again = run(bed, "qwen3-1.7b-vllm", "-H", ALL, *THREE_REPLICAS)
     assert again.returncode == 0, again.stderr
     assert f"Model {MODEL}: already on every host" in again.stderr and "Image" not in again.stderr
     assert sum(sent_by(bed, CONTROL).values()) < 200_000 and between_hosts(bed) == []
@@ -121,7 +121,7 @@ def test_this_machine_sends_once_and_hosts_copy_over_cx7(mesh, hub):
 def test_without_host_logins_this_machine_sends_and_says_once_how_to_enable_the_fast_path(bed, hub):
     seed_local_model(bed, hub.url)
     control_image(bed, VLLM_IMAGE)
-    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3")
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, *THREE_REPLICAS)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(sparkrun.fast_path_hint(ALL.split(","))) == 1
     from_here = sent_by(bed, CONTROL)
@@ -141,7 +141,7 @@ def test_model_only_on_a_host_is_copied_from_it_without_error(mesh, hub):
     subprocess.run(["cp", "-a", str(local), str(holder)], check=True)
     subprocess.run(["rm", "-rf", str(local)], check=True)
     bed.bed.meter.reset()
-    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", env={"HF_HUB_OFFLINE": "1"})
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, *THREE_REPLICAS, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert f"(from {H2})" in result.stderr
     assert sum(sent_by(bed, CONTROL).values()) < 1.05 * (1 << 20) + 200_000  # the image only
@@ -166,7 +166,7 @@ def test_download_on_the_head_keeps_layout_and_revision_then_fans_out(mesh, hub,
     bed = mesh
     control_image(bed, VLLM_IMAGE)
     hub.clear()
-    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", "--download-on", "head", env=online(hub))
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, *THREE_REPLICAS, "--download-on", "head", env=online(hub))
     assert result.returncode == 0, result.stderr
     assert f"Downloading {MODEL} on {H1}" in result.stderr
     assert not (bed.home / "hf/hub/models--Qwen--Qwen3-1.7B").exists()  # nothing was downloaded here
@@ -314,7 +314,7 @@ def test_a_multi_arch_image_is_never_loaded_in_the_wrong_architecture(mesh):
     assert "exec bash: exec format error" in tried.stdout + tried.stderr and "exit=1" in tried.stdout
     assert "does not match the detected host platform (linux/arm64/v8)" in tried.stderr
     spark.ssh("docker rm -f tried; docker rmi lab/amd64-only:1")
-    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, "--tp", "3", "--no-sync")
+    result = run(bed, "qwen3-1.7b-vllm", "-H", ALL, *THREE_REPLICAS, "--no-sync")
     assert result.returncode == 0, result.stderr
     assert f"Image {VLLM_IMAGE}: pulled on {H1}" in result.stderr
     for host in bed.bed.hosts:

@@ -434,8 +434,9 @@ def test_the_head_counts_come_from_the_hub_when_online(cli):
     """A bundled recipe's metadata sizes its KV cache, but only config.json has the attention heads:
     with tensor parallel, run asks the Hub for it when it is reachable."""
     from hubserver import FakeHub, make_safetensors_repo
+    from test_distribution import online
 
     with FakeHub({"Qwen/Qwen3-1.7B": make_safetensors_repo(size=1 << 10)}) as hub:
-        online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1"}
-        refused = cli("run", "qwen3-1.7b-vllm", "-H", "10.0.0.1,10.0.0.2,10.0.0.3", "--tp", 3, "--dry-run", env=online)
+        refused = cli("run", "qwen3-1.7b-vllm", "-H", "10.0.0.1,10.0.0.2,10.0.0.3", "--tp", 3, "--dry-run",
+                      env=online(hub))
     assert refused.returncode == 2 and "has 16 attention heads (8 key/value heads)" in refused.stderr
