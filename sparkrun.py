@@ -5424,7 +5424,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     needs = repo_needs(recipe, one_line(render_command(recipe, recipe_values(recipe, options.overrides))))
     snapshots = local_snapshots(needs, local_home)
     if args.dry_run and not args.detect:
-        print(plan_launch(recipe, selection, options, snapshots=snapshots, tuning=tuning, arch=estimate.arch).describe())
+        print(plan_launch(recipe, selection, options, snapshots=snapshots, tuning=tuning,
+                          arch=estimate.arch).describe())
         return None, ssh
     image = options.image or recipe.container
     facts = probe_hosts(ssh, selection.hosts, images=(image,))
@@ -5454,7 +5455,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     if not args.no_sync:
         snapshots = distribute_models(dist, needs, home=local_home, cache_dir_option=args.cache_dir,
                                       download_on=args.download_on)
-        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning, arch=estimate.arch)
+        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning,
+                           arch=estimate.arch)
     for note in plan.notes:
         say(note)
     if plan.mods:
@@ -5468,7 +5470,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         passes = check_entrypoint(ssh, plan.head, image)
         reachable[plan.head] = reachable[plan.head].replace(entrypoint_checks=((image, passes),))
     if not inspected or reachable[plan.head].entrypoint_checks:
-        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning, arch=estimate.arch)
+        plan = plan_launch(recipe, selection, options, reachable, snapshots=snapshots, tuning=tuning,
+                           arch=estimate.arch)
     page_cache = 0.0
     if not args.no_drop_cache:
         since = time.monotonic()
