@@ -2938,6 +2938,12 @@ ENV_NOT_ALLOWED = ("recipe {recipe}: env {key} uses ${{{name}}}, but recipes fro
                    "registry, or copy the recipe into a file of your own")
 TP_HEADS_REFUSED = ("{model} has {heads} attention heads ({kv_heads} key/value heads), which {runtime} cannot "
                     "split over tensor parallel {tp}: use --tp {sizes}")
+RING_ORDER_REFUSED = ("{first} and {second} share no CX7 link: on Sparks cabled in a ring (one subnet per link) "
+                      "hosts must be listed in cable order, each next to its neighbours and the last next to "
+                      "the first; {fix}")
+RING_ORDER_FIX = "list them as --hosts {order}"
+RING_NOT_CLOSED = ("no order of these {count} hosts closes a ring (a ring's closing link needs all its Sparks): "
+                   "launch on the whole ring, or on a directly cabled pair")
 EMBEDDING_HINTS = re.compile(r"--runner[ =]+pooling|--task[ =]+(embed|score|classify|reward)|--is-embedding|"
                              r"--embedding\b|--reranking\b|--pooling\b")
 
@@ -3224,6 +3230,43 @@ def cx7_per_link(hosts, facts: dict, rendezvous: str) -> bool:
             and head.interface_of(rendezvous) not in {d.netdev for d in head.ib})
 
 
+def cx7_linked(facts: dict, first: str, second: str) -> bool:
+    """Whether the two hosts share an active CX7 subnet (a cable between them, or a switch)."""
+    return bool(fabric_route(facts[first], facts[second], second)[1])
+
+
+def cable_order(hosts, facts: dict) -> list | None:
+    """The hosts in an order where each shares a CX7 link with the next and the last with the
+    first, the head kept first; None when no order closes a ring. At most 8 hosts, each with two
+    CX7 ports: the search stays small."""
+    def extend(order: list) -> list | None:
+        if len(order) == len(hosts):
+            return order if cx7_linked(facts, order[-1], order[0]) else None
+        for host in hosts:
+            if host not in order and cx7_linked(facts, order[-1], host):
+                found = extend(order + [host])
+                if found:
+                    return found
+        return None
+
+    return extend([hosts[0]])
+
+
+def ring_order_refusal(hosts, facts: dict) -> str | None:
+    """Why these hosts, linked per pair, cannot run in the order given, or None. NCCL's ring
+    follows the ranks, and each rank's neighbours must be its cable neighbours; three hosts out
+    of a four-Spark ring lack the closing link (eugr/spark-vllm-docker docs/NETWORKING.md,
+    "Closed rings of four or more Sparks": such a selection is rejected before containers start)."""
+    for rank, host in enumerate(hosts):
+        following = hosts[(rank + 1) % len(hosts)]
+        if not cx7_linked(facts, host, following):
+            order = cable_order(hosts, facts)
+            fix = (RING_ORDER_FIX.format(order=",".join(order)) if order
+                   else RING_NOT_CLOSED.format(count=len(hosts)))
+            return RING_ORDER_REFUSED.format(first=host, second=following, fix=fix)
+    return None
+
+
 def solo_refused(recipe: str) -> str:
     return f"recipe {recipe} needs a cluster (cluster_only); --solo cannot run it"
 
@@ -3331,9 +3374,16 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     notes = []
     host_env = {}
     per_link = cx7_per_link(hosts, facts, rendezvous)
+    refused = per_link and len(hosts) >= 3 and ring_order_refusal(hosts, facts)
+    if refused:
+        raise UsageError(refused)
+    # On a ring of four or more, NCCL's own algorithm choice may connect non-neighbours, which
+    # have no link: queue pair timeouts (eugr/spark-vllm-docker docs/NETWORKING.md, "Closed rings
+    # of four or more Sparks", whose discovery saves NCCL_ALGO=Ring). Three Sparks are a full mesh.
+    ring_env = [("NCCL_ALGO", "Ring")] if per_link and len(hosts) >= 4 and "NCCL_ALGO" not in recipe.env else []
     for host in hosts:
         env, note = nccl_env(facts.get(host), peer_addresses[host], per_link)
-        host_env[host] = env
+        host_env[host] = env + ring_env
         if len(hosts) > 1:
             notes.append(f"{host}: {note}")
     mods = resolve_mods(recipe)

@@ -160,6 +160,19 @@ def test_three_sparks_in_a_ring_set_up_and_launched(lab, tmp_path):
                 path.unlink(missing_ok=True)
 
 
+def test_three_sparks_of_a_ring_of_four_are_refused_before_any_container(lab, tmp_path):
+    # spark-1 - spark-2 - spark-3 cabled in a line; the fourth Spark of the ring, which would close
+    # it (spark-3 port 0 to it, it to spark-1 port 1), is not in the launch.
+    for number, host in enumerate(lab.bed.hosts, start=1):
+        host.set_ib(facts.spark_ports({0: f"127.20.{number}.{octet(host.addr)}",
+                                       1: f"127.20.{(number + 2) % 4 + 1}.{octet(host.addr)}"}))
+    result = lab("run", ray_recipe(tmp_path), "-H", f"{H1},{H2},{H3}", "--tp", "3", "--no-sync", "--no-follow")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "Error: " + sparkrun.RING_ORDER_REFUSED.format(
+        first=H3, second=H1, fix=sparkrun.RING_NOT_CLOSED.format(count=3)) + "\n"
+    assert all(run_calls(host) == [] for host in lab.bed.hosts)
+
+
 def cx7_host(name, number, cabled):
     """A Cx7Host whose ports heard `cabled[port]` (MACs of the ports on the same cable)."""
     ports = tuple(lab_setup.Cx7Port(netdev, pci, "up", 9000, port in cabled, (), f"4c:bb:47:{number:02x}:{i:02x}:01",

@@ -371,8 +371,54 @@ def test_ring_of_three_uses_per_link_subnets_and_the_management_rendezvous(tmp_p
         assert env["VLLM_HOST_IP"] == f"192.0.2.{number}" and env["NCCL_SOCKET_IFNAME"] == "enP7s7"
         assert env["NCCL_IB_HCA"] == "roceP2p1s0f0,roceP2p1s0f1,rocep1s0f0,rocep1s0f1"
         assert (env["NCCL_IB_SUBNET_AWARE_ROUTING"], env["NCCL_IB_MERGE_NICS"]) == ("1", "0")
-        assert "NCCL_IB_GID_INDEX" not in env
+        assert "NCCL_IB_GID_INDEX" not in env and "NCCL_ALGO" not in env
     assert any("per-link subnets" in note for note in plan.notes)
+    # A full mesh: every order is a cable order.
+    assert two_node_plan(tmp_path, "vllm-ray", "vllm serve m", facts, hosts=("h1", "h3", "h2")).hosts == ("h1", "h3", "h2")
+
+
+# Four Sparks in a closed ring: port 0 of each to port 1 of the next, spark4 back to spark1, one
+# /24 per cable (eugr/spark-vllm-docker docs/NETWORKING.md, "Example: four-node ring").
+RING_OF_FOUR = {f"h{n}": spark_facts(f"h{n}", n, f"192.0.2.{n}", {0: f"10.0.{n}", 1: f"10.0.{(n + 2) % 4 + 1}"})
+                for n in (1, 2, 3, 4)}
+
+
+def test_ring_of_four_in_cable_order_pins_the_ring_algorithm(tmp_path):
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", RING_OF_FOUR, hosts=("h1", "h2", "h3", "h4"))
+    assert plan.rendezvous_reason.startswith("management network")
+    for container in plan.containers:
+        env = dict(container.env)
+        assert env["NCCL_ALGO"] == "Ring" and env["NCCL_IB_SUBNET_AWARE_ROUTING"] == "1"
+    reversed_ring = two_node_plan(tmp_path, "vllm-ray", "vllm serve m", RING_OF_FOUR, hosts=("h1", "h4", "h3", "h2"))
+    assert [dict(c.env)["NCCL_ALGO"] for c in reversed_ring.containers] == ["Ring"] * 4
+
+
+def test_ring_of_four_out_of_cable_order_is_refused_with_the_order_that_works(tmp_path):
+    with pytest.raises(sr.UsageError) as refused:
+        two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", RING_OF_FOUR, hosts=("h1", "h3", "h2", "h4"))
+    assert str(refused.value) == sr.RING_ORDER_REFUSED.format(
+        first="h1", second="h3", fix=sr.RING_ORDER_FIX.format(order="h1,h2,h3,h4"))
+
+
+def test_three_hosts_of_a_ring_of_four_lack_the_closing_link(tmp_path):
+    with pytest.raises(sr.UsageError) as refused:
+        two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", RING_OF_FOUR, hosts=("h1", "h2", "h3"))
+    assert str(refused.value) == sr.RING_ORDER_REFUSED.format(
+        first="h3", second="h1", fix=sr.RING_NOT_CLOSED.format(count=3))
+
+
+def test_a_recipes_own_nccl_algo_wins_on_a_ring(tmp_path):
+    recipe = sr.load_recipe(write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: vllm\n"
+                                            "env: {NCCL_ALGO: Tree}\ncommand: vllm serve {model}\n"))
+    plan = sr.plan_launch(recipe, sr.HostSelection(("h1", "h2", "h3", "h4"), None, "t"),
+                          sr.LaunchOptions(overrides={"tensor_parallel": 4}), RING_OF_FOUR)
+    assert [[v for k, v in c.env if k == "NCCL_ALGO"] for c in plan.containers] == [["Tree"]] * 4
+
+
+def test_one_shared_subnet_sets_no_algorithm_and_checks_no_order(tmp_path):
+    switch = {f"h{n}": spark_facts(f"h{n}", n, f"192.0.2.{n}", {1: "10.0.9"}) for n in (1, 2, 3, 4)}
+    plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", switch, hosts=("h1", "h3", "h2", "h4"))
+    assert all("NCCL_ALGO" not in dict(c.env) for c in plan.containers)
 
 
 # Qwen/Qwen3-1.7B's config.json, as far as the head counts go.
