@@ -3380,7 +3380,7 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
     # On a ring of four or more, NCCL's own algorithm choice may connect non-neighbours, which
     # have no link: queue pair timeouts (eugr/spark-vllm-docker docs/NETWORKING.md, "Closed rings
     # of four or more Sparks", whose discovery saves NCCL_ALGO=Ring). Three Sparks are a full mesh.
-    ring_env = [("NCCL_ALGO", "Ring")] if per_link and len(hosts) >= 4 and "NCCL_ALGO" not in recipe.env else []
+    ring_env = [("NCCL_ALGO", "Ring")] if per_link and len(hosts) >= 4 else []
     for host in hosts:
         env, note = nccl_env(facts.get(host), peer_addresses[host], per_link)
         host_env[host] = env + ring_env
@@ -3407,7 +3407,11 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                   ("sparkrun.runtime", runtime), ("sparkrun.port", str(port)), ("sparkrun.head", hosts[0]),
                   ("sparkrun.model", recipe.model), ("sparkrun.served_model", served),
                   ("sparkrun.hosts", ",".join(hosts)))
-        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *host_env[host], *engine_env]
+        detected = [(key, value) for key, value in (*host_env[host], *engine_env) if key not in recipe.env]
+        replaced = sorted({key for key, _ in (*host_env[host], *engine_env) if key in recipe.env})
+        if replaced:
+            notes.append(RECIPE_ENV_WINS.format(host=host, keys=", ".join(replaced)))
+        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *detected]
         dev = facts.get(host)
         mounts = [(hf_mount, CONTAINER_HF_HOME), *cache_mount]
         if mods:
@@ -3436,6 +3440,12 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                       readiness, steps, tuple(notes), tuple(mods),
                       tuple(one_line(c) for c in recipe.post_exec), api_key,
                       (head_facts.management_ip if head_facts else "") or "127.0.0.1", entrypoint_note)
+
+
+# A recipe's env is what its author asked for: it wins over what sparkrun works out for each
+# host (network variables, node addresses), and the plan says so, since a value written for one
+# lab's cabling may not fit another's.
+RECIPE_ENV_WINS = "{host}: the recipe's own {keys} replace what sparkrun set for this host"
 
 
 def tensor_parallel_refusal(module, arch: ModelArch | None, model: str, tensor_parallel: int) -> str | None:

@@ -415,6 +415,23 @@ def test_a_recipes_own_nccl_algo_wins_on_a_ring(tmp_path):
     assert [[v for k, v in c.env if k == "NCCL_ALGO"] for c in plan.containers] == [["Tree"]] * 4
 
 
+def test_a_recipes_own_network_and_address_variables_win_over_each_hosts(tmp_path):
+    """A recipe's env wins over what sparkrun works out per host; the plan names what it replaced."""
+    recipe = sr.load_recipe(write(tmp_path, "model: org/m\ncontainer: img:1\nruntime: vllm\n"
+                                            "env: {NCCL_IB_HCA: mlx5_0, VLLM_HOST_IP: 10.9.9.9, NCCL_DEBUG: INFO}\n"
+                                            "command: vllm serve {model}\n"))
+    plan = sr.plan_launch(recipe, sr.HostSelection(("h1", "h2", "h3", "h4"), None, "t"),
+                          sr.LaunchOptions(overrides={"tensor_parallel": 4}), RING_OF_FOUR)
+    for container in plan.containers:
+        keys = [k for k, _ in container.env]
+        assert keys.count("NCCL_IB_HCA") == keys.count("VLLM_HOST_IP") == 1
+        assert dict(container.env)["NCCL_IB_HCA"] == "mlx5_0" and dict(container.env)["VLLM_HOST_IP"] == "10.9.9.9"
+        assert dict(container.env)["NCCL_ALGO"] == "Ring"  # what the recipe does not set stays
+        assert sr.RECIPE_ENV_WINS.format(host=container.host, keys="NCCL_IB_HCA, VLLM_HOST_IP") in plan.notes
+    plain = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", RING_OF_FOUR, hosts=("h1", "h2", "h3", "h4"))
+    assert not any("the recipe's own" in note for note in plain.notes)
+
+
 def test_one_shared_subnet_sets_no_algorithm_and_checks_no_order(tmp_path):
     switch = {f"h{n}": spark_facts(f"h{n}", n, f"192.0.2.{n}", {1: "10.0.9"}) for n in (1, 2, 3, 4)}
     plan = two_node_plan(tmp_path, "vllm-distributed", "vllm serve m", switch, hosts=("h1", "h3", "h2", "h4"))
