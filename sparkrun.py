@@ -2308,7 +2308,8 @@ SPARK_ARCH = "arm64"  # DGX Spark: Grace CPU; docker names platforms by Go's GOA
 # What identifies an image across `docker save | docker load` and image stores: `.Id` is the
 # config digest on overlay2 but the manifest digest on the containerd image store; RepoDigests
 # come from a registry; the layers' diff IDs (RootFS) stay the same (moby/moby#47674).
-IMAGE_FORMAT = "{{.Id}}|{{.Architecture}}|{{json .RepoDigests}}|{{json .RootFS.Layers}}|{{json .Config.Entrypoint}}"
+IMAGE_FORMAT = ("{{.Id}}|{{.Architecture}}|{{json .RepoDigests}}|{{json .RootFS.Layers}}|{{.Created}}|"
+                "{{json .Config.Entrypoint}}")
 
 
 class ImageInfo(Record):
@@ -2316,12 +2317,18 @@ class ImageInfo(Record):
     arch: str = ""
     digests: tuple = ()
     layers: tuple = ()
+    created: str = ""  # when the image was built, RFC 3339 ("2026-11-20T04:12:09.5Z")
     entrypoint: tuple = ()  # ENTRYPOINT, () for none
+
+    def describe(self) -> str:
+        """Its short ID and build date, as a note names a copy."""
+        built = f", created {self.created[:16].replace('T', ' ')} UTC" if self.created else ""
+        return f"{self.id.removeprefix('sha256:')[:12]}{built}"
 
 
 def parse_image_info(text: str) -> ImageInfo | None:
     """An IMAGE_FORMAT line (or a bare ID); None for an empty one."""
-    parts = text.split("|", 4)
+    parts = text.split("|", 5)
     if not parts[0]:
         return None
 
@@ -2331,8 +2338,8 @@ def parse_image_info(text: str) -> ImageInfo | None:
         except ValueError:
             return ()
 
-    parts += [""] * (5 - len(parts))
-    return ImageInfo(parts[0], parts[1], listed(parts[2]), listed(parts[3]), listed(parts[4]))
+    parts += [""] * (6 - len(parts))
+    return ImageInfo(parts[0], parts[1], listed(parts[2]), listed(parts[3]), parts[4], listed(parts[5]))
 
 
 def same_image(a: ImageInfo | None, b: ImageInfo | None) -> bool:
@@ -3316,6 +3323,7 @@ class LaunchOptions(Record):
     dashboard_port: int | None = None
     solo: bool = False
     no_sync: bool = False
+    pull: bool = False  # docker pull on the head before distribution
 
 
 def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions,
@@ -3435,6 +3443,9 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
         notes.append(f"mods applied in every container before serving: {', '.join(n for n, _ in mods)}")
     if tuning:
         notes.append(tuning.note)
+    image_note_text = image_note(image, options.pull, facts, hosts)
+    if image_note_text:
+        notes.append(image_note_text)
     head_facts = facts.get(hosts[0])
     return LaunchPlan(recipe.name, runtime, recipe.model, served, cid, hosts, port, rendezvous, why,
                       readiness, steps, tuple(notes), tuple(mods),
@@ -4983,24 +4994,86 @@ def image_nowhere_message(image: str, hosts, head: str) -> str:
             f"{head} or here; load it on this machine or on one host (docker load -i FILE), or pass --image")
 
 
+def moving_tag(image: str) -> bool:
+    """A tag its publisher rebuilds: none (latest), `:latest`, or one naming a nightly build; not
+    a digest, nor eugr's tags, which a local build makes and no registry holds."""
+    if "@" in image or EUGR_IMAGE.fullmatch(image):
+        return False
+    tag = image.rsplit("/", 1)[-1].partition(":")[2]
+    return tag in ("", "latest") or "nightly" in tag
+
+
+MOVING_TAG_NOTE = "image {image} is a moving tag (its publisher rebuilds it); in use: {copy}; --pull fetches the newest"
+PULL_NOTE = "image {image}: --pull: docker pull on {head} first; hosts holding another copy get the head's"
+PINNED_NOTE = "image {image} has a pinned tag: --pull leaves it as it is"
+PULL_FAILED = "{head}: could not pull {image} ({why}); going on with the copies present"
+PULL_TIMEOUT_S = 1800  # a rebuilt image is tens of GB; offline, docker fails within seconds
+
+
+def image_note(image: str, pull: bool, facts: dict, hosts) -> str:
+    """The plan's note on the image: pulled first (--pull on a moving tag), else, for a moving
+    tag, which copy runs and its age."""
+    if not moving_tag(image):
+        return PINNED_NOTE.format(image=image) if pull else ""
+    if pull:
+        return PULL_NOTE.format(image=image, head=hosts[0])
+    holder = next((h for h in hosts if facts.get(h) and facts[h].image_info(image)), None)
+    if holder:
+        copy = f"the copy on {holder} ({facts[holder].image_info(image).describe()})"
+    else:
+        copy = "the copy this launch finds or pulls" if facts else "the copy on the hosts (not asked without --detect)"
+    return MOVING_TAG_NOTE.format(image=image, copy=copy)
+
+
+def pull_script(image: str) -> str:
+    """`docker pull` on a host, then the pulled image's IMAGE_FORMAT line."""
+    return (f"docker pull --quiet {shlex.quote(image)} >/dev/null && docker image inspect --format "
+            f"{shlex.quote(IMAGE_FORMAT)} {shlex.quote(image)}\n")
+
+
+def pull_on_head(ssh: SSH, image: str, head: str) -> ImageInfo | None:
+    """--pull: one `docker pull` on the head, bounded by PULL_TIMEOUT_S. Its copy, or None after
+    one warning (offline, registry down, no login): the launch goes on with the copies present."""
+    start = time.monotonic()
+    try:
+        result = ssh.run(head, f"timeout {PULL_TIMEOUT_S} {pull_script(image)}", timeout=PULL_TIMEOUT_S + 60)
+    except HostError as error:
+        warn(PULL_FAILED.format(head=head, image=image, why=str(error).removeprefix(f"{head}: ")))
+        return None
+    info = parse_image_info(result.stdout.strip()) if result.ok else None
+    if info is None:
+        why = (f"no answer within {PULL_TIMEOUT_S} s" if result.returncode == 124
+               else result.stderr_tail(1) or f"exit {result.returncode}")
+        warn(PULL_FAILED.format(head=head, image=image, why=why))
+        return None
+    say(f"Image {image}: pulled on {head} in {time.monotonic() - start:.1f} s: {info.describe()}")
+    return info
+
+
 def platform_of(facts: HostFacts | None) -> str:
     return f"linux/{facts.docker_arch if facts and facts.docker_arch else SPARK_ARCH}"
 
 
-def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, dist: Distribution | None = None) -> None:
-    """Make every host hold `image` for its own platform, from the best source: a host that has
-    it, else this machine (only a copy of the hosts' architecture: an amd64 image loaded onto a
-    Spark would replace its arm64 image of that tag), else a pull on the head for its own
-    platform, else a pull here with --platform, else `build` (eugr's images). This machine sends
-    at most one `docker save` stream, to one host; hosts copy to each other over the fabric."""
+def distribute_image(ssh: SSH, image: str, facts: dict, hosts, *, build=None, dist: Distribution | None = None,
+                     pull: bool = False) -> None:
+    """Make every host hold `image` for its own platform, from the best source: with `pull`, the
+    copy the head has just pulled; else this machine's (only a copy of the hosts' architecture: an
+    amd64 image loaded onto a Spark would replace its arm64 image of that tag), else a host's,
+    else a pull on the head for its own platform, else a pull here with --platform, else `build`
+    (eugr's images). This machine sends at most one `docker save` stream, to one host; hosts copy
+    to each other over the fabric."""
     hosts = list(hosts)
     head = hosts[0]
     arch = {h: facts[h].docker_arch or SPARK_ARCH for h in hosts}
     infos = {h: facts[h].image_info(image) for h in hosts}
     fits = {h: infos[h] for h in hosts if infos[h] and infos[h].arch in ("", arch[h])}
-    local = local_image_info(image)
-    local = local if local and all(local.arch in ("", arch[h]) for h in hosts) else None
-    reference = local or next(iter(fits.values()), None)
+    pulled = pull_on_head(ssh, image, head) if pull else None
+    if pulled:
+        fits[head], local = pulled, None  # this machine's copy may be older: the head's is the newest
+    else:
+        local = local_image_info(image)
+        local = local if local and all(local.arch in ("", arch[h]) for h in hosts) else None
+    reference = pulled or local or next(iter(fits.values()), None)
     if reference is None:
         reference, local = obtain_image(ssh, image, facts, hosts, build)
         if reference is not local:
@@ -5024,8 +5097,7 @@ def obtain_image(ssh: SSH, image: str, facts: dict, hosts, build) -> tuple[Image
     """An image no one has for the hosts' platform: pulled on the head (for its own platform),
     else here with --platform, else built. Returns (its info, the local info when it is here)."""
     head = hosts[0]
-    pulled = ssh.run(head, f"docker pull {shlex.quote(image)} >/dev/null && docker image inspect --format "
-                           f"{shlex.quote(IMAGE_FORMAT)} {shlex.quote(image)}\n", timeout=3600)
+    pulled = ssh.run(head, pull_script(image), timeout=3600)
     if pulled.ok and parse_image_info(pulled.stdout.strip()):
         say(f"Image {image}: pulled on {head}")
         return parse_image_info(pulled.stdout.strip()), None
@@ -5414,7 +5486,8 @@ def launch_options(args) -> LaunchOptions:
             raise UsageError(f"--{flag.replace('_', '-')} must be a port number from 1 to 65535, not {value}")
     return LaunchOptions(overrides=overrides, image=args.image, cache_dir=args.cache_dir,
                          init_port=args.init_port, ray_port=args.ray_port, dashboard=args.dashboard,
-                         dashboard_port=args.dashboard_port, solo=args.solo, no_sync=args.no_sync)
+                         dashboard_port=args.dashboard_port, solo=args.solo, no_sync=args.no_sync,
+                         pull=args.pull)
 
 
 def choose_free_port(facts: dict, hosts, start: int = 8000) -> int:
@@ -5511,7 +5584,8 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
         remove_containers(ssh, {h: [n for hh, n in existing if hh == h] for h in plan.hosts})
     distribution_started = time.monotonic()
     dist = Distribution(ssh, reachable, plan.hosts, remote_cache_root(args.cache_dir))
-    distribute_image(ssh, image, facts, plan.hosts, build=eugr_builder(ssh, recipe, image, plan.hosts), dist=dist)
+    distribute_image(ssh, image, facts, plan.hosts, build=eugr_builder(ssh, recipe, image, plan.hosts), dist=dist,
+                     pull=options.pull and moving_tag(image))
     if not args.no_sync:
         snapshots = distribute_models(dist, needs, home=local_home, cache_dir_option=args.cache_dir,
                                       download_on=args.download_on)
@@ -6290,6 +6364,9 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--gpu-mem", type=float, help="gpu_memory_utilization, a fraction in (0, 1]")
     p.add_argument("--max-model-len", type=int, help="context length")
     p.add_argument("--image", help="container image instead of the recipe's")
+    p.add_argument("--pull", action="store_true",
+                   help="for a moving image tag (none, :latest, a nightly): docker pull it on the head first and "
+                        "give the other hosts the head's copy; a failed pull (offline) only warns")
     p.add_argument("--cache-dir", help="Hugging Face cache on the hosts (default ~/.cache/huggingface)")
     p.add_argument("-o", "--option", "--override", dest="override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a recipe default (repeatable)")

@@ -950,7 +950,7 @@ def add_parsers(sub, command, host_options) -> None:
     host_options(p)
     shared = {"port", "tp", "gpu_mem", "max_model_len", "image", "cache_dir", "dry_run", "detect", "replace",
               "no_sync", "download_on", "no_drop_cache", "strict", "ready_timeout", "memory_floor", "init_port",
-              "ray_port", "dashboard", "dashboard_port", "no_sync_tuning"}
+              "ray_port", "dashboard", "dashboard_port", "no_sync_tuning", "pull"}
     for action in run._actions:
         if action.dest in shared:
             p._add_action(action)  # run's own definitions (as argparse's parents= does): they cannot drift

@@ -94,7 +94,7 @@ def test_eugr_recipes_drop_the_ray_backend_when_solo():
 # -- entrypoints -------------------------------------------------------------------------------
 
 def image_facts(image, entrypoint):
-    return {h: sr.HostFacts(h, images=((image, f"sha256:ab|arm64|[]|[]|{json.dumps(entrypoint)}"),)) for h in HOSTS}
+    return {h: sr.HostFacts(h, images=((image, f"sha256:ab|arm64|[]|[]||{json.dumps(entrypoint)}"),)) for h in HOSTS}
 
 
 @pytest.mark.parametrize("entrypoint, chosen", [
@@ -133,11 +133,12 @@ def test_recipe_entrypoint_overrides_the_image(tmp_path):
 
 
 def test_probe_reads_the_image_entrypoint():
-    output = ("@@images\nimg:1\tsha256:ab|arm64|[]|[]|[\"vllm\",\"serve\"]\nother:2\t\n"
-              "plain:3\tsha256:cd|arm64|[]|[]|null\n@@end\n")
+    output = ("@@images\nimg:1\tsha256:ab|arm64|[]|[]|2026-11-20T04:12:09Z|[\"vllm\",\"serve\"]\nother:2\t\n"
+              "plain:3\tsha256:cd|arm64|[]|[]||null\n@@end\n")
     facts = sr.parse_probe(H1, output)
     assert facts.image_config("img:1") == ["vllm", "serve"] and facts.image_id("img:1") == "sha256:ab"
     assert facts.image_config("other:2") is None and facts.image_config("plain:3") == []
+    assert facts.image_info("img:1").describe() == "ab, created 2026-11-20 04:12 UTC"
 
 
 # -- end to end ------------------------------------------------------------------------------

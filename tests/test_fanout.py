@@ -352,6 +352,98 @@ def test_an_image_on_the_containerd_store_is_recognised(bed):
     bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
 
 
+NIGHTLY = "ghcr.io/spark-arena/dgx-vllm-eugr-nightly:latest"  # the default registry's recipes name it
+
+
+def pulls(bed):
+    """Every `docker pull` on the simulated hosts, by host."""
+    return {h.addr: [c for c in h.docker_calls() if c[:1] == ["pull"]] for h in bed.bed.hosts}
+
+
+def two_hosts_on_an_old_nightly(bed, rebuilt=True):
+    """Both hosts and this machine hold build A of NIGHTLY; the head's registry holds build B
+    (a rebuild), or nothing (offline). Returns (A, B)."""
+    old = bed.bed.add_image(NIGHTLY, size_bytes=1 << 20, hosts=[1, 2])
+    control_image(bed, NIGHTLY)
+    new = bed.bed.hosts[0].add_registry_image(NIGHTLY, size_bytes=(1 << 20) + 4096) if rebuilt else None
+    for host in bed.bed.hosts:
+        host.clear_docker_calls()
+    bed.bed.meter.reset()
+    return old, new
+
+
+def launch_ids(bed):
+    return {h.addr: {c["image_id"] for c in h.containers()} for h in bed.bed.hosts[:2]}
+
+
+def test_pull_gives_every_host_the_heads_fresh_build_copied_host_to_host(mesh):
+    bed = mesh
+    old, new = two_hosts_on_an_old_nightly(bed)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--image", NIGHTLY, "--pull")
+    assert result.returncode == 0, result.stderr
+    assert f"Image {NIGHTLY}: pulled on {H1} in " in result.stderr
+    assert f"{sparkrun.PULL_NOTE.format(image=NIGHTLY, head=H1)}" in result.stderr
+    assert f"Image {NIGHTLY}: copying from {H1} to {H2}" in result.stderr
+    assert launch_ids(bed) == {H1: {new}, H2: {new}} and old != new
+    assert pulls(bed) == {H1: [["pull", "--quiet", NIGHTLY]], H2: [], H3: []}
+    assert sum(sent_by(bed, CONTROL).values()) < 300_000  # this machine's old build never left it
+    copies = [t for t in between_hosts(bed) if t["sent"] > 1 << 20]
+    assert len(copies) == 1 and copies[0]["from"] in bed.bed.hosts[0].addresses()
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+    for host in bed.bed.hosts:
+        host.clear_docker_calls()
+    again = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--image", NIGHTLY, "--pull")
+    assert again.returncode == 0, again.stderr
+    assert "copying" not in again.stderr  # both hold the head's build: nothing moves
+    assert not any(c[:1] == ["load"] for h in bed.bed.hosts for c in h.docker_calls())
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+def test_a_failed_pull_warns_once_and_launches_on_the_copies_present(bed):
+    old, _ = two_hosts_on_an_old_nightly(bed, rebuilt=False)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--image", NIGHTLY, "--pull")
+    assert result.returncode == 0, result.stderr
+    why = 'Error response from daemon: Get "https://ghcr.io/v2/": dial tcp: lookup ghcr.io: no such host'
+    assert [line for line in result.stderr.splitlines() if "could not pull" in line] == [
+        f"Warning: {sparkrun.PULL_FAILED.format(head=H1, image=NIGHTLY, why=why)}"]
+    assert launch_ids(bed) == {H1: {old}, H2: {old}}
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+def test_a_moving_tag_without_pull_is_noted_and_never_pulled(bed):
+    old, _ = two_hosts_on_an_old_nightly(bed)
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--image", NIGHTLY)
+    assert result.returncode == 0, result.stderr
+    created = bed.bed.hosts[0].ssh(f"docker image inspect --format '{{{{.Created}}}}' {NIGHTLY}").stdout.strip()
+    copy = f"the copy on {H1} ({old[7:19]}, created {created[:10]} {created[11:16]} UTC)"
+    notes = [line for line in result.stderr.splitlines() if "moving tag" in line]
+    assert notes == [f"{sparkrun.MOVING_TAG_NOTE.format(image=NIGHTLY, copy=copy)}"]
+    assert launch_ids(bed) == {H1: {old}, H2: {old}}
+    assert pulls(bed) == {H1: [], H2: [], H3: []}
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+def test_a_pinned_tag_is_never_pulled(bed):
+    pinned = "ghcr.io/lab/vllm:v1"
+    old = bed.bed.add_image(pinned, size_bytes=1 << 20, hosts=[1, 2])
+    bed.bed.hosts[0].add_registry_image(pinned, size_bytes=(1 << 20) + 4096)  # re-pushed under the same tag
+    result = run(bed, "qwen3-1.7b-vllm", "-H", f"{H1},{H2}", "--tp", "2", "--no-sync", "--image", pinned, "--pull")
+    assert result.returncode == 0, result.stderr
+    assert f"{sparkrun.PINNED_NOTE.format(image=pinned)}" in result.stderr
+    assert "moving tag" not in result.stderr
+    assert launch_ids(bed) == {H1: {old}, H2: {old}}
+    assert pulls(bed) == {H1: [], H2: [], H3: []}
+    bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
+
+
+def test_which_tags_move():
+    moving = ["vllm/vllm-openai", "vllm/vllm-openai:latest", "ghcr.io/spark-arena/dgx-vllm-eugr-nightly:latest",
+              "lab/vllm:nightly-2026-11-20", "localhost:5000/vllm"]
+    pinned = ["vllm/vllm-openai:v0.11.0", "localhost:5000/vllm:v1", "lab/vllm-nightly:v1", "vllm-node",
+              "vllm/vllm-openai@sha256:" + "a" * 64]
+    assert [i for i in moving if not sparkrun.moving_tag(i)] == [] and [i for i in pinned if sparkrun.moving_tag(i)] == []
+
+
 # -- eugr's locally built images ------------------------------------------------------
 
 EUGR_RECIPE = """recipe_version: "1"
@@ -441,7 +533,7 @@ def test_image_identity_survives_image_stores_but_not_architectures():
     assert sparkrun.same_image(overlay, containerd)
     assert not sparkrun.same_image(containerd, other_arch)  # one index digest, two platforms
     assert sparkrun.parse_image_info("sha256:1234").as_dict() == {"id": "sha256:1234", "arch": "", "digests": (), "layers": (),
-                                                                     "entrypoint": ()}
+                                                                     "created": "", "entrypoint": ()}
     assert sparkrun.parse_image_info("") is None
 
 

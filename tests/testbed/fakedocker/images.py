@@ -13,8 +13,18 @@ from .common import (DockerError, ago, created_at, daemon_error, human_size, iso
                      print_formatted, print_table)
 from .store import normalize_ref
 
-OFFLINE = ('Get "https://registry-1.docker.io/v2/": dial tcp: '
-           "lookup registry-1.docker.io: no such host")
+
+def offline_error(ref):
+    """What the daemon says when the reference's registry cannot be reached (no DNS, no
+    network), e.g. ggml-org/llama.cpp#10112: 'Error response from daemon: Get
+    "https://ghcr.io/v2/": dial tcp: lookup ghcr.io on 192.168.1.254:53: no such host'. The
+    registry is the reference's first component when it holds a dot or a colon or is
+    localhost, else Docker Hub (distribution/reference, normalize.go)."""
+    first, slash, _ = ref.partition("/")
+    domain = first if slash and ("." in first or ":" in first or first == "localhost") else "registry-1.docker.io"
+    return daemon_error(f'Get "https://{domain}/v2/": dial tcp: lookup {domain}: no such host')
+
+
 IMAGES_SPEC = spec(bools="a,all q,quiet no-trunc digests", values="format", lists="f,filter")
 INSPECT_SPEC = spec(values="f,format")
 PULL_SPEC = spec(bools="q,quiet a,all-tags", values="platform")
@@ -63,7 +73,7 @@ def pull(store, ref, out, platform=None):
     if not remote:
         if store.find_image(ref, registry=True):
             raise daemon_error(f"no matching manifest for linux/{arch} in the manifest list entries")
-        raise daemon_error(OFFLINE)
+        raise offline_error(ref)
     tag = normalize_ref(ref)
     local = store.find_image(ref)
     print(f"{tag.rpartition(':')[2]}: Pulling from {tag.rpartition(':')[0]}", file=out)
