@@ -4349,7 +4349,10 @@ class RepoNeed(Record):
 
 
 def main_need(recipe: Recipe) -> RepoNeed:
-    return RepoNeed(recipe.model_repo, "model", recipe.model_revision, recipe.gguf_quant)
+    """The recipe's model. Under a runtime with GGUF_QUANTS every model is a GGUF repo: named
+    without a quant, it needs only the file the engine would pick, not every quant the repo holds."""
+    defaults = () if recipe.gguf_quant else tuple(getattr(load_runtime(recipe.runtime), "GGUF_QUANTS", ()))
+    return RepoNeed(recipe.model_repo, "model", recipe.model_revision, recipe.gguf_quant, gguf_defaults=defaults)
 
 
 def repo_needs(recipe: Recipe, command: str) -> list[RepoNeed]:

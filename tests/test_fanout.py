@@ -273,6 +273,26 @@ def test_a_draft_named_without_a_quant_takes_llama_servers_default_on_every_host
     bed("stop", "--all", "-H", f"{H1},{H2}", check=0)
 
 
+def test_a_gguf_model_named_without_a_quant_syncs_only_the_file_llama_server_would_load(bed, hub):
+    """`model: org/x-GGUF` on llama.cpp: llama-server's -hf takes the repo's Q4_K_M file (else Q8_0,
+    else the first), so only that file (and the projector -hf fetches) is copied, not every quant."""
+    control_image(bed, LLAMA_IMAGE)
+    recipe = bed.home / "noquant.yaml"
+    recipe.write_text(f"model: {MMPROJ_GGUF}\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
+                      "defaults: {served_model_name: vision}\n"
+                      "command: llama-server -hf {model} --alias {served_model_name} --host {host} --port {port}\n")
+    result = run(bed, recipe, "-H", H1, env=online(hub))
+    assert result.returncode == 0, result.stderr
+    shards = ["Vision-Q4_K_M-00001-of-00002.gguf", "Vision-Q4_K_M-00002-of-00002.gguf"]
+    host = bed.bed.hosts[0]
+    assert sorted(p.name for p in host_repo(host, MMPROJ_GGUF).rglob("*.gguf")) == shards + ["mmproj-Vision-F16.gguf"]
+    command = host.containers()[0]["command"][-1]
+    snapshot = f"/root/.cache/huggingface/hub/models--org--Vision-GGUF/snapshots/{hub.commit(MMPROJ_GGUF)}"
+    assert f"-m {snapshot}/Q4_K_M/{shards[0]} --mmproj {snapshot}/mmproj-Vision-F16.gguf" in command
+    assert "-hf " not in command
+    bed("stop", "--all", "-H", H1, check=0)
+
+
 def test_a_target_without_room_is_an_error_with_the_sizes(bed, hub):
     seed_local_model(bed, hub.url)
     control_image(bed, VLLM_IMAGE)
