@@ -2297,6 +2297,13 @@ class IbDevice(Record):
     gid_index: int | None  # the RoCE v2 GID of an IPv4 address
     mtu: int | None = None  # its netdev's MTU
 
+    @property
+    def subnet(self):
+        """The network its address is on (an ipaddress network; equal for every port on it)."""
+        import ipaddress
+
+        return ipaddress.ip_interface(self.ipv4).network
+
 
 def rdma_port(hca: str) -> str:
     """The physical port of an RDMA device: its name without the PCI domain, so that twins
@@ -3284,8 +3291,6 @@ def is_loopback(address: str) -> bool:
 
 def choose_rendezvous(hosts, facts: dict) -> tuple[str, str, dict]:
     """The head's address that every worker can reach, why, and every host's peer address."""
-    import ipaddress
-
     head = hosts[0]
     plain = {h: h.rpartition("@")[2] for h in hosts}
     if len(hosts) == 1:
@@ -3293,11 +3298,11 @@ def choose_rendezvous(hosts, facts: dict) -> tuple[str, str, dict]:
     head_facts = facts.get(head)
     if head_facts:
         for dev in head_facts.active_ib:
-            subnet = ipaddress.ip_interface(dev.ipv4).network
+            subnet = dev.subnet
             peers = {}
             for host in hosts:
                 match = next((d.ipv4.split("/")[0] for d in (facts[host].active_ib if facts.get(host) else [])
-                              if ipaddress.ip_interface(d.ipv4).network == subnet), None)
+                              if d.subnet == subnet), None)
                 if match:
                     peers[host] = match
             if len(peers) == len(hosts):
@@ -3415,11 +3420,11 @@ def plan_launch(recipe: Recipe, selection: HostSelection, options: LaunchOptions
                   ("sparkrun.runtime", runtime), ("sparkrun.port", str(port)), ("sparkrun.head", hosts[0]),
                   ("sparkrun.model", recipe.model), ("sparkrun.served_model", served),
                   ("sparkrun.hosts", ",".join(hosts)))
-        detected = [(key, value) for key, value in (*host_env[host], *engine_env) if key not in recipe.env]
-        replaced = sorted({key for key, _ in (*host_env[host], *engine_env) if key in recipe.env})
+        computed = (*host_env[host], *engine_env)
+        replaced = sorted({key for key, _ in computed if key in recipe.env})
         if replaced:
             notes.append(RECIPE_ENV_WINS.format(host=host, keys=", ".join(replaced)))
-        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *detected]
+        env = [("HF_HOME", CONTAINER_HF_HOME), *plain_env, *((k, v) for k, v in computed if k not in recipe.env)]
         dev = facts.get(host)
         mounts = [(hf_mount, CONTAINER_HF_HOME), *cache_mount]
         if mods:
@@ -3770,15 +3775,12 @@ MTU_MISMATCH = ("CX7 MTU differs on {subnet}: {ports}; RDMA between these hosts 
 def mtu_mismatches(plan: LaunchPlan, facts: dict) -> list[str]:
     """One line per CX7 subnet whose ports on this launch's hosts have different MTUs: large RDMA
     transfers then fail (IBV_WC_RETRY_EXC_ERR) and tensor parallel hangs silently."""
-    import ipaddress
-
     ports_by_subnet: dict[str, list[tuple[str, str, int]]] = {}
     for host in plan.hosts:
         fact = facts.get(host)
         for dev in fact.active_ib if isinstance(fact, HostFacts) else ():
             if dev.mtu:
-                subnet = str(ipaddress.ip_interface(dev.ipv4).network)
-                ports_by_subnet.setdefault(subnet, []).append((host, dev.netdev, dev.mtu))
+                ports_by_subnet.setdefault(str(dev.subnet), []).append((host, dev.netdev, dev.mtu))
     lines = []
     for subnet, ports in ports_by_subnet.items():
         highest = max(mtu for _, _, mtu in ports)
@@ -4661,12 +4663,9 @@ class Copy(Record):
 def fabric_route(source: HostFacts | None, target: HostFacts | None, target_host: str) -> tuple[str, str]:
     """(the target's address, the source's address) on a CX7 subnet both share; else the
     target's name as given and no binding."""
-    import ipaddress
-
     for mine in (source.active_ib if source else []):
-        subnet = ipaddress.ip_interface(mine.ipv4).network
         for theirs in (target.active_ib if target else []):
-            if ipaddress.ip_interface(theirs.ipv4).network == subnet:
+            if theirs.subnet == mine.subnet:
                 return theirs.ipv4.split("/")[0], mine.ipv4.split("/")[0]
     return target_host.rpartition("@")[2], ""
 
@@ -4938,18 +4937,19 @@ PAGE_CACHE_UNFREED = ("could not free the page cache on {hosts} (no root or sudo
                       "clear-cache --save-sudo' once, or pass --no-drop-cache")
 
 
-def page_cache_script(snapshot: ModelSnapshot | None, root: str) -> str:
-    folder = "/nonexistent"
-    if snapshot:
-        folder = f"{quote_path(root)}/hub/{shlex.quote(snapshot.cache_name)}/snapshots/{shlex.quote(snapshot.revision)}"
-    return PAGE_CACHE_SH.replace("TARGET", drop_caches_target()).replace("SNAPSHOT", folder)
+def page_cache_script(snapshots, root: str) -> str:
+    """PAGE_CACHE_SH for the launch's synced repos (None for one not synced): find walks each."""
+    folders = [f"{quote_path(root)}/hub/{shlex.quote(s.cache_name)}/snapshots/{shlex.quote(s.revision)}"
+               for s in snapshots if s]
+    return PAGE_CACHE_SH.replace("TARGET", drop_caches_target()).replace("SNAPSHOT", " ".join(folders) or "/nonexistent")
 
 
-def free_page_cache(ssh: SSH, hosts, snapshot: ModelSnapshot | None, root: str) -> dict[str, str]:
-    """On every host at once: drop the page cache, else evict the model's files from it. Returns
-    host -> what happened ("dropped", "evicted N files" or "failed"), timed when -v; one warning
-    names the hosts where neither worked."""
-    results = raise_first(ssh.run_all(list(hosts), page_cache_script(snapshot, root), timeout=300))
+def free_page_cache(ssh: SSH, hosts, snapshots, root: str) -> dict[str, str]:
+    """On every host at once: drop the page cache, else evict the synced repos' files from it (the
+    model, and a draft model or tokenizer the command names). Returns host -> what happened
+    ("dropped", "evicted N files" or "failed"), timed when -v; one warning names the hosts where
+    neither worked."""
+    results = raise_first(ssh.run_all(list(hosts), page_cache_script(snapshots, root), timeout=300))
     outcomes = {}
     for host, result in results.items():
         found = re.search(r"@@page-cache (dropped|evicted (\d+)|failed)", result.stdout)
@@ -5612,7 +5612,7 @@ def launch(args, recipe: Recipe, selection: HostSelection) -> tuple[LaunchPlan |
     page_cache = 0.0
     if not args.no_drop_cache:
         since = time.monotonic()
-        free_page_cache(ssh, plan.hosts, snapshots[0], remote_cache_root(args.cache_dir))
+        free_page_cache(ssh, plan.hosts, snapshots, remote_cache_root(args.cache_dir))
         page_cache = time.monotonic() - since
     say(f"Launching {recipe.name} ({plan.runtime}) on {', '.join(plan.hosts)}")
     try:

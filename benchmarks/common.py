@@ -61,12 +61,18 @@ def median_ms(values) -> str:
     return f"{statistics.median(values) * 1000:.0f} ms"
 
 
-def timing_args(doc: str):
-    """--runs and --python, the options every timing script takes; doc's first line describes it."""
+def runs_parser(doc: str, runs: int):
+    """An argument parser with --runs (default `runs`); doc's first line describes the script."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--runs", type=int, default=runs)
+    return parser
+
+
+def timing_args(doc: str):
+    """--runs and --python, the options every start-up timing script takes."""
+    parser = runs_parser(doc, 21)
     parser.add_argument("--python", default=sys.executable)
     return parser.parse_args()
 

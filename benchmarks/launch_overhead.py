@@ -6,19 +6,16 @@ of sparkrun's own, freeing the page cache), and SSH connections per host.
 Usage: python3 benchmarks/launch_overhead.py [--runs N]
 """
 
-import argparse
 import re
 import statistics
 
-from common import bed, sparkrun
+from common import bed, runs_parser, sparkrun
 
 IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+    args = runs_parser(__doc__, 5).parse_args()
     with bed(3, first_octet=81) as (testbed, env, _):
         testbed.add_image(IMAGE)
         for nodes in (1, 3):

@@ -5,15 +5,12 @@ connections each host's sshd accepted (from its log).
 Usage: python3 benchmarks/ssh_fanout.py [--runs N]
 """
 
-import argparse
 
-from common import bed, median_ms, sparkrun
+from common import bed, median_ms, runs_parser, sparkrun
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=15)
-    args = parser.parse_args()
+    args = runs_parser(__doc__, 15).parse_args()
     with bed(3, first_octet=71) as (testbed, env, _):
         hosts = ",".join(h.addr for h in testbed.hosts)
         for host in testbed.hosts:

@@ -9,14 +9,13 @@ their interpreter starts, which the real tools do not have.
 Usage: SPARKRUN_TEST_BED_OCTET=N python3 benchmarks/status_refresh.py [--runs N]
 """
 
-import argparse
 import os
 import resource
 import statistics
 import sys
 import time
 
-from common import REPO, bed, sparkrun
+from common import REPO, bed, runs_parser, sparkrun
 
 sys.path.insert(0, str(REPO))
 import sparkrun as sr  # noqa: E402
@@ -45,9 +44,7 @@ def probe_on_host(monitor: sr.StatusMonitor, host: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
+    args = runs_parser(__doc__, 30).parse_args()
     octet = int(os.environ.get("SPARKRUN_TEST_BED_OCTET", "101"))
     with bed(3, first_octet=octet) as (testbed, env, _):
         for image in IMAGES:

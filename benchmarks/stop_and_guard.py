@@ -10,12 +10,11 @@ core up to 5 s, its workers 4 s more), which the graceful stop waits for, up to 
 Usage: SPARKRUN_TEST_BED_OCTET=N python3 benchmarks/stop_and_guard.py [--runs N]
 """
 
-import argparse
 import statistics
 import subprocess
 import time
 
-from common import PYTHON, bed, sparkrun
+from common import PYTHON, bed, runs_parser, sparkrun
 
 IMAGE = "scitrera/dgx-spark-vllm:0.16.0-t5"
 RECIPE = "qwen3-1.7b-vllm"
@@ -56,9 +55,7 @@ def guard_seconds(env: dict, testbed) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+    args = runs_parser(__doc__, 5).parse_args()
     with bed(3, first_octet=91) as (testbed, env, _):
         testbed.add_image(IMAGE)
         for nodes in (1, 3):

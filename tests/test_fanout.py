@@ -83,6 +83,15 @@ def cache_entry(folder):
     return {k: v for k, v in files_of(folder).items() if not k.startswith(("trees/", ".no_exist"))}
 
 
+def llama_recipe(bed, name: str, model: str, flags: str = "", tensor_parallel: int = 1):
+    """A llama.cpp recipe serving `model` through `-hf` (plus `flags`), written to the bed's home."""
+    recipe = bed.home / f"{name}.yaml"
+    recipe.write_text(f"model: {model}\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
+                      f"defaults: {{served_model_name: {name}, tensor_parallel: {tensor_parallel}}}\n"
+                      f"command: llama-server -hf {{model}} {flags}--alias {{served_model_name}} --host {{host}} --port {{port}}\n")
+    return recipe
+
+
 def host_repo(host, model):
     return host.home / ".cache/huggingface/hub" / f"models--{model.replace('/', '--')}"
 
@@ -214,10 +223,7 @@ def test_draft_model_and_tokenizer_repos_are_distributed_too(bed, hub):
 
 def test_multimodal_projector_is_synced_and_named(bed, hub):
     control_image(bed, LLAMA_IMAGE)
-    recipe = bed.home / "vision.yaml"
-    recipe.write_text(f"model: {MMPROJ_GGUF}:Q8_0\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
-                      "defaults: {served_model_name: vision}\n"
-                      "command: llama-server -hf {model} --alias {served_model_name} --host {host} --port {port}\n")
+    recipe = llama_recipe(bed, "vision", f"{MMPROJ_GGUF}:Q8_0")
     result = run(bed, recipe, "-H", H1, env=online(hub))
     assert result.returncode == 0, result.stderr
     synced = sorted(p.name for p in host_repo(bed.bed.hosts[0], MMPROJ_GGUF).rglob("*.gguf"))
@@ -229,11 +235,7 @@ def test_multimodal_projector_is_synced_and_named(bed, hub):
 
 def test_a_draft_gguf_repo_is_synced_and_llama_server_loads_it_from_the_cache(bed, hub):
     control_image(bed, LLAMA_IMAGE)
-    recipe = bed.home / "spec.yaml"
-    recipe.write_text(f"model: {MAIN_GGUF}:Q8_0\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
-                      "defaults: {served_model_name: spec}\n"
-                      f"command: llama-server -hf {{model}} -hfd {DRAFT_GGUF}:Q4_0 --alias {{served_model_name}} "
-                      "--host {host} --port {port}\n")
+    recipe = llama_recipe(bed, "spec", f"{MAIN_GGUF}:Q8_0", f"-hfd {DRAFT_GGUF}:Q4_0 ")
     before = bed("run", recipe, "-H", H1, "--dry-run")
     assert f"-hfd {DRAFT_GGUF}:Q4_0" in before.stdout  # not in the local cache yet: nothing to point at
     result = run(bed, recipe, "-H", H1, env=online(hub))
@@ -256,11 +258,7 @@ def test_a_draft_gguf_repo_is_synced_and_llama_server_loads_it_from_the_cache(be
 
 def test_a_draft_named_without_a_quant_takes_llama_servers_default_on_every_host(bed, hub):
     control_image(bed, LLAMA_IMAGE)
-    recipe = bed.home / "spec-rpc.yaml"
-    recipe.write_text(f"model: {MAIN_GGUF}:Q8_0\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
-                      "defaults: {served_model_name: spec, tensor_parallel: 2}\n"
-                      f"command: llama-server -hf {{model}} --hf-repo-draft={MMPROJ_GGUF} --alias {{served_model_name}} "
-                      "--host {host} --port {port}\n")
+    recipe = llama_recipe(bed, "spec-rpc", f"{MAIN_GGUF}:Q8_0", f"--hf-repo-draft={MMPROJ_GGUF} ", tensor_parallel=2)
     result = run(bed, recipe, "-H", f"{H1},{H2}", env=online(hub))
     assert result.returncode == 0, result.stderr
     shards = ["Vision-Q4_K_M-00001-of-00002.gguf", "Vision-Q4_K_M-00002-of-00002.gguf"]
@@ -277,10 +275,7 @@ def test_a_gguf_model_named_without_a_quant_syncs_only_the_file_llama_server_wou
     """`model: org/x-GGUF` on llama.cpp: llama-server's -hf takes the repo's Q4_K_M file (else Q8_0,
     else the first), so only that file (and the projector -hf fetches) is copied, not every quant."""
     control_image(bed, LLAMA_IMAGE)
-    recipe = bed.home / "noquant.yaml"
-    recipe.write_text(f"model: {MMPROJ_GGUF}\nruntime: llama-cpp\ncontainer: {LLAMA_IMAGE}\n"
-                      "defaults: {served_model_name: vision}\n"
-                      "command: llama-server -hf {model} --alias {served_model_name} --host {host} --port {port}\n")
+    recipe = llama_recipe(bed, "noquant", MMPROJ_GGUF)
     result = run(bed, recipe, "-H", H1, env=online(hub))
     assert result.returncode == 0, result.stderr
     shards = ["Vision-Q4_K_M-00001-of-00002.gguf", "Vision-Q4_K_M-00002-of-00002.gguf"]

@@ -328,7 +328,7 @@ lab_setup = sparkrun.command_module("lab_setup")
 def page_cache_as(user, root: Path, target: Path) -> str:
     snapshot = sparkrun.ModelSnapshot("Qwen/Qwen3-1.7B", REVISION, "main", root / "hub" / MODEL_DIR, ())
     done = subprocess.run(["runuser", "-u", user["name"], "--", "env", f"SPARKRUN_DROP_CACHES={target}",
-                           "bash", "-c", sparkrun.page_cache_script(snapshot, str(root))],
+                           "bash", "-c", sparkrun.page_cache_script([snapshot], str(root))],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
